@@ -1,0 +1,534 @@
+"""
+SiT backbone, the dense DiT baseline, and SPRINT (sparse-dense residual fusion), in one file.
+
+SPRINT ("Sparse-Dense Residual Fusion for Efficient Diffusion Transformers", ICLR 2026, arXiv 2510.21986)
+splits a diffusion transformer into a dense encoder f, a sparse middle g and a dense decoder h:
+
+    h_f = f(x)                                  all N tokens, shallow
+    g   = g(keep(h_f))                          only M = (1 - drop)·N tokens, deep (most of the FLOPs)
+    out = h(fuse([pad(g, mask_token), h_f]))    all N tokens again; fuse is one Linear 2D -> D
+
+Training drops 75% of the tokens in g (structured: one kept token per 2x2 group), and 10% of the samples drop
+g altogether (path drop), which makes path-drop guidance (PDG) possible at sampling time: the unconditional
+branch skips g. The backbone is SiT (flow matching) with 2D RoPE and q/k RMSNorm, numerically equal to the
+official SPRINT code (tests/test_sprint.py checks the official fixtures). References: DiT (Peebles & Xie, 2023),
+SiT (Ma et al., 2024), the official code snap-research/Sprint.
+"""
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+#################################################################################
+#                              Model configuration                              #
+#################################################################################
+
+# name: (hidden size D, attention heads, (encoder, middle, decoder) depths) -- the SiT/DiT sizes, SPRINT splits
+SIZES = {
+    "S": (384, 6, (2, 8, 2)),
+    "B": (768, 12, (2, 8, 2)),
+    "L": (1024, 16, (2, 20, 2)),
+    "XL": (1152, 16, (2, 24, 2)),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint. Unset fields come from `size`."""
+    model: str = "sprint"            # dit | sprint | sparsedit
+    size: str = "B"                  # S | B | L | XL
+    patch_size: int = 2
+    input_size: int = 32             # side of the (latent) image, e.g. 32 for 256 px SD-VAE latents
+    in_channels: int = 4
+    num_classes: int = 1000
+    hidden_size: int = 0             # 0: from size
+    num_heads: int = 0               # 0: from size
+    depths: tuple = ()               # (encoder, middle, decoder); dit runs sum(depths) dense blocks
+    mlp_ratio: float = 4.0
+    extra: dict = field(default_factory=dict)  # model-specific settings (sparsedit's layout and density)
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
+        D, H, depths = SIZES[self.size]
+        self.hidden_size = self.hidden_size or D
+        self.num_heads = self.num_heads or H
+        self.depths = tuple(self.depths or depths)
+        if self.input_size % self.patch_size:
+            raise ValueError(f"--patch-size {self.patch_size} does not divide the input side {self.input_size}")
+        if self.hidden_size % (4 * self.num_heads):
+            raise ValueError("2D RoPE needs a head dimension divisible by 4")
+
+    @property
+    def grid(self):                  # token grid side: N = grid**2 tokens
+        return self.input_size // self.patch_size
+
+
+def create_model(cfg):
+    """Build dit / sprint / sparsedit from a ModelConfig or its dict (as stored in checkpoints)."""
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
+    if cfg.model == "sparsedit":
+        from sparsedit import SparseDiT   # sparsedit.py builds on this file's blocks
+        return SparseDiT(cfg)
+    models = {"dit": DiT, "sprint": SPRINT}
+    if cfg.model not in models:
+        raise ValueError(f"--model {cfg.model!r}: choose dit, sprint or sparsedit")
+    return models[cfg.model](cfg)
+
+
+#################################################################################
+#                  Embedding layers, 2D RoPE, attention, blocks                 #
+#################################################################################
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, N, C*p*p), each patch flattened in (channel, row, col) order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)   # (B, h, w, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, C):
+    """(B, N, C*p*p) -> (B, C, H, W); inverse of patchify for a square grid."""
+    B, N, _ = x.shape
+    h = math.isqrt(N)
+    x = x.reshape(B, h, h, C, p, p).permute(0, 3, 1, 4, 2, 5)              # (B, C, h, p, w, p)
+    return x.reshape(B, C, h * p, h * p)
+
+
+class PatchEmbed(nn.Module):
+    """One Linear over each flattened patch (equal to DiT's stride-p convolution)."""
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size**2, hidden_size)
+
+    def forward(self, x):
+        return self.proj(patchify(x, self.patch_size))                     # (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (no x1000) -> [cos(t f), sin(t f)] with 128 frequencies -> MLP."""
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs                                  # (B, 128)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row: label num_classes is the null label of classifier-free guidance."""
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+def grid_positions(side, device=None):
+    """(side*side, 2) float (row, col) coordinates of a row-major token grid."""
+    r = torch.arange(side, device=device, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def rope(pos, head_dim, theta=10000.0):
+    """2D RoPE angles for positions pos (..., 2) -> (cos, sin), each (..., 1, n, head_dim/2).
+
+    The first half of each head rotates with the row, the second half with the column (official layout);
+    within a half of size h, channel pair i turns by pos * theta^(-2i/h). Positions may be fractional
+    (SparseDiT's pooled tokens sit at the centres of their cells). The extra axis broadcasts over heads.
+    """
+    h = head_dim // 2
+    freqs = theta ** (-torch.arange(0, h, 2, device=pos.device, dtype=torch.float32) / h)   # (h/2,)
+    angles = torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)              # (..., n, d/2)
+    angles = angles.unsqueeze(-3)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos_sin):
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, n, d) as complex numbers; computed in float32."""
+    cos, sin = cos_sin
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)                    # (B, H, n, d/2) each
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMSNorm with a learnable weight (q/k normalisation), computed in float32."""
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused qkv, q/k RMSNorm, 2D RoPE, SDPA (flash on GPU)."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x, n):
+        """(B, n, k*D) -> k tensors (B, H, n, d)."""
+        return x.unflatten(-1, (-1, self.num_heads, x.shape[-1] // n // self.num_heads)).permute(2, 0, 3, 1, 4)
+
+    def attend(self, q, k, v, q_rope, k_rope):
+        """Normalise and rotate q/k, attend, merge heads: (B, H, n, d) -> (B, n, D)."""
+        q = apply_rope(self.q_norm(q), q_rope)
+        k = apply_rope(self.k_norm(k), k_rope)
+        x = F.scaled_dot_product_attention(q, k, v)                       # (B, H, n, d)
+        return self.proj(x.transpose(1, 2).flatten(2))
+
+    def forward(self, x, rope):
+        q, k, v = self.heads(self.qkv(x), 3)                               # 3 x (B, H, n, d)
+        return self.attend(q, k, v, rope, rope)
+
+
+class Mlp(nn.Module):
+    """Linear D -> 4D, GELU (tanh), Linear 4D -> D."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """SiT block with adaLN-Zero conditioning: x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        # c: (B, D) -> six (B, 1, D): shift, scale, gate for attention, then for the MLP
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + LayerNorm + Linear D -> p*p*C, in (c, p1, p2) order."""
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size**2 * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
+    """Multiply-adds of one Block on n tokens: adaLN (per image) + linears (per token) + QK^T and AV."""
+    n_kv = n if n_kv is None else n_kv
+    return 6 * dim**2 + n * (4 + 2 * mlp_ratio) * dim**2 + 2 * n * n_kv * dim
+
+
+#################################################################################
+#                      The SiT backbone and the dense DiT                       #
+#################################################################################
+
+class SiT(nn.Module):
+    """What every model here shares: patch/time/label embedding, the RoPE grid, the final layer, init."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+        self.num_tokens = cfg.grid**2
+        self.head_dim = D // cfg.num_heads
+        self.x_embedder = PatchEmbed(p, C, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
+        self.final_layer = FinalLayer(D, p, C)
+        self.register_buffer("pos", grid_positions(cfg.grid), persistent=False)   # (N, 2)
+
+    def initialize_weights(self):
+        """DiT's init: xavier linears, N(0, .02) label table and timestep MLP, zero adaLN and final layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for m in self.modules():                     # adaLN-Zero: every residual branch starts closed
+            if hasattr(m, "adaLN_modulation"):
+                nn.init.zeros_(m.adaLN_modulation[-1].weight)
+                nn.init.zeros_(m.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def embed(self, x, t, y):
+        """Tokens (B, N, D) and conditioning c = TimestepEmbed(t) + LabelEmbed(y), (B, D)."""
+        return self.x_embedder(x), self.t_embedder(t) + self.y_embedder(y)
+
+    def unembed(self, x, c):
+        """(B, N, D) -> velocity (B, C, H, W)."""
+        return unpatchify(self.final_layer(x, c), self.cfg.patch_size, self.cfg.in_channels)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def embed_macs(self):
+        """Multiply-adds outside the blocks: patch embed, timestep MLP, final layer (per image)."""
+        D, N, pc = self.cfg.hidden_size, self.num_tokens, self.cfg.patch_size**2 * self.cfg.in_channels
+        return N * pc * D + 256 * D + D * D + 2 * D * D + N * D * pc
+
+    def init_from(self, path, ema=True):
+        """Initialise from a checkpoint of this architecture (SparseDiT also maps a dense DiT's weights)."""
+        return load_weights(self, path, ema)
+
+    def training_kwargs(self, batch_size, drop=0.0, mask_type="structured", path_drop=0.0, device=None):
+        """Per-step random inputs of a training forward; a dense model has none (and no sparse path)."""
+        if drop or path_drop:
+            raise ValueError(f"--model {self.cfg.model} has no sparse path: use --drop 0 --path-drop 0")
+        return {}
+
+
+class DiT(SiT):
+    """The dense baseline: every block sees all N tokens (SiT-XL/2 = 28 blocks)."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio)
+                                     for _ in range(sum(cfg.depths)))
+        self.initialize_weights()
+
+    def forward(self, x, t, y):
+        h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
+        cos_sin = rope(self.pos, self.head_dim)
+        for block in self.blocks:
+            h = block(h, c, cos_sin)
+        return self.unembed(h, c)
+
+    def flops(self, drop=0.0, path_drop=False, t=None):
+        """Forward FLOPs per image (2 per multiply-add); dense, so the same whatever the arguments."""
+        cfg = self.cfg
+        return 2 * (self.embed_macs() + len(self.blocks) * block_macs(self.num_tokens, cfg.hidden_size, cfg.mlp_ratio))
+
+
+#################################################################################
+#                         Token drop (SPRINT, Sec. 3.2)                         #
+#################################################################################
+
+def group_shape(drop, grid):
+    """The smallest n x n group (n divides the grid) in which keeping k tokens drops exactly `drop` -> (n, k).
+
+    0.75 -> 2x2 keep 1, 0.5 -> 2x2 keep 2, 0.875 -> 4x4 keep 2, 0.625 -> 4x4 keep 6.
+    """
+    for n in range(2, grid + 1):
+        k = (1 - drop) * n * n
+        if grid % n == 0 and abs(k - round(k)) < 1e-6 and 1 <= round(k) < n * n:
+            return n, round(k)
+    raise ValueError(f"--drop {drop}: no n x n group of a {grid}x{grid} token grid keeps a whole number of "
+                     f"tokens at this ratio; use e.g. 0.5, 0.75, 0.875 or --mask-type random")
+
+
+def num_kept(drop, num_tokens):
+    """M = (1 - drop) * N, which must be a whole number of tokens."""
+    m = (1 - drop) * num_tokens
+    if not 0 < drop < 1 or abs(m - round(m)) > 1e-6:
+        raise ValueError(f"--drop {drop}: must lie in (0, 1) and keep a whole number of the {num_tokens} tokens")
+    return round(m)
+
+
+def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None, generator=None):
+    """Kept token indices (B, M), row-major over the grid, drawn per sample on `device`.
+
+    structured: cut the grid into n x n groups and keep k uniformly random tokens in each (the paper's
+    choice: kept tokens stay spread over the image). random: M uniformly random tokens (the ablation).
+    Shapes depend only on the arguments, never on random values: no host sync, one compiled graph.
+    """
+    if mask_type == "random":
+        M = num_kept(drop, grid * grid)
+        return torch.rand(batch_size, grid * grid, device=device, generator=generator).argsort(dim=1)[:, :M]
+    if mask_type != "structured":
+        raise ValueError(f"--mask-type {mask_type!r}: choose structured or random")
+    num_kept(drop, grid * grid)
+    n, k = group_shape(drop, grid)
+    g = grid // n                                                          # groups per side
+    pick = torch.rand(batch_size, g * g, n * n, device=device, generator=generator).argsort(-1)[..., :k]
+    group = torch.arange(g * g, device=device)[:, None]                    # (G, 1)
+    row = (group // g) * n + pick // n                                     # (B, G, k)
+    col = (group % g) * n + pick % n
+    return (row * grid + col).flatten(1)                                   # (B, G*k)
+
+
+#################################################################################
+#                 SPRINT: sparse-dense residual fusion (Sec. 3)                 #
+#################################################################################
+
+class SPRINT(SiT):
+    """Dense encoder f -> sparse middle g on the kept tokens -> fuse [g padded, f's output] -> dense decoder h."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        D, (n_enc, n_mid, n_dec) = cfg.hidden_size, cfg.depths
+        self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_enc))
+        self.middle = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_mid))
+        self.decoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_dec))
+        self.fuse = nn.Linear(2 * D, D)                        # sparse-dense residual fusion, ~0.3% parameters
+        self.register_buffer("mask_token", torch.zeros(1, 1, D))    # fills dropped positions; a buffer: not trained
+        self.initialize_weights()
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, x, t, y, ids_keep=None, path_drop=None):
+        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,).
+
+        ids_keep: (B, M) kept token indices for the middle blocks (None: all tokens).
+        path_drop: (B,) bool, True replaces that sample's middle output by mask tokens (training's 10%);
+                   or the Python bool True: the whole batch skips the middle blocks (PDG's unconditional pass).
+        """
+        h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
+        cos_sin = rope(self.pos, self.head_dim)
+        for block in self.encoder:
+            h = block(h, c, cos_sin)                                       # h_f: (B, N, D)
+        g = self.deep_path(h, c, ids_keep, path_drop)                      # (B, N, D)
+        h = self.fuse(torch.cat([g, h], dim=-1))                           # (B, N, 2D) -> (B, N, D)
+        for block in self.decoder:
+            h = block(h, c, cos_sin)
+        return self.unembed(h, c)
+
+    def deep_path(self, h, c, ids_keep=None, path_drop=None):
+        """The middle blocks on the kept tokens, scattered back to the grid with mask tokens elsewhere."""
+        B, N, D = h.shape
+        mask = self.mask_token.to(h.dtype).expand(B, N, D)
+        if path_drop is True:                                              # g does no work at all
+            return mask
+        if ids_keep is None:
+            g, cos_sin = h, rope(self.pos, self.head_dim)
+        else:
+            index = ids_keep.unsqueeze(-1).expand(-1, -1, D)               # (B, M, D)
+            g = h.gather(1, index)                                         # (B, M, D)
+            cos_sin = rope(self.pos[ids_keep], self.head_dim)              # kept tokens keep their positions
+        for block in self.middle:
+            g = block(g, c, cos_sin)
+        if ids_keep is not None:
+            g = mask.scatter(1, index, g)                                  # (B, N, D)
+        if path_drop is not None:
+            # static shapes: the dropped samples' rows ran through g too, their result is discarded here
+            g = torch.where(path_drop[:, None, None], mask, g)
+        return g
+
+    def training_kwargs(self, batch_size, drop=0.75, mask_type="structured", path_drop=0.1, device=None):
+        """Per-step random inputs of a training forward: kept tokens and path-drop flags, drawn on device."""
+        kwargs = {}
+        if drop:
+            kwargs["ids_keep"] = sample_ids_keep(batch_size, self.cfg.grid, drop, mask_type, device)
+        if path_drop:
+            kwargs["path_drop"] = torch.rand(batch_size, device=device) < path_drop
+        return kwargs
+
+    def flops(self, drop=0.0, path_drop=False, t=None):
+        """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; path_drop: g skipped."""
+        cfg, N = self.cfg, self.num_tokens
+        n_enc, n_mid, n_dec = cfg.depths
+        D = cfg.hidden_size
+        macs = self.embed_macs() + (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio) + N * 2 * D * D
+        if not path_drop:
+            macs += n_mid * block_macs(round((1 - drop) * N), D, cfg.mlp_ratio)
+        return 2 * macs
+
+
+#################################################################################
+#                 Loading our checkpoints and official SPRINT ones              #
+#################################################################################
+
+OFFICIAL_NAMES = {"encoder_blocks.": "encoder.", "middle_blocks.": "middle.", "decoder_blocks.": "decoder.",
+                  "renoise_linear.": "fuse."}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}: 8-byte little-endian header length, JSON header, raw data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: F32, F16, BF16")
+            begin, end = info["data_offsets"]
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(end - begin))
+            tensors[name] = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
+
+
+def read_checkpoint(path):
+    """Our .pt checkpoint as train.py saves it; a .safetensors file or a bare state dict becomes {"model": ...}."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":                # torch.save (zip or legacy pickle)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
+    if len(head) >= 9 and head[8:9] == b"{":
+        return {"model": read_safetensors(path)}
+    raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
+
+
+def load_weights(model, path, ema=True, ckpt=None):
+    """Load our checkpoints (EMA weights if asked and present) or official SPRINT ones, checked key by key."""
+    ckpt = ckpt or read_checkpoint(path)
+    sd = {}
+    for name, tensor in ckpt["ema" if ema and "ema" in ckpt else "model"].items():
+        for prefix in ("module.", "_orig_mod."):                          # DDP / torch.compile wrappers
+            name = name.replace(prefix, "")
+        for official, ours in OFFICIAL_NAMES.items():
+            name = name.replace(official, ours)
+        sd[name] = tensor
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+        raise ValueError(f"{path} does not fit this {model.cfg.model}-{model.cfg.size} model "
+                         f"(check --model/--size/--patch-size/--image-size):"
+                         + (f"\n  missing: {show(missing)}" if missing else "")
+                         + (f"\n  unexpected: {show(unexpected)}" if unexpected else "")
+                         + (f"\n  shape mismatch: {show(mismatched)}" if mismatched else ""))
+    model.load_state_dict(sd)
+    return model
+
+
+def load_model(path, cfg=None, ema=True):
+    """A model rebuilt from the config our checkpoints carry (or from cfg, for official files), weights loaded."""
+    ckpt = read_checkpoint(path)
+    if "config" in ckpt:
+        cfg = ckpt["config"]
+    elif cfg is None:
+        raise ValueError(f"{path} carries no model config: give the architecture (--model, --size, --patch-size, "
+                         f"--image-size, --num-classes)")
+    return load_weights(create_model(cfg), path, ema, ckpt)
