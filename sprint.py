@@ -340,11 +340,11 @@ class DiT(SiT):
 #################################################################################
 
 def group_shape(drop, grid):
-    """The smallest n x n group (n divides the grid) in which keeping k tokens drops exactly `drop` -> (n, k).
+    """The smallest n x n group (n < grid divides it) in which keeping k tokens drops exactly `drop` -> (n, k).
 
     0.75 -> 2x2 keep 1, 0.5 -> 2x2 keep 2, 0.875 -> 4x4 keep 2, 0.625 -> 4x4 keep 6.
     """
-    for n in range(2, grid + 1):
+    for n in range(2, grid):
         k = (1 - drop) * n * n
         if grid % n == 0 and abs(k - round(k)) < 1e-6 and 1 <= round(k) < n * n:
             return n, round(k)
