@@ -192,16 +192,16 @@ class Attention(nn.Module):
         """(B, n, k*D) -> k tensors (B, H, n, d)."""
         return x.unflatten(-1, (-1, self.num_heads, x.shape[-1] // n // self.num_heads)).permute(2, 0, 3, 1, 4)
 
-    def attend(self, q, k, v, q_rope, k_rope):
-        """Normalise and rotate q/k, attend, merge heads: (B, H, n, d) -> (B, n, D)."""
+    def attend(self, q, k, v, q_rope, k_rope, mask=None):
+        """Normalise and rotate q/k, attend (mask: (B, 1, 1, n_kv), False = a padded key), merge heads."""
         q = apply_rope(self.q_norm(q), q_rope)
         k = apply_rope(self.k_norm(k), k_rope)
-        x = F.scaled_dot_product_attention(q, k, v)                       # (B, H, n, d)
-        return self.proj(x.transpose(1, 2).flatten(2))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)       # (B, H, n, d)
+        return self.proj(x.transpose(1, 2).flatten(2))                     # (B, n, D)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, mask=None):
         q, k, v = self.heads(self.qkv(x), 3)                               # 3 x (B, H, n, d)
-        return self.attend(q, k, v, rope, rope)
+        return self.attend(q, k, v, rope, rope, mask)
 
 
 class Mlp(nn.Module):
@@ -226,11 +226,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, rope):
+    def forward(self, x, c, rope, mask=None):
         # c: (B, D) -> six (B, 1, D): shift, scale, gate for attention, then for the MLP
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, mask)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
