@@ -1,20 +1,36 @@
 """
 Sampling from SiT / SPRINT / SparseDiT models: SDE, Euler and Heun samplers, classifier-free guidance (CFG)
-and path-drop guidance (PDG, SPRINT Sec. 3.4).
+and path-drop guidance (PDG, SPRINT Sec. 3.4), image grids, FID batches on many GPUs, and a speed benchmark.
+
+    python sample.py --pdg                                  # a grid from the newest checkpoint in results/
+    python sample.py --ckpt ckpt.pt --classes 207 360 387 974 --cfg-scale 4 --sampler heun --steps 50
+    torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 1.5 --num-samples 50000 --out samples.npz
+    python sample.py --ckpt sprint.safetensors --model sprint --size XL --vae stabilityai/sd-vae-ft-ema  # official
+    python sample.py --model sprint --size XL --benchmark --compile  # time one guided step; no checkpoint needed
 
 The model predicts the velocity v = eps - x of the linear path x_t = (1 - t) x + t eps; sampling integrates
-from t = 1 (noise) to t = 0 (data). Guidance mixes a conditional and an unconditional velocity,
-v_u + w (v_c - v_u). With CFG v_u is the same network with the null label; with PDG it is the network with the
-null label *and its deep sparse path skipped* (mask tokens in its place), which costs only the dense encoder
-and decoder blocks.
+from t = 1 (noise) to t = 0 (data). Guidance mixes a conditional and an unconditional velocity, v_u + w (v_c - v_u).
+With CFG v_u is the same network with the null label; with PDG it is the network with the null label *and its deep
+sparse path skipped* (mask tokens in its place), which costs only the dense encoder and decoder blocks.
+Samples depend on their seed only, not on the number of GPUs; an .npz is in ADM's layout, which fid.py reads.
 """
+import argparse
+import glob
+import inspect
+import json
 import math
 import os
+import shutil
+import statistics
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
+
+from sprint import ModelConfig, create_model, load_weights, read_checkpoint
 
 
 #################################################################################
@@ -41,8 +57,8 @@ def to_uint8(x):
 
 
 def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] -> one PNG with nrow images per row (default: about square)."""
-    imgs = to_uint8(x)
+    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one image file, nrow per row (default: square)."""
+    imgs = to_uint8(x) if torch.is_tensor(x) else x
     B, H, W, C = imgs.shape
     nrow = nrow or math.ceil(math.sqrt(B))
     rows = math.ceil(B / nrow)
@@ -53,9 +69,28 @@ def save_grid(x, path, nrow=None):
     Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(path)
 
 
+def write_output(path, arrays):
+    """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of arr_0."""
+    if path.endswith(".npz"):
+        with open(path, "wb") as f:                                       # a file object: no second .npz suffix
+            np.savez(f, **arrays)
+    else:
+        save_grid(arrays["arr_0"], path)
+
+
 #################################################################################
 #                  Guided velocity: CFG and path-drop guidance                  #
 #################################################################################
+
+def has_sparse_path(model):
+    """Whether the model can skip its deep sparse path (SPRINT's `path_drop`), which PDG needs."""
+    return "path_drop" in inspect.signature(model.forward).parameters
+
+
+def shared_t_kwargs(model, t):
+    """Forward arguments for a batch that shares one t: SparseDiT then runs that t's sparse grid, unpadded."""
+    return {"side": int(model.grid_side(torch.tensor([t])))} if hasattr(model, "grid_side") else {}
+
 
 def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,).
@@ -65,13 +100,14 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
     the conditional half and the model without its middle blocks (path_drop=True) on the null-label half.
     """
     tt = torch.full((x.shape[0],), t, device=x.device)
+    kw = shared_t_kwargs(model, t)
     if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
-        return model(x, tt, y)
+        return model(x, tt, y, **kw)
     null = torch.full_like(y, model.cfg.num_classes)
     if pdg:
         v_cond, v_uncond = model(x, tt, y), model(x, tt, null, path_drop=True)
     else:
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), **kw).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
@@ -133,9 +169,332 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
     return x.float()
 
 
+def trajectory_passes(sampler="sde", steps=250, **guidance):
+    """Every forward pass one image costs in a whole sampling run: [(t, path_drop), ...]."""
+    ts = time_grid(sampler, steps)
+    evals = ts[:-1] + (ts[1:] if sampler == "heun" else [])              # Heun also evaluates each step's end
+    return [p for t in evals for p in guided_passes(t, **guidance)]
+
+
 def trajectory_flops(model, sampler="sde", steps=250, **guidance):
     """Forward FLOPs per image of one whole sampling run (every model pass the sampler makes)."""
-    ts = time_grid(sampler, steps)
-    evals = [(t, t_next) for t, t_next in zip(ts[:-1], ts[1:])]
-    times = [t for t, _ in evals] + ([t_next for _, t_next in evals] if sampler == "heun" else [])
-    return sum(model.flops(path_drop=pd, t=tp) for t in times for tp, pd in guided_passes(t, **guidance))
+    return sum(model.flops(path_drop=pd, t=t) for t, pd in trajectory_passes(sampler, steps, **guidance))
+
+
+#################################################################################
+#             Sampling runs: per-sample seeds, shards, VAE decoding             #
+#################################################################################
+
+LATENT_SCALE = 0.18215      # SD-VAE latents are multiplied by this for training (LDM); undone before decoding
+# the settings that decide the samples: a re-run continues an earlier run's shards only if they all agree
+RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "seed",
+            "batch_size", "num_samples", "precision", "latent_scale", "vae")
+
+
+def autocast(device, precision):
+    """bf16 autocast, or plain float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def sample_inputs(indices, seed, classes, num_classes, shape, device):
+    """Noise (B, *shape), labels (B,) and generators of the samples with these global indices.
+
+    Sample i draws its label, its initial noise, then its SDE noise from a generator seeded seed + i, so it comes
+    out the same in any batch on any rank (the label is drawn even with --classes: the noise does not depend on it).
+    """
+    gens = [torch.Generator().manual_seed(seed + i) for i in indices]
+    labels = [int(torch.randint(num_classes, (1,), generator=g)) for g in gens]
+    if classes:
+        labels = [classes[i % len(classes)] for i in indices]
+    return randn_per_sample(shape, gens, device), torch.tensor(labels, device=device), gens
+
+
+def load_vae(path, device):
+    """The SD VAE from diffusers, an optional extra imported only here."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ValueError("--vae needs the optional diffusers package: pip install diffusers") from None
+    try:
+        return AutoencoderKL.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
+        raise ValueError(f"--vae {path}: could not load an AutoencoderKL ({e}); give a local diffusers folder "
+                         f"or a Hugging Face id such as stabilityai/sd-vae-ft-ema") from None
+
+
+@torch.no_grad()
+def finish(x, vae=None, latent_scale=LATENT_SCALE):
+    """Sampler output -> what is stored: {"arr_0": uint8 images}, or {"latents": ...} for latents without a VAE."""
+    if x.shape[1] != 4:                                  # pixel space: the output is the image in [-1, 1]
+        return {"arr_0": to_uint8(x)}
+    z = x.float() / latent_scale                         # 4 channels: SD-VAE latents, (B, 4, H/8, W/8)
+    if vae is None:
+        return {"latents": z.cpu().numpy()}
+    with torch.autocast(x.device.type, enabled=False):   # decode in float32, as DiT does
+        return {"arr_0": to_uint8(vae.decode(z).sample)}
+
+
+def shard_path(parts, k):
+    """Batch k's shard file."""
+    return os.path.join(parts, f"{k:06d}.npz")
+
+
+def open_parts(path, run, rank, world):
+    """The shard folder PATH.parts/, created with the run's settings, or checked against them on a re-run."""
+    parts, meta = path + ".parts", os.path.join(path + ".parts", "run.json")
+    if rank == 0 and not os.path.exists(meta):
+        os.makedirs(parts, exist_ok=True)
+        with open(meta, "w") as f:
+            json.dump(run, f, indent=1)
+    if world > 1:
+        dist.barrier()
+    with open(meta) as f:
+        changed = [k for k, v in json.load(f).items() if run.get(k) != v]
+    if changed:
+        raise ValueError(f"{parts} holds the shards of a run with other settings ({', '.join(changed)}): "
+                         f"delete it to start afresh, or give the same settings to continue it")
+    return parts
+
+
+def sample_shards(net, args, guidance, parts, rank, world, device, vae=None):
+    """Sample this rank's missing batches into shard files; returns how many images it sampled.
+
+    Batch k holds the samples [kB, (k+1)B) and goes to rank k % world, so every batch is computed the same
+    whatever the number of GPUs. A shard is renamed into place only once complete: a re-run skips it safely.
+    """
+    B, N, cfg = args.batch_size, args.num_samples, net.cfg
+    todo = [k for k in range(rank, math.ceil(N / B), world) if not os.path.exists(shard_path(parts, k))]
+    batches = [range(k * B, min(k * B + B, N)) for k in todo]
+    with tqdm(total=sum(map(len, batches)), unit="img", desc=f"rank 0/{world}", disable=rank != 0) as bar:
+        for k, indices in zip(todo, batches):
+            z, y, gens = sample_inputs(indices, args.seed, args.classes, cfg.num_classes,
+                                       (cfg.in_channels, cfg.input_size, cfg.input_size), device)
+            with autocast(device, args.precision):
+                x = sample(net, z, y, args.sampler, args.steps, gens, **guidance)
+            with open(shard_path(parts, k) + ".tmp", "wb") as f:
+                np.savez(f, **finish(x, vae, args.latent_scale), arr_1=y.cpu().numpy())
+            os.replace(shard_path(parts, k) + ".tmp", shard_path(parts, k))
+            bar.update(len(indices))
+    return sum(map(len, batches))
+
+
+def merge_shards(parts, num_batches, path):
+    """Concatenate the shards in order into `path` (.npz or grid image), then remove the shard folder."""
+    shards = [np.load(shard_path(parts, k)) for k in range(num_batches)]
+    write_output(path, {key: np.concatenate([s[key] for s in shards]) for key in shards[0].files})
+    shutil.rmtree(parts)
+
+
+#################################################################################
+#                      Benchmark: the cost of a guided step                     #
+#################################################################################
+
+def time_ms(fn, device, reps=20, warmup=3):
+    """Median time of fn() in ms over `reps` calls after `warmup` ones (compilation happens there)."""
+    times = []
+    for _ in range(warmup + reps):
+        if device.type == "cuda":                        # events time the GPU's work, not the launches
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times[warmup:])
+
+
+@torch.no_grad()
+def benchmark(model, net, args, device):
+    """Time one guided sampling step with CFG, and PDG where the model has a sparse path -> {mode: ms}.
+
+    A model whose cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged over
+    them, i.e. over its schedule. img/s is for a whole --sampler/--steps run, guided at every step.
+    """
+    cfg, B = model.cfg, args.batch_size
+    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(cfg.num_classes, (B,), device=device)
+    ts = [(k + 0.5) / 8 for k in range(8)]
+    ts = ts if len({model.flops(t=t) for t in ts}) > 1 else [0.5]
+    evals = len(trajectory_passes(args.sampler, args.steps))     # unguided: one pass per step
+    print(f"benchmark: {cfg.model}-{cfg.size}/{cfg.patch_size}, {model.num_params() / 1e6:.1f}M parameters, "
+          f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, batch {B}, {args.precision}"
+          f"{', compiled' if args.compile else ''}, {device}{f', mean over {len(ts)} t' if len(ts) > 1 else ''}\n"
+          f"{'guidance':<10}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}")
+    ms, flops = {}, {}
+    for mode in ["cfg"] + (["pdg"] if has_sparse_path(model) else []):
+        g = dict(cfg_scale=4.0, pdg=mode == "pdg")       # any scale but 1: its value does not change the cost
+        with autocast(device, args.precision):
+            ms[mode] = statistics.mean(time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts)
+        flops[mode] = B * sum(model.flops(t=t, path_drop=pd) for t in ts for _, pd in guided_passes(t, **g)) / len(ts)
+        print(f"{mode:<10}{ms[mode]:>10.2f}{B * 1e3 / (ms[mode] * evals):>10.3g}{flops[mode] / ms[mode] / 1e9:>10.3g}")
+    if "pdg" in ms:
+        print(f"PDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x "
+              f"(FLOPs allow {flops['cfg'] / flops['pdg']:.2f}x)")
+    return ms
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+def check_args(args):
+    """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""
+    for name in ("steps", "batch_size", "num_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    grid = not (args.out or "").endswith(".npz")
+    args.num_samples = args.num_samples or ((len(args.classes or []) or 16) if grid else 50000)
+    lo, hi = args.guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--guidance-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1 (t = 1 is noise, 0 data)")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise ValueError(f"--ckpt {args.ckpt}: no such file")
+    if args.out and not args.out.lower().endswith((".npz", ".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError(f"--out {args.out}: give an .npz (samples for fid.py) or a .png/.jpg/.webp (a grid)")
+
+
+def check_free(path, overwrite):
+    """`path`, unless it exists and may not be overwritten."""
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another --out")
+    return path
+
+
+def build_model(args, device):
+    """(model, latent scale) from --ckpt or the newest .pt in results/*/checkpoints/ (EMA weights by default),
+    or randomly initialised for --benchmark without --ckpt; then checked against the flags."""
+    cfg = ModelConfig(model=args.model, size=args.size, patch_size=args.patch_size, in_channels=args.in_channels,
+                      input_size=args.image_size // 8 if args.in_channels == 4 else args.image_size,
+                      num_classes=args.num_classes)      # 4 channels: SD-VAE latents, 8x smaller than the image
+    if args.benchmark and args.ckpt is None:
+        model, scale = create_model(cfg), LATENT_SCALE
+    else:
+        found = [args.ckpt] if args.ckpt else glob.glob(os.path.join("results", "*", "checkpoints", "*.pt"))
+        if not found:
+            raise ValueError("no checkpoint in results/*/checkpoints/: train one with train.py, or give --ckpt PATH")
+        args.ckpt = os.path.abspath(max(found, key=os.path.getmtime))
+        ckpt = read_checkpoint(args.ckpt)
+        model = load_weights(create_model(ckpt.get("config") or cfg), args.ckpt, args.ema, ckpt)
+        scale = args.latent_scale or ckpt.get("args", {}).get("latent_scale") or LATENT_SCALE
+    if args.pdg and not has_sparse_path(model):
+        raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT); this {model.cfg.model} model "
+                         f"has none: guide it with CFG (--cfg-scale without --pdg)")
+    n = model.cfg.num_classes
+    if any(not 0 <= c < n for c in args.classes or []):
+        raise ValueError(f"--classes {' '.join(map(str, args.classes))}: class ids must lie in 0..{n - 1} "
+                         f"(this model has {n} classes)")
+    return model.to(device).eval(), scale
+
+
+def output_path(args, model, vae):
+    """--out (default samples/<checkpoint>-<settings>.png); latents without a VAE go to <out>.latents.npz."""
+    if args.out is None:
+        folder, name = os.path.split(os.path.splitext(args.ckpt)[0])
+        if os.path.basename(folder) == "checkpoints":                    # results/NNN-model-size-patch/checkpoints
+            name = f"{os.path.basename(os.path.dirname(folder))}-{name}"
+        guide = f"{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}"
+        args.out = os.path.join("samples", f"{name}-{args.sampler}{args.steps}-{guide}-seed{args.seed}.png")
+    latents = model.cfg.in_channels == 4 and vae is None
+    return check_free(os.path.splitext(args.out)[0] + ".latents.npz" if latents else args.out, args.overwrite)
+
+
+def decode_file(args, device):
+    """--decode LATENTS.npz: decode the latents an earlier run saved (without --vae) into --out."""
+    if not (args.vae and args.out):
+        raise ValueError("--decode needs --vae (the SD VAE) and --out (a grid image, or an .npz for fid.py)")
+    check_free(args.out, args.overwrite)
+    if not os.path.isfile(args.decode) or "latents" not in np.load(args.decode):
+        raise ValueError(f"--decode {args.decode}: expected an .npz with 'latents', as sample.py writes them")
+    data, vae, B = np.load(args.decode), load_vae(args.vae, device), args.batch_size
+    z = torch.from_numpy(data["latents"])                # already divided by the latent scale
+    imgs = [finish(z[i:i + B].to(device), vae, 1.0)["arr_0"] for i in range(0, len(z), B)]
+    write_output(args.out, {"arr_0": np.concatenate(imgs), "arr_1": data["arr_1"]})
+    print(f"decoded {len(z)} latents into {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
+    torch.manual_seed(args.seed)                         # used only by a randomly initialised --benchmark model
+    try:
+        if args.decode:
+            return decode_file(args, device)
+        check_args(args)
+        model, args.latent_scale = build_model(args, device)
+        vae = load_vae(args.vae, device) if args.vae and model.cfg.in_channels == 4 else None
+        if not args.benchmark:
+            path = output_path(args, model, vae)
+            parts = open_parts(path, json.loads(json.dumps({k: getattr(args, k) for k in RUN_KEYS})), rank, world)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sample.py: error: {e}")
+    net = torch.compile(model, dynamic=False) if args.compile else model
+    if args.benchmark:
+        return benchmark(model, net, args, device)
+
+    cfg, passes = model.cfg, trajectory_passes(args.sampler, args.steps, **guidance)
+    flops, cfg_flops = (trajectory_flops(model, args.sampler, args.steps, **{**guidance, "pdg": pdg})
+                        for pdg in (args.pdg, False))
+    guide = f"{'PDG' if args.pdg else 'CFG'} {args.cfg_scale:g} for t in {list(guidance['interval'])}"
+    saving = f" (CFG: {cfg_flops / 1e12:.4g}, PDG saves {1 - flops / cfg_flops:.0%})" if args.pdg else ""
+    log(f"{args.ckpt}: {cfg.model}-{cfg.size}/{cfg.patch_size}, {'EMA' if args.ema else 'raw'} weights; "
+        f"{args.sampler}-{args.steps}, {guide if args.cfg_scale != 1 else 'no guidance'}")
+    log(f"cost per image: {len(passes)} model passes ({sum(pd for _, pd in passes)} with the path dropped), "
+        f"{flops / 1e12:.4g} forward TFLOPs{saving}")
+    start = time.perf_counter()
+    count = torch.tensor(sample_shards(net, args, guidance, parts, rank, world, device, vae), device=device)
+    if world > 1:
+        dist.all_reduce(count)                           # also waits for every rank's shards before the merge
+    if rank == 0:
+        merge_shards(parts, math.ceil(args.num_samples / args.batch_size), path)
+        secs, n = time.perf_counter() - start, int(count)
+        log(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
+            f"{n * flops / secs / 1e12:.3g} forward TFLOP/s; wrote {path}")
+    if path.endswith(".latents.npz"):                    # never silently: say what was saved and how to decode it
+        log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE:\n"
+            f"  pip install diffusers && python sample.py --decode {path} --vae stabilityai/sd-vae-ft-ema "
+            f"--out {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample from SiT / SPRINT / SparseDiT: grids, FID batches, a benchmark.")
+    p.add_argument("--ckpt", help="train.py's .pt or an official .safetensors (default: the newest in results/)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights where present")
+    p.add_argument("--model", default=ModelConfig.model, help="dit | sprint | sparsedit (these architecture flags "
+                   "count only for --benchmark and files without a config, e.g. official SPRINT ones)")
+    p.add_argument("--size", default=ModelConfig.size, help="S | B | L | XL")
+    p.add_argument("--patch-size", type=int, default=ModelConfig.patch_size)
+    p.add_argument("--image-size", type=int, default=256, help="in pixels; a latent model sees image-size / 8")
+    p.add_argument("--in-channels", type=int, default=ModelConfig.in_channels, help="4: SD-VAE latents, 3: pixels")
+    p.add_argument("--num-classes", type=int, default=ModelConfig.num_classes)
+    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale w; 1: no guidance")
+    p.add_argument("--pdg", action="store_true", help="path-drop guidance: the unconditional pass skips the middle")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
+                   help="guide only for t in [LOW, HIGH] (t = 1 is noise)")
+    p.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples (default: random)")
+    p.add_argument("--num-samples", type=int, help="default: 16 (or one per --classes) for a grid, 50000 for .npz")
+    p.add_argument("--seed", type=int, default=0, help="sample i draws its label and noise from seed + i")
+    p.add_argument("--batch-size", type=int, default=64, help="per forward pass and process (keep it to resume)")
+    p.add_argument("--out", help="a grid (.png) or an ADM .npz for fid.py (default: samples/<ckpt>-<settings>.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--vae", help="diffusers AutoencoderKL (folder or hub id) for latent models; without: save latents")
+    p.add_argument("--latent-scale", type=float, help=f"default: the checkpoint's, else {LATENT_SCALE}")
+    p.add_argument("--decode", metavar="LATENTS.npz", help="only decode the latents of an earlier run (--vae, --out)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--benchmark", action="store_true", help="time one guided step instead (no checkpoint needed)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()

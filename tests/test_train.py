@@ -1,0 +1,268 @@
+"""train.py as a specification: both SPRINT stages in one loop, fine-tuning sees every token, a killed run resumes
+exactly, DDP ranks stay equal with one writer, every data source works, and bad input fails early by its flag."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sprint  # noqa: E402
+import train  # noqa: E402
+
+TRAIN = str(ROOT / "train.py")
+# a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to skip
+TINY = ("--hidden-size 32 --num-heads 2 --depths 1 1 1 --patch-size 4 --global-batch-size 8 --num-workers 0 "
+        "--log-every 1 --lr 2e-3").split()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}        # subprocesses too: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(tmp_path, *flags):
+    """train.main in this process on the tiny model and the embedded data at 16 px -> the run folder."""
+    args = ["--image-size", "16", "--eval-every", "0", "--sample-every", "0", *flags]
+    return Path(train.main(train.parse_args([*TINY, "--results-dir", str(tmp_path / "results"), *args])))
+
+
+def cli(cwd, *flags, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, TRAIN, *TINY, *flags], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in open(run_dir / "log.jsonl")]
+
+
+def assert_same_training_state(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+
+
+def image_folder(root, classes=2, per_class=10, size=(24, 20)):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(root / f"class{c}")
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+#################################################################################
+#                       The loop, end to end, from the CLI                      #
+#################################################################################
+
+@pytest.mark.parametrize("model", ["dit", "sprint"])
+def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model):
+    r = cli(tmp_path, "--model", model, "--image-size", "16", "--steps", "40", "--eval-every", "20",
+            "--sample-every", "40", "--ckpt-every", "20")
+    assert r.returncode == 0, r.stderr
+    assert "img/s" in r.stderr and "TFLOP/s" in r.stderr                # the progress bar
+    run_dir = tmp_path / "results" / f"000-{model}-S-4"
+    evals = [rec for rec in records(run_dir) if "eval_loss" in rec]
+    assert [rec["step"] for rec in evals] == [0, 20, 40]
+    assert evals[-1]["eval_loss"] < 0.9 * evals[0]["eval_loss"]
+    assert ("eval_loss_drop" in evals[0]) == (model == "sprint")        # the train-inference gap, SPRINT only
+    assert (run_dir / "samples" / "0000040.png").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "0000040.pt", weights_only=True)
+    assert set(ckpt) == {"model", "ema", "opt", "config", "args", "step", "rng", "data"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    net = sprint.load_model(str(run_dir / "checkpoints" / "0000040.pt"))    # all that sample.py --ckpt needs
+    assert (net.cfg.model, net.cfg.hidden_size, net.cfg.num_classes, net.cfg.input_size) == (model, 32, 10, 16)
+
+
+def test_a_new_run_never_reuses_a_run_folder(tmp_path):
+    first, second = run(tmp_path, "--steps", "1"), run(tmp_path, "--steps", "1")
+    assert (first.name, second.name) == ("000-sprint-S-4", "001-sprint-S-4")
+
+
+#################################################################################
+#                         Two stages: drop, then all tokens                     #
+#################################################################################
+
+def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypatch):
+    seen, forward = [], sprint.SPRINT.forward
+
+    def spy(self, x, t, y, ids_keep=None, path_drop=None):
+        seen.append((ids_keep is not None, path_drop is not None))
+        return forward(self, x, t, y, ids_keep=ids_keep, path_drop=path_drop)
+    monkeypatch.setattr(sprint.SPRINT, "forward", spy)
+
+    run_dir = run(tmp_path, "--drop", "0.75", "--steps", "3", "--finetune-steps", "2")    # one invocation
+    assert seen == [(True, True)] * 3 + [(False, True)] * 2
+    assert [rec["stage"] for rec in records(run_dir) if "loss" in rec] == [1, 1, 1, 2, 2]
+    seen.clear()                                                         # stage 2 on its own, from stage 1's end
+    run(tmp_path, "--init", str(run_dir / "checkpoints" / "0000003.pt"), "--drop", "0", "--steps", "2")
+    assert seen == [(False, True)] * 2
+
+
+#################################################################################
+#                             Resume: exactly, after kill -9                    #
+#################################################################################
+
+def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
+    flags = ("--eval-every", "3", "--sample-every", "3")                # evaluation must not disturb the RNG
+    whole = run(tmp_path / "a", "--steps", "6", *flags)
+    half = run(tmp_path / "b", "--steps", "3", *flags)
+    assert run(tmp_path / "b", "--resume", str(half / "checkpoints" / "0000003.pt"), "--steps", "6", *flags) == half
+    assert_same_training_state(whole / "checkpoints" / "0000006.pt", half / "checkpoints" / "0000006.pt")
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    flags = ("--image-size", "16", "--steps", "5", "--finetune-steps", "45", "--ckpt-every", "1", "--eval-every", "10",
+             "--sample-every", "0")                                      # the resume crosses into stage 2
+    proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "000-sprint-S-4" / "checkpoints"
+    deadline = time.time() + 120
+    while not list(ckpts.glob("*.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert len(list(ckpts.glob("*.pt"))) < 50                           # killed mid-run
+    r = cli(tmp_path, *flags, "--resume", str(ckpts.parent), "--results-dir", "killed")
+    assert r.returncode == 0, r.stderr
+    r = cli(tmp_path, *flags, "--results-dir", "whole")
+    assert r.returncode == 0, r.stderr
+    whole = tmp_path / "whole" / "000-sprint-S-4" / "checkpoints"
+    assert_same_training_state(ckpts / "0000050.pt", whole / "0000050.pt")
+
+
+#################################################################################
+#                         DDP: equal ranks, one writer                          #
+#################################################################################
+
+def test_ddp_on_two_processes_keeps_the_ranks_equal_and_only_rank_0_writes(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    r = cli(tmp_path, "--image-size", "16", "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
+            "--sample-every", "4", launcher=(torchrun, "--standalone", "--nproc_per_node=2"))
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path) == ["results"] and os.listdir(tmp_path / "results") == ["000-sprint-S-4"]
+    recs = records(tmp_path / "results" / "000-sprint-S-4")
+    assert [rec["step"] for rec in recs if "loss" in rec] == [1, 2, 3, 4]        # one writer: no repeated lines
+    digests = [rec["rank_weights"] for rec in recs if "checkpoint" in rec]
+    assert len(digests) == 2 and all(len(d) == 2 and d[0] == d[1] for d in digests)
+    ckpt = torch.load(tmp_path / "results" / "000-sprint-S-4" / "checkpoints" / "0000004.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2                                          # every rank's RNG state, for resume
+
+
+#################################################################################
+#                                 Data sources                                  #
+#################################################################################
+
+def test_the_embedded_data_is_fixed_and_its_classes_differ():
+    (x, y), (x2, y2) = train.embedded_dataset(16, 500), train.embedded_dataset(16, 500)
+    assert x.shape == (500, 16, 16, 3) and x.dtype == np.uint8 and set(y) == set(range(10))
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    colours = np.stack([x[y == k].reshape(-1, 3).max(0) for k in range(10)])   # each class its own hue
+    assert len({tuple(c // 32) for c in colours}) == 10
+    train_idx, held_out = train.split(500)
+    assert len(held_out) == 50 and not set(train_idx) & set(held_out) and np.array_equal(held_out, train.split(500)[1])
+
+
+def test_an_image_folder_is_decoded_in_workers_and_sets_the_classes(tmp_path):
+    folder = image_folder(tmp_path / "images", classes=3)
+    run_dir = run(tmp_path, "--data", str(folder), "--num-workers", "1", "--steps", "2", "--eval-every", "2")
+    cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
+    assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (3, 16, 3)
+    assert any("eval_loss" in rec for rec in records(run_dir))
+
+
+@pytest.mark.parametrize("kind", ["pixels", "latents"])
+def test_an_npz_of_pixels_or_latents_sets_channels_size_and_classes(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8) if kind == "pixels" else \
+        rng.standard_normal((40, 4, 8, 8)).astype(np.float16)           # grey images N x H x W; latents N x C x H x W
+    np.savez(tmp_path / "data.npz", x=x, y=np.arange(40) % 5)
+    run_dir = run(tmp_path, "--data", str(tmp_path / "data.npz"), "--image-size", "8", "--patch-size", "2",
+                  "--latent-scale", "0.5", "--steps", "2", "--sample-every", "2")
+    cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
+    assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == ((1, 8, 5) if kind == "pixels" else (4, 8, 5))
+    assert (run_dir / "samples" / "0000002.png").is_file()              # latents: channels 0-2, normalised
+
+
+#################################################################################
+#                        Bad input: early, by its flag                          #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("stage1"), "--steps", "1") / "checkpoints" / "0000001.pt"
+
+
+def bad_input(case, tmp, ckpt):
+    """The flags of one bad input, and the message they must raise."""
+    os.makedirs(tmp / "empty" / "class0")
+    broken = image_folder(tmp / "broken", classes=1, per_class=7)
+    (broken / "class0" / "broken.png").write_bytes(b"not a png")
+    small = image_folder(tmp / "small", classes=1, per_class=8, size=(10, 10))
+    np.savez(tmp / "no_y.npz", x=np.zeros((8, 8, 8, 3), np.uint8), labels=np.zeros(8))
+    return {
+        "missing data": (["--data", str(tmp / "missing")], r"--data .*missing: no such file or folder"),
+        "empty folder": (["--data", str(tmp / "empty")], r"--data .*empty: no images found"),
+        "broken image": (["--data", str(broken)], r"--data: cannot decode .*broken\.png"),
+        "npz without y": (["--data", str(tmp / "no_y.npz")],
+                          r"--data .*no_y\.npz: needs arrays 'x' and 'y' \(found: x, labels\)"),
+        "small image": (["--data", str(small), "--no-upscale"],
+                        r"small.class0.\d\.png is 10x10, smaller than --image-size 16"),
+        "unrealisable drop": (["--drop", "0.3"], r"--drop 0\.3"),
+        "drop without a sparse path": (["--model", "dit", "--drop", "0.75"], r"--model dit has no sparse path"),
+        "resume another size": (["--resume", str(ckpt), "--hidden-size", "64"], r"--resume .*0000001\.pt does not fit"),
+        "init another depth": (["--init", str(ckpt), "--depths", "1", "2", "1"], r"--init .*0000001\.pt does not fit"),
+        "resume nothing": (["--resume", str(tmp / "nowhere.pt")], r"--resume .*nowhere\.pt: no such checkpoint"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty folder", "broken image", "npz without y", "small image",
+                                  "unrealisable drop", "drop without a sparse path", "resume another size",
+                                  "init another depth", "resume nothing"])
+def test_bad_input_fails_early_with_a_message_naming_its_flag(tmp_path, stage1_ckpt, case):
+    flags, message = bad_input(case, tmp_path, stage1_ckpt)
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, "--steps", "1", *flags)
+
+
+def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
+    r = cli(tmp_path, "--data", str(tmp_path / "missing"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"train.py: error: --data {tmp_path / 'missing'}: no such file or folder"
+
+
+def test_a_global_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 3, torch.device("cpu")))
+    with pytest.raises(ValueError, match="--global-batch-size 8 is not divisible by the 3 processes"):
+        run(tmp_path, "--steps", "1")
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run_dir = run(tmp_path, "--steps", "2")
+    ckpt = run_dir / "checkpoints" / "0000002.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(FloatingPointError, match=r"step 4: non-finite loss .* the last checkpoint is .*0000002\.pt"):
+        run(tmp_path, "--resume", str(ckpt), "--steps", "6", "--lr", "1e30")     # step 3's update overflows
+    assert os.listdir(run_dir / "checkpoints") == ["0000002.pt"] and ckpt.read_bytes() == before
+
+
+#################################################################################
+#                                   Benchmark                                   #
+#################################################################################
+
+def test_benchmark_prints_one_table_row(capsys):
+    train.main(train.parse_args(["--benchmark", "--model", "sprint", "--drop", "0.75", *TINY[:8], "--image-size", "64",
+                                 "--global-batch-size", "4", "--benchmark-steps", "20"]))
+    header, row = capsys.readouterr().out.strip().splitlines()
+    cells = dict(zip(header.strip("|").split("|"), row.strip("|").split("|")))
+    assert float(cells[" ms/step "]) > 0 and float(cells[" img/s "]) > 0 and float(cells[" TFLOP/s "]) > 0
+    assert cells[" drop "].strip() == "0.75" and "TFLOP/s" in cells[" MFU (measured fp32 matmul peak) "]
