@@ -16,7 +16,6 @@ Samples depend on their seed only, not on the number of GPUs; an .npz is in ADM'
 """
 import argparse
 import glob
-import inspect
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from sprint import ModelConfig, create_model, load_weights, read_checkpoint
+from sprint import ModelConfig, create_model, load_model, read_checkpoint
 
 
 #################################################################################
@@ -82,16 +81,6 @@ def write_output(path, arrays):
 #                  Guided velocity: CFG and path-drop guidance                  #
 #################################################################################
 
-def has_sparse_path(model):
-    """Whether the model can skip its deep sparse path (SPRINT's `path_drop`), which PDG needs."""
-    return "path_drop" in inspect.signature(model.forward).parameters
-
-
-def shared_t_kwargs(model, t):
-    """Forward arguments for a batch that shares one t: SparseDiT then runs that t's sparse grid, unpadded."""
-    return {"side": int(model.grid_side(torch.tensor([t])))} if hasattr(model, "grid_side") else {}
-
-
 def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,).
 
@@ -100,12 +89,12 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
     the conditional half and the model without its middle blocks (path_drop=True) on the null-label half.
     """
     tt = torch.full((x.shape[0],), t, device=x.device)
-    kw = shared_t_kwargs(model, t)
+    kw = model.sampling_kwargs(t)                                         # SparseDiT: this t's grid side
     if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
         return model(x, tt, y, **kw)
     null = torch.full_like(y, model.cfg.num_classes)
     if pdg:
-        v_cond, v_uncond = model(x, tt, y), model(x, tt, null, path_drop=True)
+        v_cond, v_uncond = model(x, tt, y, **kw), model(x, tt, null, path_drop=True, **kw)
     else:
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), **kw).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -325,7 +314,7 @@ def benchmark(model, net, args, device):
           f"{', compiled' if args.compile else ''}, {device}{f', mean over {len(ts)} t' if len(ts) > 1 else ''}\n"
           f"{'guidance':<10}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}")
     ms, flops = {}, {}
-    for mode in ["cfg"] + (["pdg"] if has_sparse_path(model) else []):
+    for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
         g = dict(cfg_scale=4.0, pdg=mode == "pdg")       # any scale but 1: its value does not change the cost
         with autocast(device, args.precision):
             ms[mode] = statistics.mean(time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts)
@@ -378,9 +367,9 @@ def build_model(args, device):
             raise ValueError("no checkpoint in results/*/checkpoints/: train one with train.py, or give --ckpt PATH")
         args.ckpt = os.path.abspath(max(found, key=os.path.getmtime))
         ckpt = read_checkpoint(args.ckpt)
-        model = load_weights(create_model(ckpt.get("config") or cfg), args.ckpt, args.ema, ckpt)
+        model = load_model(args.ckpt, cfg, args.ema, ckpt)
         scale = args.latent_scale or ckpt.get("args", {}).get("latent_scale") or LATENT_SCALE
-    if args.pdg and not has_sparse_path(model):
+    if args.pdg and not model.has_sparse_path:
         raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT); this {model.cfg.model} model "
                          f"has none: guide it with CFG (--cfg-scale without --pdg)")
     n = model.cfg.num_classes

@@ -202,6 +202,10 @@ class SparseDiT(SiT):
         """The sparse grid side of each sample, (B,) long, from its own t (B,)."""
         return density_schedule(t, self.min_side, self.max_side)
 
+    def sampling_kwargs(self, t):
+        """A sampling batch shares one t (a float): run that t's grid unpadded, with no mask."""
+        return {"side": int(self.grid_side(torch.tensor([t])))}
+
     def sparse_grid(self, t, side=None):
         """Each sample's own grid from its t, padded to the largest side; or one unpadded `side` for the batch.
 

@@ -259,6 +259,8 @@ def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
 
 class SiT(nn.Module):
     """What every model here shares: patch/time/label embedding, the RoPE grid, the final layer, init."""
+    has_sparse_path = False          # SPRINT's deep path, which path drop and PDG skip
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -311,6 +313,10 @@ class SiT(nn.Module):
         """Per-step random inputs of a training forward; a dense model has none (and no sparse path)."""
         if drop or path_drop:
             raise ValueError(f"--model {self.cfg.model} has no sparse path: use --drop 0 --path-drop 0")
+        return {}
+
+    def sampling_kwargs(self, t):
+        """Forward inputs for a sampling batch that shares the time t (a float); SparseDiT's grid side."""
         return {}
 
 
@@ -388,6 +394,8 @@ def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None,
 
 class SPRINT(SiT):
     """Dense encoder f -> sparse middle g on the kept tokens -> fuse [g padded, f's output] -> dense decoder h."""
+    has_sparse_path = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         D, (n_enc, n_mid, n_dec) = cfg.hidden_size, cfg.depths
@@ -523,9 +531,9 @@ def load_weights(model, path, ema=True, ckpt=None):
     return model
 
 
-def load_model(path, cfg=None, ema=True):
+def load_model(path, cfg=None, ema=True, ckpt=None):
     """A model rebuilt from the config our checkpoints carry (or from cfg, for official files), weights loaded."""
-    ckpt = read_checkpoint(path)
+    ckpt = ckpt or read_checkpoint(path)
     if "config" in ckpt:
         cfg = ckpt["config"]
     elif cfg is None:

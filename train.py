@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from sample import autocast, has_sparse_path, sample, save_grid, setup_distributed, time_ms
+from sample import autocast, sample, save_grid, setup_distributed, time_ms
 from sprint import ModelConfig, create_model, load_weights, read_checkpoint
 
 # Defaults of the flags left out. Real data: the paper's SiT-B/2 recipe. The embedded toy data: a small model and
@@ -274,7 +274,7 @@ def model_config(args, in_channels, num_classes, input_size):
 def sparse_path_defaults(raw, args, device):
     """Fill in --drop/--path-drop (SPRINT's 0.75/0.1 if the model has a sparse path, else 0) and check that the
     model can realise them (--drop 0.3 has no structured pattern) -> training_kwargs' arguments."""
-    defaults = SPARSE if has_sparse_path(raw) else dict(drop=0.0, path_drop=0.0)
+    defaults = SPARSE if raw.has_sparse_path else dict(drop=0.0, path_drop=0.0)
     for key in defaults:
         setattr(args, key, defaults[key] if getattr(args, key) is None else getattr(args, key))
     drop = dict(drop=args.drop, mask_type=args.mask_type, path_drop=args.path_drop)
@@ -511,7 +511,7 @@ def parse_args(argv=None):
                    help="for small experiments: encoder, middle, decoder blocks (dit: their sum)")
     p.add_argument("--layout", type=lambda s: [int(v) for v in s.split(",")], metavar="P,S,K,T",
                    help="sparsedit: Poolingformers, SDTMs, sparse blocks per SDTM, dense top blocks")
-    p.add_argument("--density", type=float, nargs=2, metavar=("MIN", "MAX"), help="sparsedit: token density range")
+    p.add_argument("--density", type=int, nargs=2, metavar=("MIN", "MAX"), help="sparsedit: token density range")
     p.add_argument("--data", help="image folder (a sub-folder per class) or .npz with x, y; default: embedded toy data")
     p.add_argument("--latent-scale", type=float, help="multiplies float latents (raw SD-VAE: 0.18215); default: "
                    "already scaled (sample.py then assumes SD-VAE's 0.18215)")

@@ -19,13 +19,7 @@ import sample  # noqa: E402
 import sprint  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread costs more than it saves, the more so on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
 
 def tiny(model="sprint", in_channels=3, seed=0):
@@ -63,6 +57,7 @@ class Recorder(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.cfg, self.calls = model, model.cfg, []
+        self.sampling_kwargs = model.sampling_kwargs
 
     def forward(self, x, t, y, path_drop=None):
         self.calls.append((x.shape[0], float(t[0]), path_drop))
@@ -130,7 +125,7 @@ def test_sparsedit_runs_the_grid_of_the_shared_t_unpadded():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
         for t, side in ((0.9, 3), (0.5, 4), (0.1, 5)):
-            assert sample.shared_t_kwargs(model, t) == {"side": side}
+            assert model.sampling_kwargs(t) == {"side": side}
             padded = model(x, torch.full((2,), t), y)                 # every sample pooled to its own grid
             torch.testing.assert_close(sample.guided_velocity(model, x, t, y), padded, atol=1e-5, rtol=1e-5)
 
@@ -153,6 +148,9 @@ class GaussianVelocity(torch.nn.Module):
     def __init__(self, mu, s):
         super().__init__()
         self.mu, self.s, self.cfg = mu, s, types.SimpleNamespace(num_classes=1)
+
+    def sampling_kwargs(self, t):
+        return {}
 
     def forward(self, x, t, y):
         t = t.double().view(-1, 1, 1, 1)
