@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import time
 
 import numpy as np
@@ -33,60 +32,14 @@ from sprint import ModelConfig, create_model, load_model, read_checkpoint
 
 
 #################################################################################
-#                      Distributed setup and image output                       #
-#################################################################################
-
-def setup_distributed():
-    """(rank, world_size, device) from torchrun's environment; a plain `python` run is rank 0 of 1."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def to_uint8(x):
-    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy (the ADM .npz layout)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one image file, nrow per row (default: square)."""
-    imgs = to_uint8(x) if torch.is_tensor(x) else x
-    B, H, W, C = imgs.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    rows = math.ceil(B / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
-    Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(path)
-
-
-def write_output(path, arrays):
-    """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of arr_0."""
-    if path.endswith(".npz"):
-        with open(path, "wb") as f:                                       # a file object: no second .npz suffix
-            np.savez(f, **arrays)
-    else:
-        save_grid(arrays["arr_0"], path)
-
-
-#################################################################################
-#                  Guided velocity: CFG and path-drop guidance                  #
+#           Guided velocity (CFG and path-drop guidance) and samplers           #
 #################################################################################
 
 def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
-    """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,).
+    """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,), guided for t in `interval`.
 
-    Guidance applies only for t inside `interval`; outside it, or at scale 1, one conditional pass.
-    CFG batches the conditional and unconditional inputs in one forward of 2B; PDG runs the full model on
-    the conditional half and the model without its middle blocks (path_drop=True) on the null-label half.
+    Outside it, or at scale 1, one conditional pass. CFG: one forward of 2B (the conditional and null-label halves);
+    PDG: the full model on the conditional half, the model without its middle blocks (path_drop=True) on the null.
     """
     tt = torch.full((x.shape[0],), t, device=x.device)
     kw = model.sampling_kwargs(t)                                         # SparseDiT: this t's grid side
@@ -107,12 +60,10 @@ def guided_passes(t, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     return [(t, False), (t, pdg)]
 
 
-#################################################################################
-#                                   Samplers                                    #
-#################################################################################
-
 def time_grid(sampler, steps):
     """The times the sampler visits, from 1 to 0. SDE: linspace(1, 0.04, steps) then a last step to 0."""
+    if sampler not in ("sde", "euler", "heun"):
+        raise ValueError(f"--sampler {sampler!r}: choose sde, euler or heun")
     if sampler == "sde":
         return torch.linspace(1.0, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
@@ -133,26 +84,22 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
     euler / heun: the probability-flow ODE dx/dt = v on linspace(1, 0, steps + 1).
     The state is kept in float64, the model runs in float32 (bf16 under autocast on CUDA).
     """
-    if sampler not in ("sde", "euler", "heun"):
-        raise ValueError(f"--sampler {sampler!r}: choose sde, euler or heun")
-
     def velocity(x, t):
         return guided_velocity(model, x.float(), t, y, **guidance).double()
 
     ts = time_grid(sampler, steps)
     x = z.double()
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+    for t, t_next in zip(ts[:-1], ts[1:]):
         dt = t_next - t                                                   # < 0
         v = velocity(x, t)
         if sampler == "sde":
             score = -(x + (1 - t) * v) / t
             x = x + (v - t * score) * dt                                   # w/2 * score with w = 2t
-            if i < len(ts) - 2:                                            # no noise on the last step
+            if t_next > 0:                                                 # no noise on the last step, to 0
                 noise = randn_per_sample(x.shape[1:], generators, x.device) if generators else torch.randn_like(x)
                 x = x + math.sqrt(2 * t * -dt) * noise
         elif sampler == "heun":
-            x_euler = x + v * dt
-            x = x + 0.5 * (v + velocity(x_euler, t_next)) * dt
+            x = x + 0.5 * (v + velocity(x + v * dt, t_next)) * dt          # mean of v here and at the Euler end
         else:
             x = x + v * dt
     return x.float()
@@ -171,13 +118,25 @@ def trajectory_flops(model, sampler="sde", steps=250, **guidance):
 
 
 #################################################################################
-#             Sampling runs: per-sample seeds, shards, VAE decoding             #
+#    Sampling runs: processes, per-sample seeds, VAE decoding, shards, grids    #
 #################################################################################
 
 LATENT_SCALE = 0.18215      # SD-VAE latents are multiplied by this for training (LDM); undone before decoding
 # the settings that decide the samples: a re-run continues an earlier run's shards only if they all agree
 RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "seed",
             "batch_size", "num_samples", "precision", "latent_scale", "vae")
+
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment; a plain `python` run is rank 0 of 1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def autocast(device, precision):
@@ -209,6 +168,11 @@ def load_vae(path, device):
     except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
         raise ValueError(f"--vae {path}: could not load an AutoencoderKL ({e}); give a local diffusers folder "
                          f"or a Hugging Face id such as stabilityai/sd-vae-ft-ema") from None
+
+
+def to_uint8(x):
+    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy (the ADM .npz layout)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -267,6 +231,26 @@ def sample_shards(net, args, guidance, parts, rank, world, device, vae=None):
     return sum(map(len, batches))
 
 
+def save_grid(x, path, nrow=None):
+    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one image file, nrow per row (default: square)."""
+    imgs = to_uint8(x) if torch.is_tensor(x) else x
+    B, H, W, C = imgs.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    grid = np.full((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(path)
+
+
+def write_output(path, arrays):
+    """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of arr_0."""
+    if path.endswith(".npz"):
+        np.savez(path, **arrays)
+    else:
+        save_grid(arrays["arr_0"], path)
+
+
 def merge_shards(parts, num_batches, path):
     """Concatenate the shards in order into `path` (.npz or grid image), then remove the shard folder."""
     shards = [np.load(shard_path(parts, k)) for k in range(num_batches)]
@@ -293,7 +277,7 @@ def time_ms(fn, device, reps=20, warmup=3):
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times[warmup:])
+    return float(np.median(times[warmup:]))
 
 
 @torch.no_grad()
@@ -317,7 +301,7 @@ def benchmark(model, net, args, device):
     for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
         g = dict(cfg_scale=4.0, pdg=mode == "pdg")       # any scale but 1: its value does not change the cost
         with autocast(device, args.precision):
-            ms[mode] = statistics.mean(time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts)
+            ms[mode] = sum(time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts) / len(ts)
         flops[mode] = B * sum(model.flops(t=t, path_drop=pd) for t in ts for _, pd in guided_passes(t, **g)) / len(ts)
         print(f"{mode:<10}{ms[mode]:>10.2f}{B * 1e3 / (ms[mode] * evals):>10.3g}{flops[mode] / ms[mode] / 1e9:>10.3g}")
     if "pdg" in ms:
@@ -335,8 +319,7 @@ def check_args(args):
     for name in ("steps", "batch_size", "num_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    grid = not (args.out or "").endswith(".npz")
-    args.num_samples = args.num_samples or ((len(args.classes or []) or 16) if grid else 50000)
+    args.num_samples = args.num_samples or (50000 if str(args.out).endswith(".npz") else len(args.classes or []) or 16)
     lo, hi = args.guidance_interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"--guidance-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1 (t = 1 is noise, 0 data)")
@@ -346,19 +329,10 @@ def check_args(args):
         raise ValueError(f"--out {args.out}: give an .npz (samples for fid.py) or a .png/.jpg/.webp (a grid)")
 
 
-def check_free(path, overwrite):
-    """`path`, unless it exists and may not be overwritten."""
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another --out")
-    return path
-
-
 def build_model(args, device):
-    """(model, latent scale) from --ckpt or the newest .pt in results/*/checkpoints/ (EMA weights by default),
-    or randomly initialised for --benchmark without --ckpt; then checked against the flags."""
-    cfg = ModelConfig(model=args.model, size=args.size, patch_size=args.patch_size, in_channels=args.in_channels,
-                      input_size=args.image_size // 8 if args.in_channels == 4 else args.image_size,
-                      num_classes=args.num_classes)      # 4 channels: SD-VAE latents, 8x smaller than the image
+    """(model, latent scale): --ckpt, or the newest results/*/checkpoints/*.pt; random for a bare --benchmark."""
+    side = args.image_size // 8 if args.in_channels == 4 else args.image_size   # SD-VAE latents: 8x smaller
+    cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels, args.num_classes)
     if args.benchmark and args.ckpt is None:
         model, scale = create_model(cfg), LATENT_SCALE
     else:
@@ -387,22 +361,10 @@ def output_path(args, model, vae):
             name = f"{os.path.basename(os.path.dirname(folder))}-{name}"
         guide = f"{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}"
         args.out = os.path.join("samples", f"{name}-{args.sampler}{args.steps}-{guide}-seed{args.seed}.png")
-    latents = model.cfg.in_channels == 4 and vae is None
-    return check_free(os.path.splitext(args.out)[0] + ".latents.npz" if latents else args.out, args.overwrite)
-
-
-def decode_file(args, device):
-    """--decode LATENTS.npz: decode the latents an earlier run saved (without --vae) into --out."""
-    if not (args.vae and args.out):
-        raise ValueError("--decode needs --vae (the SD VAE) and --out (a grid image, or an .npz for fid.py)")
-    check_free(args.out, args.overwrite)
-    if not os.path.isfile(args.decode) or "latents" not in np.load(args.decode):
-        raise ValueError(f"--decode {args.decode}: expected an .npz with 'latents', as sample.py writes them")
-    data, vae, B = np.load(args.decode), load_vae(args.vae, device), args.batch_size
-    z = torch.from_numpy(data["latents"])                # already divided by the latent scale
-    imgs = [finish(z[i:i + B].to(device), vae, 1.0)["arr_0"] for i in range(0, len(z), B)]
-    write_output(args.out, {"arr_0": np.concatenate(imgs), "arr_1": data["arr_1"]})
-    print(f"decoded {len(z)} latents into {args.out}")
+    path = os.path.splitext(args.out)[0] + ".latents.npz" if model.cfg.in_channels == 4 and vae is None else args.out
+    if os.path.exists(path) and not args.overwrite:
+        raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another --out")
+    return path
 
 
 def main(argv=None):
@@ -413,8 +375,6 @@ def main(argv=None):
     guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
     torch.manual_seed(args.seed)                         # used only by a randomly initialised --benchmark model
     try:
-        if args.decode:
-            return decode_file(args, device)
         check_args(args)
         model, args.latent_scale = build_model(args, device)
         vae = load_vae(args.vae, device) if args.vae and model.cfg.in_channels == 4 else None
@@ -426,7 +386,6 @@ def main(argv=None):
     net = torch.compile(model, dynamic=False) if args.compile else model
     if args.benchmark:
         return benchmark(model, net, args, device)
-
     cfg, passes = model.cfg, trajectory_passes(args.sampler, args.steps, **guidance)
     flops, cfg_flops = (trajectory_flops(model, args.sampler, args.steps, **{**guidance, "pdg": pdg})
                         for pdg in (args.pdg, False))
@@ -446,9 +405,12 @@ def main(argv=None):
         log(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
             f"{n * flops / secs / 1e12:.3g} forward TFLOP/s; wrote {path}")
     if path.endswith(".latents.npz"):                    # never silently: say what was saved and how to decode it
-        log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE:\n"
-            f"  pip install diffusers && python sample.py --decode {path} --vae stabilityai/sd-vae-ft-ema "
-            f"--out {args.out}")
+        log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE "
+            f"(pip install diffusers), in Python from sample.py's folder:\n  import numpy as np, torch, sample\n"
+            f"  d, vae = np.load({os.path.abspath(path)!r}), sample.load_vae('stabilityai/sd-vae-ft-ema', '{device}')\n"
+            f"  z = torch.from_numpy(d['latents']).split({args.batch_size})    # already divided by the latent scale\n"
+            f"  x = np.concatenate([sample.finish(b.to('{device}'), vae, 1.0)['arr_0'] for b in z])\n"
+            f"  sample.write_output({os.path.abspath(args.out)!r}, {{'arr_0': x, 'arr_1': d['arr_1']}})")
     if world > 1:
         dist.destroy_process_group()
 
@@ -478,7 +440,6 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--vae", help="diffusers AutoencoderKL (folder or hub id) for latent models; without: save latents")
     p.add_argument("--latent-scale", type=float, help=f"default: the checkpoint's, else {LATENT_SCALE}")
-    p.add_argument("--decode", metavar="LATENTS.npz", help="only decode the latents of an earlier run (--vae, --out)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--benchmark", action="store_true", help="time one guided step instead (no checkpoint needed)")

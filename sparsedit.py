@@ -258,8 +258,9 @@ class SparseDiT(SiT):
     def flops(self, drop=0.0, path_drop=False, t=None):
         """Forward FLOPs per image (2 per multiply-add) at time t (float), or the mean over times t (1-D);
         t=None: the mean over 1000 uniform times, i.e. over a whole sampling trajectory. drop/path_drop: none here."""
-        t = torch.linspace(0, 1, 1000) if t is None else torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-        sides, counts = torch.unique(density_schedule(t.cpu(), self.min_side, self.max_side), return_counts=True)
+        cpu = torch.device("cpu")                                          # also for a model built on "meta"
+        t = torch.linspace(0, 1, 1000, device=cpu) if t is None else torch.as_tensor(t, device=cpu).float().reshape(-1)
+        sides, counts = torch.unique(density_schedule(t, self.min_side, self.max_side), return_counts=True)
         return 2 * sum(c * self.macs(s) for s, c in zip(sides.tolist(), counts.tolist())) / len(t)
 
     #### Initialisation from a dense DiT ####

@@ -139,12 +139,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-def grid_positions(side, device=None):
-    """(side*side, 2) float (row, col) coordinates of a row-major token grid."""
-    r = torch.arange(side, device=device, dtype=torch.float32)
-    return torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2)
-
-
 def rope(pos, head_dim, theta=10000.0):
     """2D RoPE angles for positions pos (..., 2) -> (cos, sin), each (..., 1, n, head_dim/2).
 
@@ -271,7 +265,8 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         self.final_layer = FinalLayer(D, p, C)
-        self.register_buffer("pos", grid_positions(cfg.grid), persistent=False)   # (N, 2)
+        r = torch.arange(cfg.grid, dtype=torch.float32)                 # (row, col) of each token, row-major
+        self.register_buffer("pos", torch.cartesian_prod(r, r), persistent=False)   # (N, 2)
 
     def initialize_weights(self):
         """DiT's init: xavier linears, N(0, .02) label table and timestep MLP, zero adaLN and final layer."""

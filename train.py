@@ -19,7 +19,6 @@ with x and y (uint8 images N x H x W x C, or float latents N x C x H x W such as
 """
 import argparse
 import copy
-import functools
 import glob
 import hashlib
 import json
@@ -77,13 +76,6 @@ def embedded_dataset(size=16, n=4000, seed=0):
     return (255 * np.where(mask, fg[:, None, None], bg[:, None, None])).round().astype(np.uint8), y
 
 
-def array_data(x, y):
-    """uint8 pixels (N, H, W[, C]) or float latents (N, C, H, W) in memory -> (dataset, number of classes)."""
-    x = torch.from_numpy(x[..., None] if x.ndim == 3 else x)
-    x = x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x          # (N, C, H, W); data[indices] is a batch
-    return TensorDataset(x, torch.from_numpy(y).long()), int(y.max()) + 1
-
-
 def center_crop_arr(img, size):
     """ADM's preprocessing (DiT's too): halve with a box filter while large, resize bicubic, crop the centre."""
     while min(img.size) >= 2 * size:
@@ -127,27 +119,30 @@ class ImageFolder:
 def load_data(args):
     """(dataset, number of classes) for --data, an image folder or an .npz (checked), or the embedded toy data."""
     if args.data is None:
-        return array_data(*embedded_dataset(args.image_size))
-    if not os.path.exists(args.data):
+        x, y = embedded_dataset(args.image_size)
+    elif not os.path.exists(args.data):
         raise ValueError(f"--data {args.data}: no such file or folder")
-    if os.path.isdir(args.data):
+    elif os.path.isdir(args.data):
         folder = ImageFolder(args.data, args.image_size or 64, upscale=not args.no_upscale)
         return folder, folder.num_classes
-    try:
-        with np.load(args.data) as f:
-            if not {"x", "y"} <= set(f.files):
-                raise ValueError(f"--data {args.data}: needs arrays 'x' and 'y' (found: {', '.join(f.files)})")
-            x, y = f["x"], f["y"]
-    except (OSError, EOFError) as e:
-        raise ValueError(f"--data {args.data}: neither an image folder nor a readable .npz ({e})") from None
-    if not len(x) or len(x) != len(y) or x.ndim not in (3, 4) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ValueError(f"--data {args.data}: x must hold N > 0 images, y their N labels (integers >= 0); got "
-                         f"x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
-    side = x.shape[1] if x.dtype == np.uint8 else x.shape[2]
-    if args.image_size and args.image_size != side:
-        raise ValueError(f"--image-size {args.image_size}: {args.data} holds {side}x{side} inputs; leave "
-                         f"--image-size out or resize them in the file")
-    return array_data(x, y)
+    else:
+        try:
+            with np.load(args.data) as f:
+                if not {"x", "y"} <= set(f.files):
+                    raise ValueError(f"--data {args.data}: needs arrays 'x' and 'y' (found: {', '.join(f.files)})")
+                x, y = f["x"], f["y"]
+        except (OSError, EOFError) as e:
+            raise ValueError(f"--data {args.data}: neither an image folder nor a readable .npz ({e})") from None
+        if not (len(x) == len(y) > 0 and x.ndim in (3, 4) and np.issubdtype(y.dtype, np.integer)) or y.min() < 0:
+            raise ValueError(f"--data {args.data}: x must hold N > 0 images, y their N labels (integers >= 0); got "
+                             f"x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
+        side = x.shape[1] if x.dtype == np.uint8 else x.shape[2]
+        if args.image_size and args.image_size != side:
+            raise ValueError(f"--image-size {args.image_size}: {args.data} holds {side}x{side} inputs; leave "
+                             f"--image-size out or resize them in the file")
+    x = torch.from_numpy(x[..., None] if x.ndim == 3 else x)    # uint8 pixels (N, H, W[, C]) or latents (N, C, H, W)
+    x = x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x          # (N, C, H, W); data[indices] is a batch
+    return TensorDataset(x, torch.from_numpy(y).long()), int(y.max()) + 1
 
 
 def split(n):
@@ -169,7 +164,7 @@ def epoch_batches(indices, global_batch, rank, world, seed, epoch=0, batch=0):
 
 
 #################################################################################
-#                 Flow matching, the training step, evaluation                  #
+#              Flow matching, the training step, evaluation, speed              #
 #################################################################################
 
 def velocity_loss(model, x, y, t, eps, **kwargs):
@@ -222,20 +217,6 @@ def held_out_loss(model, x, y, precision, drop=0.0, mask_type="structured", batc
     return total.item() / (grid * len(x))
 
 
-@torch.no_grad()
-def sample_grid(ema, z, y, path, pixels, precision):
-    """EMA samples from fixed noise and classes, a column per class. Latents: channels 0-2 (no VAE here)."""
-    with autocast(z.device, precision):
-        x = sample(ema, z, y, **GRID)
-    if not pixels:
-        x = (x[:, :3] / (2 * x.std())).clamp(-1, 1)
-    save_grid(x, path, nrow=len(y) // 4)
-
-
-#################################################################################
-#                     Speed: timing, matmul peak, benchmark                     #
-#################################################################################
-
 def matmul_peak(device):
     """Measured matmul FLOP/s, the MFU reference: bf16 8192^3 on CUDA, fp32 1024^3 on CPU (measured, not a spec)."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
@@ -245,13 +226,12 @@ def matmul_peak(device):
 
 def benchmark(args, device):
     """Timed training steps on synthetic latents already on the device (SD-VAE shape, 1000 classes): one row."""
-    raw = create_model(model_config(args, 4, 1000, (args.image_size or 256) // 8)).to(device)
-    ema, opt = copy.deepcopy(raw).requires_grad_(False), make_optimizer(raw, args.lr, device)
-    drop, B, S = sparse_path_defaults(raw, args, device), args.global_batch_size, raw.cfg.input_size
+    raw, ema, opt, drop = build_model(args, device, 4, 1000, (args.image_size or 256) // 8)
+    B, S = args.global_batch_size, raw.cfg.input_size
     x, y = torch.randn(B, 4, S, S, device=device), torch.randint(0, 1000, (B,), device=device)
     model = torch.compile(raw) if args.compile else raw
-    step = functools.partial(train_step, model, raw, ema, opt, x, y, drop, args.precision, 0.9999)
-    ms = time_ms(step, device, reps=args.benchmark_steps, warmup=3)     # median; compilation in the warm-up
+    ms = time_ms(lambda: train_step(model, raw, ema, opt, x, y, drop, args.precision, 0.9999), device,
+                 reps=args.benchmark_steps, warmup=3)                   # median; compilation in the warm-up
     tflops, peak = 3 * raw.flops(drop=args.drop) * B / ms / 1e9, matmul_peak(device) / 1e12   # step = 3 forwards
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
     print(f"| model | drop | batch | compile | ms/step | img/s | TFLOP/s | MFU (measured "
@@ -264,22 +244,24 @@ def benchmark(args, device):
 #                       Model, optimizer, checkpoints, logs                     #
 #################################################################################
 
-def model_config(args, in_channels, num_classes, input_size):
-    """The ModelConfig for these flags and this data; SparseDiT's settings go into `extra` only when given."""
-    extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k) is not None}
-    return ModelConfig(args.model, args.size, args.patch_size, input_size, in_channels, num_classes,
-                       args.hidden_size or 0, args.num_heads or 0, tuple(args.depths or ()), extra=extra)
-
-
-def sparse_path_defaults(raw, args, device):
-    """Fill in --drop/--path-drop (SPRINT's 0.75/0.1 if the model has a sparse path, else 0) and check that the
-    model can realise them (--drop 0.3 has no structured pattern) -> training_kwargs' arguments."""
-    defaults = SPARSE if raw.has_sparse_path else dict(drop=0.0, path_drop=0.0)
-    for key in defaults:
-        setattr(args, key, defaults[key] if getattr(args, key) is None else getattr(args, key))
+def build_model(args, device, in_channels, num_classes, input_size, init=None):
+    """(model, its EMA, AdamW, training_kwargs' arguments) for these flags and data, from --init's weights if given."""
+    extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k) is not None}   # SparseDiT's
+    cfg = ModelConfig(args.model, args.size, args.patch_size, input_size, in_channels, num_classes,
+                      args.hidden_size or 0, args.num_heads or 0, tuple(args.depths or ()), extra=extra)
+    raw = create_model(cfg).to(device)
+    for key, value in (SPARSE if raw.has_sparse_path else dict(drop=0.0, path_drop=0.0)).items():   # flags left out
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     drop = dict(drop=args.drop, mask_type=args.mask_type, path_drop=args.path_drop)
-    raw.training_kwargs(2, **drop, device=device)                      # raises a ValueError naming the flag
-    return drop
+    raw.training_kwargs(2, **drop, device=device)      # raises a ValueError naming the flag (--drop 0.3: no pattern)
+    if init:
+        if not os.path.isfile(init):
+            raise ValueError(f"--init {init}: no such file")
+        try:
+            raw.init_from(init, ema=True)
+        except ValueError as e:                                         # name the flag, once
+            raise ValueError(str(e) if str(e).startswith("--init") else f"--init {e}") from None
+    return raw, copy.deepcopy(raw).requires_grad_(False), make_optimizer(raw, args.lr, device), drop
 
 
 def make_optimizer(model, lr, device):
@@ -287,12 +269,15 @@ def make_optimizer(model, lr, device):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda")
 
 
-def create_run_dir(results_dir, name):
-    """results/NNN-name with the next free number; never an existing folder, even with runs starting at once."""
-    os.makedirs(results_dir, exist_ok=True)
+def run_folder(args, resumed=None):
+    """A resumed checkpoint's run folder, else results/NNN-model-size-patch: never an existing one, even in a race."""
+    if resumed and os.path.basename(os.path.dirname(resumed)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(resumed))
+    os.makedirs(args.results_dir, exist_ok=True)
     while True:
-        taken = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
-        path = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
+        taken = [int(d.split("-")[0]) for d in os.listdir(args.results_dir) if d.split("-")[0].isdigit()]
+        name = f"{max(taken, default=-1) + 1:03d}-{args.model}-{args.size}-{args.patch_size}"
+        path = os.path.join(args.results_dir, name)
         try:
             os.makedirs(os.path.join(path, "checkpoints"))              # fails if another run took the number
         except FileExistsError:
@@ -301,12 +286,19 @@ def create_run_dir(results_dir, name):
         return path
 
 
-def latest_checkpoint(path):
-    """--resume takes a checkpoint or a run folder (then its newest complete checkpoint)."""
+def resume(path, raw, ema, opt):
+    """Load a checkpoint's whole state (or a run folder's newest) -> (its path, step, data position, RNG states)."""
     found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))) if os.path.isdir(path) else [path]
     if not found or not os.path.isfile(found[-1]):
         raise ValueError(f"--resume {path}: no such checkpoint, nor a run folder with checkpoints")
-    return found[-1]
+    ckpt = read_checkpoint(found[-1])
+    try:
+        load_weights(raw, found[-1], ema=False, ckpt=ckpt)
+        load_weights(ema, found[-1], ema=True, ckpt=ckpt)
+    except ValueError as e:
+        raise ValueError(f"--resume {e}") from None
+    opt.load_state_dict(ckpt["opt"])
+    return found[-1], ckpt["step"], ckpt["data"], ckpt["rng"]
 
 
 def weights_digest(*models):
@@ -358,30 +350,10 @@ def main(args):
 
     # Model: the same initial weights on every rank, then --init weights or a whole --resume state
     torch.manual_seed(args.seed)
-    cfg = model_config(args, channels, num_classes, side)
-    raw = create_model(cfg).to(device)
-    drop = sparse_path_defaults(raw, args, device)
-    if args.init:
-        if not os.path.isfile(args.init):
-            raise ValueError(f"--init {args.init}: no such file")
-        try:
-            raw.init_from(args.init, ema=True)
-        except ValueError as e:                                         # name the flag, once
-            raise ValueError(str(e) if str(e).startswith("--init") else f"--init {e}") from None
-    ema = copy.deepcopy(raw).requires_grad_(False)
-    opt = make_optimizer(raw, args.lr, device)
-    start, position, rngs, last_ckpt = 0, {"epoch": 0, "batch": 0}, None, None
+    raw, ema, opt, drop = build_model(args, device, channels, num_classes, side, init=args.init)
+    last_ckpt, start, position, rngs = None, 0, {"epoch": 0, "batch": 0}, None
     if args.resume:
-        last_ckpt = latest_checkpoint(args.resume)
-        ckpt = read_checkpoint(last_ckpt)
-        try:
-            load_weights(raw, last_ckpt, ema=False, ckpt=ckpt)
-            load_weights(ema, last_ckpt, ema=True, ckpt=ckpt)
-        except ValueError as e:
-            raise ValueError(f"--resume {e}") from None
-        opt.load_state_dict(ckpt["opt"])
-        start, position, rngs = ckpt["step"], ckpt["data"], ckpt["rng"]
-        del ckpt
+        last_ckpt, start, position, rngs = resume(args.resume, raw, ema, opt)
     model = torch.compile(raw) if args.compile else raw
     if world > 1:                      # buffers (RoPE grid, mask token) are equal by construction: no broadcasts
         model = DDP(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
@@ -392,23 +364,19 @@ def main(args):
     loader = iter(DataLoader(data, sampler=epoch_batches(train_idx, G, rank, world, args.seed, **position),
                              batch_size=None, num_workers=workers, pin_memory=cuda, generator=torch.Generator()))
     eval_x, eval_y = to_device(*data[eval_idx]) if rank == 0 and len(eval_idx) else (None, None)
-    grid_y = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().long().repeat(4).to(device)
-    grid_z = torch.randn(len(grid_y), cfg.in_channels, cfg.input_size, cfg.input_size,
-                         generator=torch.Generator().manual_seed(args.seed)).to(device)
+    grid_y = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long().repeat(4).to(device)
+    grid_z = torch.randn(len(grid_y), channels, side, side, generator=torch.Generator().manual_seed(args.seed))
+    grid_z = grid_z.to(device)
+    run_dir = run_folder(args, last_ckpt) if rank == 0 else None       # rank 0 alone writes
 
     # Noise, t, drop patterns and flips differ across ranks; a resumed run continues every rank's own stream
     torch.manual_seed(args.seed * world + rank)
-    if rngs is not None and len(rngs) == world:
+    if rngs is not None and len(rngs) != world:
+        log(run_dir, f"warning: saved by {len(rngs)} processes, resumed on {world}: not the saved noise stream")
+    elif rngs is not None:
         torch.set_rng_state(rngs[rank]["cpu"])
         if cuda and rngs[rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
-    run_dir = None
-    if rank == 0:
-        in_run = last_ckpt and os.path.basename(os.path.dirname(last_ckpt)) == "checkpoints"
-        run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if in_run else \
-            create_run_dir(args.results_dir, f"{args.model}-{args.size}-{args.patch_size}")
-    if rngs is not None and len(rngs) != world:
-        log(run_dir, f"warning: saved by {len(rngs)} processes, resumed on {world}: not the saved noise stream")
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M parameters, "
         f"{raw.flops() / 1e9:.3g} GFLOPs/image, {raw.flops(drop=args.drop) / 1e9:.3g} at drop {args.drop}; "
         f"{args.data or 'embedded toy data'}: {len(train_idx)} + {len(eval_idx)} held out, {channels}x"
@@ -456,11 +424,9 @@ def main(args):
         vals = buf[:n].clone()
         if world > 1:
             dist.all_reduce(vals)
-            vals /= world
-        vals, n = vals.cpu(), 0
-        bad = (~vals.isfinite()).any(1).nonzero()
-        if len(bad):
-            i = bad[0, 0].item()
+        vals, n = vals.cpu() / world, 0
+        if not vals.isfinite().all():
+            i = (~vals.isfinite().all(1)).nonzero()[0, 0].item()             # the first bad step of the interval
             raise FloatingPointError(f"step {done - len(vals) + i + 1}: non-finite loss {vals[i, 0].item()} (grad norm "
                                      f"{vals[i, 1].item()}); stopped, the last checkpoint is {last_ckpt or 'none'}")
         img_s = len(vals) * G / (time.perf_counter() - t0)
@@ -473,8 +439,11 @@ def main(args):
             grad_norm=vals[:, 1].mean().item(), **figures)
         if eval_now:
             evaluate(done)
-        if sample_now and rank == 0:
-            sample_grid(ema, grid_z, grid_y, f"{run_dir}/samples/{done:07d}.png", pixels, args.precision)
+        if sample_now and rank == 0:                   # EMA samples from fixed noise and classes, a column per class
+            with autocast(device, args.precision):
+                imgs = sample(ema, grid_z, grid_y, **GRID)
+            imgs = imgs if pixels else (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1)   # latents: channels 0-2, no VAE
+            save_grid(imgs, f"{run_dir}/samples/{done:07d}.png", nrow=len(grid_y) // 4)
         if ckpt_now:                     # every rank's RNG state, and a check that DDP kept the ranks equal
             rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
             states = [(rng, weights_digest(raw, ema))] * world
@@ -487,7 +456,7 @@ def main(args):
                     raise RuntimeError(f"step {done}: the weights differ across ranks ({digests})")
                 epoch, batch = divmod(position["epoch"] * per_epoch + position["batch"] + done - start, per_epoch)
                 torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                            "config": asdict(cfg), "args": vars(args), "step": done, "rng": rngs,
+                            "config": asdict(raw.cfg), "args": vars(args), "step": done, "rng": rngs,
                             "data": {"epoch": epoch, "batch": batch}}, last_ckpt + ".tmp")
                 os.replace(last_ckpt + ".tmp", last_ckpt)    # atomic: a kill at any moment leaves every file whole
                 log(run_dir, step=done, checkpoint=last_ckpt, rank_weights=digests)
