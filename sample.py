@@ -243,18 +243,18 @@ def save_grid(x, path, nrow=None):
     Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(path)
 
 
-def write_output(path, arrays):
+def write_output(path, arrays, nrow=None):
     """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of arr_0."""
     if path.endswith(".npz"):
         np.savez(path, **arrays)
     else:
-        save_grid(arrays["arr_0"], path)
+        save_grid(arrays["arr_0"], path, nrow)
 
 
-def merge_shards(parts, num_batches, path):
-    """Concatenate the shards in order into `path` (.npz or grid image), then remove the shard folder."""
+def merge_shards(parts, num_batches, path, nrow=None):
+    """Concatenate the shards in order into `path` (.npz or grid image, nrow per row), then remove the shards."""
     shards = [np.load(shard_path(parts, k)) for k in range(num_batches)]
-    write_output(path, {key: np.concatenate([s[key] for s in shards]) for key in shards[0].files})
+    write_output(path, {key: np.concatenate([s[key] for s in shards]) for key in shards[0].files}, nrow)
     shutil.rmtree(parts)
 
 
@@ -400,7 +400,7 @@ def main(argv=None):
     if world > 1:
         dist.all_reduce(count)                           # also waits for every rank's shards before the merge
     if rank == 0:
-        merge_shards(parts, math.ceil(args.num_samples / args.batch_size), path)
+        merge_shards(parts, math.ceil(args.num_samples / args.batch_size), path, len(args.classes or []) or None)
         secs, n = time.perf_counter() - start, int(count)
         log(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
             f"{n * flops / secs / 1e12:.3g} forward TFLOP/s; wrote {path}")
