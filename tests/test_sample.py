@@ -250,7 +250,7 @@ def test_grid_from_the_newest_checkpoint_in_results(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert new in out and "model passes" in out and "TFLOPs" in out and "img/s" in out and "PDG saves" in out
     png = tmp_path / "samples/001-sprint-B-2-0000050-sde3-pdg4-seed0.png"
-    assert Image.open(png).size == (3 * 10 + 2, 2 * 10 + 2)         # 6 images of 8 px, 3 per row, 2 px borders
+    assert Image.open(png).size == (6 * 10 + 2, 10 + 2)             # a column per --classes entry, 2 px borders
     with pytest.raises(SystemExit, match="exists: pass --overwrite"):
         run("--pdg", "--steps", 3, "--classes", 0, 1, 2, 3, 0, 1, "--batch-size", 4)
     run("--pdg", "--steps", 3, "--classes", 0, 1, "--overwrite")
