@@ -20,15 +20,14 @@ Mixed timesteps in one batch are exact and sync-free: every sample is pooled to 
 side of the schedule, and padded sparse tokens are masked out as keys and never upsampled (see `sparse_grid`).
 Trained by fine-tuning a dense DiT of the same size (`init_from`). References: DiT (Peebles & Xie, 2023), SiT.
 """
-import re
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sprint import (Attention, Block, ModelConfig, SiT, block_macs, load_weights, modulate, read_checkpoint,
-                    rope)
+from sprint import (Attention, Block, ModelConfig, SiT, block_macs, checkpoint_weights, load_weights, modulate,
+                    read_checkpoint, rope)
 
 
 #################################################################################
@@ -302,9 +301,8 @@ class SparseDiT(SiT):
             raise ValueError(f"--init {path}: this DiT-{dit.size}/{dit.patch_size} cannot initialise SparseDiT-"
                              f"{cfg.size}/{cfg.patch_size} (DiT vs SparseDiT: {', '.join(differ)}); use a DiT of "
                              f"the same --size, --patch-size, --image-size and --num-classes")
-        weights = ckpt["ema" if ema and "ema" in ckpt else "model"]
-        weights = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in weights.items()}
-        return load_weights(self, path, ema=False, ckpt={"model": self.from_dit(weights)})
+        dense = self.from_dit(checkpoint_weights(ckpt, ema))
+        return load_weights(self, path, ema=False, ckpt={"model": dense})
 
 
 def paper_gflops(model, t=None):

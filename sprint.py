@@ -16,6 +16,7 @@ SiT (Ma et al., 2024), the official code snap-research/Sprint.
 """
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -413,21 +414,20 @@ class SPRINT(SiT):
         cos_sin = rope(self.pos, self.head_dim)
         for block in self.encoder:
             h = block(h, c, cos_sin)                                       # h_f: (B, N, D)
-        g = self.deep_path(h, c, ids_keep, path_drop)                      # (B, N, D)
+        g = self.deep_path(h, c, cos_sin, ids_keep, path_drop)             # (B, N, D)
         h = self.fuse(torch.cat([g, h], dim=-1))                           # (B, N, 2D) -> (B, N, D)
         for block in self.decoder:
             h = block(h, c, cos_sin)
         return self.unembed(h, c)
 
-    def deep_path(self, h, c, ids_keep=None, path_drop=None):
+    def deep_path(self, h, c, cos_sin, ids_keep=None, path_drop=None):
         """The middle blocks on the kept tokens, scattered back to the grid with mask tokens elsewhere."""
         B, N, D = h.shape
         mask = self.mask_token.to(h.dtype).expand(B, N, D)
         if path_drop is True:                                              # g does no work at all
             return mask
-        if ids_keep is None:
-            g, cos_sin = h, rope(self.pos, self.head_dim)
-        else:
+        g = h
+        if ids_keep is not None:
             index = ids_keep.unsqueeze(-1).expand(-1, -1, D)               # (B, M, D)
             g = h.gather(1, index)                                         # (B, M, D)
             cos_sin = rope(self.pos[ids_keep], self.head_dim)              # kept tokens keep their positions
@@ -499,16 +499,20 @@ def read_checkpoint(path):
     raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
 
 
-def load_weights(model, path, ema=True, ckpt=None):
-    """Load our checkpoints (EMA weights if asked and present) or official SPRINT ones, checked key by key."""
-    ckpt = ckpt or read_checkpoint(path)
+def checkpoint_weights(ckpt, ema=True):
+    """The EMA (if asked and present) or raw weights of a read checkpoint, named as in our models."""
     sd = {}
     for name, tensor in ckpt["ema" if ema and "ema" in ckpt else "model"].items():
-        for prefix in ("module.", "_orig_mod."):                          # DDP / torch.compile wrappers
-            name = name.replace(prefix, "")
+        name = re.sub(r"^(module\.|_orig_mod\.)+", "", name)                 # DDP / torch.compile wrappers
         for official, ours in OFFICIAL_NAMES.items():
             name = name.replace(official, ours)
         sd[name] = tensor
+    return sd
+
+
+def load_weights(model, path, ema=True, ckpt=None):
+    """Load our checkpoints (EMA weights if asked and present) or official SPRINT ones, checked key by key."""
+    sd = checkpoint_weights(ckpt or read_checkpoint(path), ema)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
