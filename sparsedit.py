@@ -35,7 +35,8 @@ from sprint import (Attention, Block, ModelConfig, SiT, block_macs, checkpoint_w
 #################################################################################
 
 # total depth: [Poolingformers, SDTMs, sparse blocks per SDTM, dense top blocks]; P + S * (K + 3) + T = depth
-LAYOUTS = {12: (1, 2, 2, 1), 24: (2, 4, 2, 2), 28: (2, 4, 3, 2)}
+# depth 4 is train.py's embedded-data toy model: one SDTM, which the paper finds collapses at scale
+LAYOUTS = {4: (1, 1, 0, 0), 12: (1, 2, 2, 1), 24: (2, 4, 2, 2), 28: (2, 4, 3, 2)}
 DENSITY = (6, 10)        # sparse grid sides for a 16 x 16 token grid (256 px, patch 2), scaled for other grids
 SPARSEST_FROM = 0.75       # t in [0.75, 1] (the first quarter of sampling) uses the smallest grid
 
