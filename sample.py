@@ -35,6 +35,11 @@ from sprint import ModelConfig, create_model, load_model, read_checkpoint
 #           Guided velocity (CFG and path-drop guidance) and samplers           #
 #################################################################################
 
+def guided(t, cfg_scale, interval):
+    """Whether the step at time t is guided: a scale other than 1 and t inside the guidance interval."""
+    return cfg_scale != 1.0 and interval[0] <= t <= interval[1]
+
+
 def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,), guided for t in `interval`.
 
@@ -43,7 +48,7 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
     """
     tt = torch.full((x.shape[0],), t, device=x.device)
     kw = model.sampling_kwargs(t)                                         # SparseDiT: this t's grid side
-    if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
+    if not guided(t, cfg_scale, interval):
         return model(x, tt, y, **kw)
     null = torch.full_like(y, model.cfg.num_classes)
     if pdg:
@@ -55,9 +60,7 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
 
 def guided_passes(t, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     """The forward passes one step costs per image: [(t, path_drop), ...] (for FLOPs accounting)."""
-    if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
-        return [(t, False)]
-    return [(t, False), (t, pdg)]
+    return [(t, False), (t, pdg)] if guided(t, cfg_scale, interval) else [(t, False)]
 
 
 def time_grid(sampler, steps):
