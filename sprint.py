@@ -29,8 +29,10 @@ import torch.nn.functional as F
 #                              Model configuration                              #
 #################################################################################
 
-# name: (hidden size D, attention heads, (encoder, middle, decoder) depths) -- the SiT/DiT sizes, SPRINT splits
+# name: (hidden size D, attention heads, (encoder, middle, decoder) depths) -- the SiT/DiT sizes, SPRINT splits;
+# mini is B's 2/8/2 split at hidden 128, sized for README's CPU miniature (16 px images, patch 2)
 SIZES = {
+    "mini": (128, 4, (2, 8, 2)),
     "S": (384, 6, (2, 8, 2)),
     "B": (768, 12, (2, 8, 2)),
     "L": (1024, 16, (2, 20, 2)),
@@ -42,7 +44,7 @@ SIZES = {
 class ModelConfig:
     """Everything needed to rebuild a model; stored in every checkpoint. Unset fields come from `size`."""
     model: str = "sprint"            # dit | sprint | sparsedit
-    size: str = "B"                  # S | B | L | XL
+    size: str = "B"                  # mini | S | B | L | XL
     patch_size: int = 2
     input_size: int = 32             # side of the (latent) image, e.g. 32 for 256 px SD-VAE latents
     in_channels: int = 4

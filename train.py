@@ -35,14 +35,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from sample import autocast, sample, save_grid, setup_distributed, time_ms
-from sprint import ModelConfig, create_model, load_weights, read_checkpoint
+from sprint import SIZES, ModelConfig, create_model, load_weights, read_checkpoint
 
 # Defaults of the flags left out. Real data: the paper's SiT-B/2 recipe. The embedded toy data: a small model and
 # schedule, so that a plain `python train.py` shows every part of the loop on a laptop CPU in a few minutes.
-PAPER = dict(size="B", global_batch_size=256, lr=1e-4, ema=0.9999, steps=400_000, ft_lr=2e-4, ft_warmup=5000,
-             ft_ema=0.9999, log_every=50, ckpt_every=50_000, sample_every=10_000, eval_every=5_000)
-TOY = dict(size="S", image_size=16, hidden_size=96, num_heads=4, depths=[1, 2, 1], lr=1e-3, ema=0.995, ft_ema=0.995,
-           global_batch_size=32, steps=2000, ft_lr=1e-3, ft_warmup=100, log_every=25, ckpt_every=500,
+PAPER = dict(size="B", global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000, ft_lr=2e-4, ft_warmup=5000,
+             ft_ema_decay=0.9999, log_every=50, ckpt_every=50_000, sample_every=10_000, eval_every=5_000)
+TOY = dict(size="S", image_size=16, hidden_size=96, num_heads=4, depths=[1, 2, 1], lr=1e-3, ema_decay=0.995,
+           ft_ema_decay=0.995, global_batch_size=32, steps=2000, ft_lr=1e-3, ft_warmup=100, log_every=25, ckpt_every=500,
            sample_every=250, eval_every=250)
 SPARSE = dict(drop=0.75, path_drop=0.1)     # SPRINT's defaults; a model without a sparse path trains at 0 and 0
 LABEL_DROP = 0.1                            # labels -> the null label, for classifier-free guidance
@@ -137,9 +137,11 @@ def load_data(args):
             raise ValueError(f"--data {args.data}: x must hold N > 0 images, y their N labels (integers >= 0); got "
                              f"x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
         side = x.shape[1] if x.dtype == np.uint8 else x.shape[2]
-        if args.image_size and args.image_size != side:
-            raise ValueError(f"--image-size {args.image_size}: {args.data} holds {side}x{side} inputs; leave "
-                             f"--image-size out or resize them in the file")
+        if args.image_size and args.image_size != side and x.dtype != np.uint8:
+            raise ValueError(f"--image-size {args.image_size}: {args.data} holds {side}x{side} latents, which cannot "
+                             f"be resized; leave --image-size out")
+        if args.image_size and args.image_size != side:                 # pixels: ADM's antialiased resize and crop
+            x = np.stack([center_crop_arr(Image.fromarray(img), args.image_size) for img in x])
     x = torch.from_numpy(x[..., None] if x.ndim == 3 else x)    # uint8 pixels (N, H, W[, C]) or latents (N, C, H, W)
     x = x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x          # (N, C, H, W); data[indices] is a batch
     return TensorDataset(x, torch.from_numpy(y).long()), int(y.max()) + 1
@@ -196,7 +198,7 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def ema_decay(target, s, warmup):
+def ema_decay_at(target, s, warmup):
     """EMA decay at step s of a stage: at most 0.999 during the lr warm-up (the official fine-tuning schedule),
     then the target (0.9999; the embedded toy data's short run uses 0.995)."""
     return min(target, 0.999) if s < warmup else target
@@ -287,7 +289,8 @@ def run_folder(args, resumed=None):
 
 
 def resume(path, raw, ema, opt):
-    """Load a checkpoint's whole state (or a run folder's newest) -> (its path, step, data position, RNG states)."""
+    """Load a checkpoint's whole state (or a run folder's newest) -> (its path, step, data position, RNG states,
+    training seconds so far)."""
     found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))) if os.path.isdir(path) else [path]
     if not found or not os.path.isfile(found[-1]):
         raise ValueError(f"--resume {path}: no such checkpoint, nor a run folder with checkpoints")
@@ -298,7 +301,7 @@ def resume(path, raw, ema, opt):
     except ValueError as e:
         raise ValueError(f"--resume {e}") from None
     opt.load_state_dict(ckpt["opt"])
-    return found[-1], ckpt["step"], ckpt["data"], ckpt["rng"]
+    return found[-1], ckpt["step"], ckpt["data"], ckpt["rng"], ckpt.get("train_s", 0.0)
 
 
 def weights_digest(*models):
@@ -351,9 +354,9 @@ def main(args):
     # Model: the same initial weights on every rank, then --init weights or a whole --resume state
     torch.manual_seed(args.seed)
     raw, ema, opt, drop = build_model(args, device, channels, num_classes, side, init=args.init)
-    last_ckpt, start, position, rngs = None, 0, {"epoch": 0, "batch": 0}, None
+    last_ckpt, start, position, rngs, train_s = None, 0, {"epoch": 0, "batch": 0}, None, 0.0
     if args.resume:
-        last_ckpt, start, position, rngs = resume(args.resume, raw, ema, opt)
+        last_ckpt, start, position, rngs, train_s = resume(args.resume, raw, ema, opt)
     model = torch.compile(raw) if args.compile else raw
     if world > 1:                      # buffers (RoPE grid, mask token) are equal by construction: no broadcasts
         model = DDP(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
@@ -389,11 +392,11 @@ def main(args):
             if args.drop:
                 losses["eval_loss_drop"] = held_out_loss(raw, eval_x, eval_y, args.precision, args.drop, args.mask_type)
             log(run_dir, f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
-                step=step, **losses)
+                step=step, train_s=train_s, **losses)
 
     # Stage 1 at --drop, stage 2 at 0% drop: (first step, drop, lr, lr warm-up, EMA target)
-    stages = [(0, drop, args.lr, args.warmup, args.ema),
-              (args.steps, dict(drop, drop=0.0), args.ft_lr, args.ft_warmup, args.ft_ema)]
+    stages = [(0, drop, args.lr, args.warmup, args.ema_decay),
+              (args.steps, dict(drop, drop=0.0), args.ft_lr, args.ft_warmup, args.ft_ema_decay)]
     total, peak = args.steps + args.finetune_steps, matmul_peak(device) if cuda else None
     buf, n = torch.zeros(args.log_every, 2, device=device), 0    # per-step (loss, grad norm), read at log time
     pbar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
@@ -411,7 +414,7 @@ def main(args):
         if pixels:                                                       # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
         buf[n] = torch.stack(train_step(model, raw, ema, opt, x, y, stage_drop, args.precision,
-                                        ema_decay(ema_target, step - begin, warmup)))
+                                        ema_decay_at(ema_target, step - begin, warmup)))
         n, done = n + 1, step + 1
         pbar.update()
         ckpt_now = done % args.ckpt_every == 0 or done in (args.steps, total)
@@ -429,13 +432,15 @@ def main(args):
             i = (~vals.isfinite().all(1)).nonzero()[0, 0].item()             # the first bad step of the interval
             raise FloatingPointError(f"step {done - len(vals) + i + 1}: non-finite loss {vals[i, 0].item()} (grad norm "
                                      f"{vals[i, 1].item()}); stopped, the last checkpoint is {last_ckpt or 'none'}")
-        img_s = len(vals) * G / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0                              # training only: evaluation, grids and
+        train_s += seconds                                               # checkpoints happen after t0 is read
+        img_s = len(vals) * G / seconds
         figures = {"loss": vals[:, 0].mean().item(), "img/s": img_s,    # TFLOP/s per device: a step is 3 forwards
                    "TFLOP/s": 3 * raw.flops(drop=stage_drop["drop"]) * img_s / world / 1e12}
         if peak:
             figures["MFU"] = figures["TFLOP/s"] * 1e12 / peak
         pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
-        log(run_dir, step=done, stage=1 + (step >= args.steps), lr=opt.param_groups[0]["lr"],
+        log(run_dir, step=done, stage=1 + (step >= args.steps), train_s=train_s, lr=opt.param_groups[0]["lr"],
             grad_norm=vals[:, 1].mean().item(), **figures)
         if eval_now:
             evaluate(done)
@@ -457,9 +462,9 @@ def main(args):
                 epoch, batch = divmod(position["epoch"] * per_epoch + position["batch"] + done - start, per_epoch)
                 torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                             "config": asdict(raw.cfg), "args": vars(args), "step": done, "rng": rngs,
-                            "data": {"epoch": epoch, "batch": batch}}, last_ckpt + ".tmp")
+                            "data": {"epoch": epoch, "batch": batch}, "train_s": train_s}, last_ckpt + ".tmp")
                 os.replace(last_ckpt + ".tmp", last_ckpt)    # atomic: a kill at any moment leaves every file whole
-                log(run_dir, step=done, checkpoint=last_ckpt, rank_weights=digests)
+                log(run_dir, step=done, train_s=train_s, checkpoint=last_ckpt, rank_weights=digests)
         t0 = time.perf_counter()
     pbar.close()
     log(run_dir, f"done: {total} steps, checkpoints in {run_dir}/checkpoints")
@@ -471,7 +476,8 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--model", choices=["dit", "sprint", "sparsedit"], default="sprint")
-    p.add_argument("--size", choices=["S", "B", "L", "XL"], help="default B (embedded data: S, narrowed)")
+    p.add_argument("--size", choices=list(SIZES), help="default B (embedded data: S, narrowed); mini: "
+                   "hidden 128, 2/8/2 blocks, for CPU experiments")
     p.add_argument("--patch-size", type=int, default=2)
     p.add_argument("--image-size", type=int, help="pixels (folders: 64, embedded: 16); an .npz has its own")
     p.add_argument("--hidden-size", type=int, help="for small experiments: overrides the size")
@@ -492,12 +498,12 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, help="default 256, split evenly across processes")
     p.add_argument("--lr", type=float, help="default 1e-4")
     p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
-    p.add_argument("--ema", type=float, help="EMA decay (default 0.9999; embedded data: 0.995)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999; embedded data: 0.995)")
     p.add_argument("--steps", type=int, help="stage-1 steps (default 400000)")
     p.add_argument("--finetune-steps", type=int, default=0, help="stage-2 steps at 0%% drop after stage 1")
     p.add_argument("--ft-lr", type=float, help="stage-2 lr (default 2e-4)")
     p.add_argument("--ft-warmup", type=int, help="stage-2 lr warm-up (default 5000), EMA 0.999 during it")
-    p.add_argument("--ft-ema", type=float, help="stage-2 EMA decay after its warm-up (default 0.9999)")
+    p.add_argument("--ft-ema-decay", type=float, help="stage-2 EMA decay after its warm-up (default 0.9999)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", help="start from this checkpoint's EMA weights, fresh optimizer (e.g. stage 2)")
     start.add_argument("--resume", help="continue a run exactly, its flags repeated (a run folder: newest checkpoint)")

@@ -77,7 +77,7 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model):
     assert ("eval_loss_drop" in evals[0]) == (model == "sprint")        # the train-inference gap, SPRINT only
     assert (run_dir / "samples" / "0000040.png").is_file()
     ckpt = torch.load(run_dir / "checkpoints" / "0000040.pt", weights_only=True)
-    assert set(ckpt) == {"model", "ema", "opt", "config", "args", "step", "rng", "data"}
+    assert set(ckpt) == {"model", "ema", "opt", "config", "args", "step", "rng", "data", "train_s"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     net = sprint.load_model(str(run_dir / "checkpoints" / "0000040.pt"))    # all that sample.py --ckpt needs
     assert (net.cfg.model, net.cfg.hidden_size, net.cfg.num_classes, net.cfg.input_size) == (model, 32, 10, 16)
