@@ -1,6 +1,11 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files, and the import path: any test file runs alone (pytest tests/test_X.py)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))           # the repository root: sprint, train, ...
 
 
 @pytest.fixture(scope="module")

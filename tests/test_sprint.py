@@ -145,12 +145,12 @@ def test_kept_tokens_order_does_not_matter():
 def test_path_dropped_output_ignores_middle_weights():
     model = randomize(tiny())
     x, t, y = inputs()
-    drop = torch.tensor([True, False, True, False])
+    drop, ids_keep = torch.tensor([True, False, True, False]), sample_ids_keep(4, 4, 0.75)   # one draw for both
     with torch.no_grad():
-        before = model(x, t, y, ids_keep=sample_ids_keep(4, 4, 0.75), path_drop=drop)
+        before = model(x, t, y, ids_keep=ids_keep, path_drop=drop)
         for p in model.middle.parameters():
             p.add_(torch.randn_like(p))
-        after = model(x, t, y, ids_keep=sample_ids_keep(4, 4, 0.75), path_drop=drop)
+        after = model(x, t, y, ids_keep=ids_keep, path_drop=drop)
     assert torch.equal(before[drop], after[drop])
     assert not torch.allclose(before[~drop], after[~drop])
 

@@ -266,3 +266,51 @@ def test_benchmark_prints_one_table_row(capsys):
     cells = dict(zip(header.strip("|").split("|"), row.strip("|").split("|")))
     assert float(cells[" ms/step "]) > 0 and float(cells[" img/s "]) > 0 and float(cells[" TFLOP/s "]) > 0
     assert cells[" drop "].strip() == "0.75" and "TFLOP/s" in cells[" MFU (measured fp32 matmul peak) "]
+
+
+#################################################################################
+#              The CPU miniature: one size flag, timed training                 #
+#################################################################################
+
+@pytest.mark.parametrize("model", ["dit", "sprint", "sparsedit"])
+def test_the_mini_size_is_one_flag_for_every_model(model):
+    cfg = train.parse_args(["--model", model, "--size", "mini"])
+    net = sprint.create_model(sprint.ModelConfig(cfg.model, cfg.size, 2, 16, 3, 9))
+    assert (net.cfg.hidden_size, net.cfg.num_heads, net.cfg.depths) == (128, 4, (2, 8, 2))   # B's split, narrowed
+    assert sum(isinstance(m, sprint.Block) for m in net.modules()) == 12      # SparseDiT: its 12 layers, 1,2,2,1
+    v = net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 8]))
+    assert v.shape == (2, 3, 16, 16)
+
+
+def test_log_records_training_seconds_without_evaluation_and_resume_continues_them(tmp_path, monkeypatch):
+    held_out = train.held_out_loss
+
+    def slow(*args, **kwargs):                                          # an evaluation that takes 0.3 s
+        time.sleep(0.3)
+        return held_out(*args, **kwargs)
+    monkeypatch.setattr(train, "held_out_loss", slow)
+    begin = time.perf_counter()
+    run_dir = run(tmp_path, "--steps", "4", "--eval-every", "1")       # 5 evaluations: >= 1.5 s of waiting
+    wall = time.perf_counter() - begin
+    recs = records(run_dir)
+    seconds = [rec["train_s"] for rec in recs]                          # on every record, never decreasing
+    assert seconds == sorted(seconds) and seconds[0] == 0 and 0 < seconds[-1] < wall - 1.5
+    assert {rec["step"] for rec in recs if "eval_loss" in rec} == {0, 1, 2, 3, 4}
+    ckpt = torch.load(run_dir / "checkpoints" / "0000004.pt", weights_only=True)
+    assert ckpt["train_s"] == seconds[-1]
+    run(tmp_path, "--resume", str(run_dir), "--steps", "6", "--eval-every", "0")
+    resumed = [rec["train_s"] for rec in records(run_dir)][len(recs):]
+    assert len(resumed) > 0 and all(s > ckpt["train_s"] for s in resumed)
+
+
+def test_an_npz_of_pixels_is_resized_to_the_image_size_with_antialiasing(tmp_path):
+    checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)            # 1-pixel checkerboard
+    np.savez(tmp_path / "px.npz", x=np.repeat(checker[None, ..., None], 12, 0).repeat(3, -1), y=np.arange(12) % 3)
+    args = train.parse_args(["--data", str(tmp_path / "px.npz"), "--image-size", "16"])
+    data, num_classes = train.load_data(args)
+    x = data[:][0]
+    assert x.shape == (12, 3, 16, 16) and num_classes == 3
+    assert (x.float() - 127.5).abs().max() <= 1                         # averaged to grey, not aliased to 0 or 255
+    np.savez(tmp_path / "latents.npz", x=np.zeros((12, 4, 8, 8), np.float16), y=np.arange(12) % 3)
+    with pytest.raises(ValueError, match=r"--image-size 16: .*latents\.npz holds 8x8 latents, which cannot be resized"):
+        train.load_data(train.parse_args(["--data", str(tmp_path / "latents.npz"), "--image-size", "16"]))
