@@ -245,9 +245,12 @@ class FinalLayer(nn.Module):
 
 
 def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
-    """Multiply-adds of one Block on n tokens: adaLN (per image) + linears (per token) + QK^T and AV."""
+    """Multiply-adds of one Block on n tokens (attending to n_kv keys; default n)."""
     n_kv = n if n_kv is None else n_kv
-    return 6 * dim**2 + n * (4 + 2 * mlp_ratio) * dim**2 + 2 * n * n_kv * dim
+    adaln = 6 * dim**2                                                    # Linear D -> 6D, once per image
+    linears = n * (3 + 1 + 2 * mlp_ratio) * dim**2                        # qkv, output proj, MLP D -> rD -> D
+    attention = 2 * n * n_kv * dim                                        # QK^T and AV over all heads
+    return adaln + linears + attention
 
 
 #################################################################################
@@ -301,7 +304,10 @@ class SiT(nn.Module):
     def embed_macs(self):
         """Multiply-adds outside the blocks: patch embed, timestep MLP, final layer (per image)."""
         D, N, pc = self.cfg.hidden_size, self.num_tokens, self.cfg.patch_size**2 * self.cfg.in_channels
-        return N * pc * D + 256 * D + D * D + 2 * D * D + N * D * pc
+        patch_embed = N * pc * D                                          # Linear p*p*C -> D per token
+        t_mlp = 256 * D + D * D                                           # frequencies -> D -> D, per image
+        final = 2 * D * D + N * D * pc                                    # adaLN D -> 2D per image, Linear per token
+        return patch_embed + t_mlp + final
 
     def init_from(self, path, ema=True):
         """Initialise from a checkpoint of this architecture (SparseDiT also maps a dense DiT's weights)."""
