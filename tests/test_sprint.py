@@ -290,6 +290,16 @@ def test_not_a_checkpoint_and_no_config(tmp_path):
     assert isinstance(load_model(tmp_path / "w.safetensors", cfg=tiny().cfg), SPRINT)
 
 
+def test_a_truncated_checkpoint_is_one_message_naming_the_file(tmp_path):
+    torch.save({"model": tiny().state_dict()}, tmp_path / "whole.pt")
+    write_safetensors(tmp_path / "whole.safetensors", tiny().state_dict(), "F32")
+    for suffix in (".pt", ".safetensors"):
+        data = (tmp_path / f"whole{suffix}").read_bytes()
+        (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=rf"cut{suffix}: not a readable checkpoint \(truncated\?\)$"):
+            load_weights(tiny(), tmp_path / f"cut{suffix}")
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match="--size 'XXL'"):
         ModelConfig(size="XXL")
