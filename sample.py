@@ -317,11 +317,33 @@ def benchmark(model, net, args, device):
 #                                      CLI                                      #
 #################################################################################
 
+def at_least(args, low, *names):
+    """A flag given below `low` -> a ValueError naming it (flags left out, None, pass); train.py uses it too."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+
+
+def agree(args, stored, source, whose, free=()):
+    """Flags left out (None) take the stored values; flags given with other values (outside `free`) -> one
+    ValueError naming each. A checkpoint's config, or a resumed run's flags, decide what was left out."""
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    differ = []
+    for key, value in stored.items():
+        given = getattr(args, key, None)
+        if given is None or given is False:                             # left out (a store_true flag: not given)
+            setattr(args, key, value)
+        elif given != value and key not in free:
+            differ.append(f"--{key.replace('_', '-')} {show(given)} differs from {whose} {show(value)}")
+    if differ:
+        raise ValueError(f"{source} does not fit the flags given: {'; '.join(differ)}; leave them out to use "
+                         f"{whose}")
+
+
 def check_args(args):
     """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""
-    for name in ("steps", "batch_size", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    at_least(args, 1, "steps", "per_proc_batch_size", "num_samples")
     args.num_samples = args.num_samples or (50000 if str(args.out).endswith(".npz") else len(args.classes or []) or 16)
     lo, hi = args.guidance_interval
     if not 0 <= lo <= hi <= 1:
