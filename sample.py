@@ -2,7 +2,7 @@
 Sampling from SiT / SPRINT / SparseDiT models: SDE, Euler and Heun samplers, classifier-free guidance (CFG)
 and path-drop guidance (PDG, SPRINT Sec. 3.4), image grids, FID batches on many GPUs, and a speed benchmark.
 
-    python sample.py --pdg                                  # a grid from the newest checkpoint in results/
+    python sample.py --pdg                                  # a grid from the newest SPRINT checkpoint in results/
     python sample.py --ckpt ckpt.pt --classes 207 360 387 974 --cfg-scale 4 --sampler heun --steps 50
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 1.5 --num-samples 50000 --out samples.npz
     python sample.py --ckpt sprint.safetensors --model sprint --size XL --vae stabilityai/sd-vae-ft-ema  # official
