@@ -280,8 +280,7 @@ def test_bad_batch_size_and_device_are_named(tmp_path, monkeypatch):
 def test_save_stats_never_overwrites_a_file_unasked(tmp_path):
     folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
     (tmp_path / 'stats.npz').write_bytes(b'earlier statistics')
-    out = run_cli(folder, '--save-stats', tmp_path / 'stats.npz')
-    assert out.returncode == 1 and out.stdout == ''
-    assert out.stderr.strip().splitlines() == [f"fid.py: error: --save-stats {tmp_path / 'stats.npz'} exists: pass "
-                                               f"--overwrite to replace it, or choose another file"]
+    assert cli_error(folder, '--save-stats', tmp_path / 'stats.npz') == (
+        f"fid.py: error: --save-stats {tmp_path / 'stats.npz'} exists: pass --overwrite to replace it, or choose "
+        f"another file")                                                  # one line, before any image is read
     assert (tmp_path / 'stats.npz').read_bytes() == b'earlier statistics'

@@ -115,7 +115,7 @@ def test_random_drop_keeps_m_distinct_tokens():
 
 @pytest.mark.parametrize("drop, mask_type, message", [
     (0.3, "structured", "--drop 0.3: no n x n group"), (0.333, "random", "--drop 0.333: .* whole number"),
-    (1.0, "structured", r"--drop 1.0: must lie in \(0, 1\)"), (0.75, "blocks", "--mask-type 'blocks'")])
+    (1.0, "structured", r"--drop 1.0: must lie in \[0, 1\)"), (0.75, "blocks", "--mask-type 'blocks'")])
 def test_unrealisable_drop_is_a_clear_error(drop, mask_type, message):
     with pytest.raises(ValueError, match=message):
         sample_ids_keep(2, 10, drop, mask_type)                            # a 10x10 grid: 100 tokens
