@@ -29,6 +29,8 @@ References:
 import argparse
 import math
 import os
+import re
+import sys
 
 import numpy as np
 import torch
@@ -208,19 +210,39 @@ class FIDInceptionV3(nn.Module):
 
 
 def find_weights(weights=None):
-    """The weight file's path: the argument, else $FID_WEIGHTS, else pytorch-fid's download location."""
-    hint = (f"FID needs the Inception weights {WEIGHTS_NAME} (the FID Inception-v3 used by pytorch-fid; it is "
-            f"never downloaded automatically and random weights are never used). Download it from {WEIGHTS_URL} "
-            f"and pass --weights PATH or set FID_WEIGHTS=PATH.")
+    """The weight file's path: the argument, else $FID_WEIGHTS (both for offline use), else torch's hub cache, where
+    the first use downloads it (as pytorch-fid, clean-fid and torch-fidelity do)."""
+    hint = (f"FID needs the Inception weights {WEIGHTS_NAME} (the FID Inception-v3 used by pytorch-fid; random "
+            f"weights are never used). Download it from {WEIGHTS_URL} and pass --weights PATH or set FID_WEIGHTS=PATH.")
     path = weights or os.environ.get('FID_WEIGHTS')
     if path is None:
-        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS_NAME)
-        if os.path.isfile(cached):
-            return cached
-        raise FileNotFoundError(f"no Inception weights given (and none at {cached}). {hint}")
+        return download_weights(hint)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path}: no such file. {hint}")
     return path
+
+
+def download_weights(hint):
+    """WEIGHTS_URL's file in torch's hub cache (where pytorch-fid keeps it), downloaded once with a progress bar;
+    its sha256 must start with the hex digits in its name (torch.hub's convention: ...-6726825d.pth)."""
+    name = os.path.basename(WEIGHTS_URL)
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    if os.path.isfile(cached):
+        return cached
+    digits = re.search(r'-([0-9a-f]{8,})\.', name)
+    prefix = digits and digits.group(1)
+    print(f"downloading the FID Inception weights from {WEIGHTS_URL} to {cached}", file=sys.stderr)
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    try:                           # torch.hub writes a temporary file and moves it into place only once verified
+        torch.hub.download_url_to_file(WEIGHTS_URL, cached, hash_prefix=prefix, progress=True)
+    except OSError as e:                                                # no network, HTTP errors
+        raise FileNotFoundError(f"no Inception weights given, none at {cached}, and the download failed ({e}). "
+                                f"{hint}") from None
+    except RuntimeError:                                                # the hash does not match: nothing was kept
+        raise ValueError(f"{WEIGHTS_URL}: the downloaded file's sha256 does not start with {prefix}, so it was "
+                         f"deleted; try again, or: {hint}") from None
+    print(f"sha256 starts with {prefix} as expected; saved {cached}", file=sys.stderr)
+    return cached
 
 
 def load_inception(weights=None, device='cpu'):
@@ -410,13 +432,27 @@ def main(argv=None):
     parser.add_argument('samples', metavar='SAMPLES', help="folder of images, .npz with arr_0, or .npz with mu/sigma")
     parser.add_argument('ref', metavar='REF', nargs='?', help="the same kinds; optional with --save-stats")
     parser.add_argument('--save-stats', metavar='OUT.npz', help="write SAMPLES' statistics (mu, sigma) here")
-    parser.add_argument('--weights', default=None, help=f"path to {WEIGHTS_NAME} (default: $FID_WEIGHTS)")
-    parser.add_argument('--batch-size', type=int, default=50)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--overwrite', action='store_true', help="let --save-stats replace an existing file")
+    parser.add_argument('--weights', default=None, help=f"path to {WEIGHTS_NAME} (default: $FID_WEIGHTS, else "
+                        f"torch's hub cache, downloaded there on first use)")
+    parser.add_argument('--batch-size', type=int, default=50, help="images per Inception forward pass (default 50)")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help="cuda, cuda:N or cpu (default: cuda if available)")
     args = parser.parse_args(argv)
     if args.ref is None and args.save_stats is None:
         parser.error("give REF to compute FID, or --save-stats OUT.npz to cache the statistics of SAMPLES")
     try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+        if args.save_stats and os.path.exists(args.save_stats) and not args.overwrite:
+            raise ValueError(f"--save-stats {args.save_stats} exists: pass --overwrite to replace it, or choose "
+                             f"another file")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device}: not a device (cuda, cuda:N or cpu)") from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
         samples = load_input(args.samples, 'SAMPLES')
         ref = load_input(args.ref, 'REF') if args.ref else None
         needs_model = samples[0] == 'images' or (ref is not None and ref[0] == 'images')

@@ -2,7 +2,7 @@
 Sampling from SiT / SPRINT / SparseDiT models: SDE, Euler and Heun samplers, classifier-free guidance (CFG)
 and path-drop guidance (PDG, SPRINT Sec. 3.4), image grids, FID batches on many GPUs, and a speed benchmark.
 
-    python sample.py --pdg                                  # a grid from the newest checkpoint in results/
+    python sample.py --pdg                                  # a grid from the newest SPRINT checkpoint in results/
     python sample.py --ckpt ckpt.pt --classes 207 360 387 974 --cfg-scale 4 --sampler heun --steps 50
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 1.5 --num-samples 50000 --out samples.npz
     python sample.py --ckpt sprint.safetensors --model sprint --size XL --vae stabilityai/sd-vae-ft-ema  # official
@@ -16,6 +16,7 @@ Samples depend on their seed only, not on the number of GPUs; an .npz is in ADM'
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -125,9 +126,12 @@ def trajectory_flops(model, sampler="sde", steps=250, **guidance):
 #################################################################################
 
 LATENT_SCALE = 0.18215      # SD-VAE latents are multiplied by this for training (LDM); undone before decoding
+# the architecture flags left out, for --benchmark and files without a config (official SPRINT-XL/2 at 256 px)
+ARCH = dict(model=ModelConfig.model, size=ModelConfig.size, patch_size=ModelConfig.patch_size, image_size=256,
+            in_channels=ModelConfig.in_channels, num_classes=ModelConfig.num_classes)
 # the settings that decide the samples: a re-run continues an earlier run's shards only if they all agree
 RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "seed",
-            "batch_size", "num_samples", "precision", "latent_scale", "vae")
+            "per_proc_batch_size", "num_samples", "precision", "latent_scale", "vae")
 
 
 def setup_distributed():
@@ -218,7 +222,7 @@ def sample_shards(net, args, guidance, parts, rank, world, device, vae=None):
     Batch k holds the samples [kB, (k+1)B) and goes to rank k % world, so every batch is computed the same
     whatever the number of GPUs. A shard is renamed into place only once complete: a re-run skips it safely.
     """
-    B, N, cfg = args.batch_size, args.num_samples, net.cfg
+    B, N, cfg = args.per_proc_batch_size, args.num_samples, net.cfg
     todo = [k for k in range(rank, math.ceil(N / B), world) if not os.path.exists(shard_path(parts, k))]
     batches = [range(k * B, min(k * B + B, N)) for k in todo]
     with tqdm(total=sum(map(len, batches)), unit="img", desc=f"rank 0/{world}", disable=rank != 0) as bar:
@@ -290,7 +294,7 @@ def benchmark(model, net, args, device):
     A model whose cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged over
     them, i.e. over its schedule. img/s is for a whole --sampler/--steps run, guided at every step.
     """
-    cfg, B = model.cfg, args.batch_size
+    cfg, B = model.cfg, args.per_proc_batch_size
     x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(cfg.num_classes, (B,), device=device)
     ts = [(k + 0.5) / 8 for k in range(8)]
@@ -317,11 +321,33 @@ def benchmark(model, net, args, device):
 #                                      CLI                                      #
 #################################################################################
 
+def at_least(args, low, *names):
+    """A flag given below `low` -> a ValueError naming it (flags left out, None, pass); train.py uses it too."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+
+
+def agree(args, stored, source, whose, free=()):
+    """Flags left out (None) take the stored values; flags given with other values (outside `free`) -> one
+    ValueError naming each. A checkpoint's config, or a resumed run's flags, decide what was left out."""
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    differ = []
+    for key, value in stored.items():
+        given = getattr(args, key, None)
+        if given is None or given is False:                             # left out (a store_true flag: not given)
+            setattr(args, key, value)
+        elif given != value and key not in free:
+            differ.append(f"--{key.replace('_', '-')} {show(given)} differs from {whose} {show(value)}")
+    if differ:
+        raise ValueError(f"{source} does not fit the flags given: {'; '.join(differ)}; leave them out to use "
+                         f"{whose}")
+
+
 def check_args(args):
     """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""
-    for name in ("steps", "batch_size", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    at_least(args, 1, "steps", "per_proc_batch_size", "num_samples")
     args.num_samples = args.num_samples or (50000 if str(args.out).endswith(".npz") else len(args.classes or []) or 16)
     lo, hi = args.guidance_interval
     if not 0 <= lo <= hi <= 1:
@@ -333,19 +359,32 @@ def check_args(args):
 
 
 def build_model(args, device):
-    """(model, latent scale): --ckpt, or the newest results/*/checkpoints/*.pt; random for a bare --benchmark."""
-    side = args.image_size // 8 if args.in_channels == 4 else args.image_size   # SD-VAE latents: 8x smaller
-    cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels, args.num_classes)
-    if args.benchmark and args.ckpt is None:
-        model, scale = create_model(cfg), LATENT_SCALE
-    else:
-        found = [args.ckpt] if args.ckpt else glob.glob(os.path.join("results", "*", "checkpoints", "*.pt"))
-        if not found:
-            raise ValueError("no checkpoint in results/*/checkpoints/: train one with train.py, or give --ckpt PATH")
-        args.ckpt = os.path.abspath(max(found, key=os.path.getmtime))
-        ckpt = read_checkpoint(args.ckpt)
-        model = load_model(args.ckpt, cfg, args.ema, ckpt)
-        scale = args.latent_scale or ckpt.get("args", {}).get("latent_scale") or LATENT_SCALE
+    """(model, latent scale): --ckpt, or the newest checkpoint of --model (--pdg: sprint; else any) in --results-dir,
+    whose config must agree with the architecture flags given; random weights for a bare --benchmark."""
+    ckpt, given = None, args.ckpt is not None
+    try:
+        if given or not args.benchmark:
+            model_name = args.model or ("sprint" if args.pdg else "*")     # run folders are NNN-model-size-patch
+            pattern = os.path.join(args.results_dir, f"*-{model_name}-*", "checkpoints", "*.pt")
+            found = [args.ckpt] if given else glob.glob(pattern)
+            if not found:
+                raise ValueError(f"no checkpoint in {pattern}{' (--pdg needs a sprint model)' if args.pdg else ''}: "
+                                 f"train one with train.py, or give --ckpt PATH")
+            args.ckpt = os.path.abspath(max(found, key=os.path.getmtime))
+            ckpt = read_checkpoint(args.ckpt)
+            c = ckpt.get("config")
+            if c:
+                side = c["input_size"] * (8 if c["in_channels"] == 4 else 1)   # latents: 8x smaller than pixels
+                stored = {k: c[k] for k in ("model", "size", "patch_size", "in_channels", "num_classes")}
+                agree(args, {**stored, "image_size": side}, args.ckpt, "the checkpoint's")
+        for key, value in ARCH.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        side = args.image_size // 8 if args.in_channels == 4 else args.image_size   # SD-VAE latents: 8x smaller
+        cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels, args.num_classes)
+        model = create_model(cfg) if ckpt is None else load_model(args.ckpt, cfg, args.ema, ckpt)
+    except ValueError as e:
+        raise ValueError(f"--ckpt {e}" if given else str(e)) from None
+    scale = args.latent_scale or (ckpt or {}).get("args", {}).get("latent_scale") or LATENT_SCALE
     if args.pdg and not model.has_sparse_path:
         raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT); this {model.cfg.model} model "
                          f"has none: guide it with CFG (--cfg-scale without --pdg)")
@@ -357,13 +396,19 @@ def build_model(args, device):
 
 
 def output_path(args, model, vae):
-    """--out (default samples/<checkpoint>-<settings>.png); latents without a VAE go to <out>.latents.npz."""
+    """--out (default samples/<checkpoint>-<settings>.png, every setting that changes the grid in its name);
+    latents without a VAE go to <out>.latents.npz."""
     if args.out is None:
         folder, name = os.path.split(os.path.splitext(args.ckpt)[0])
         if os.path.basename(folder) == "checkpoints":                    # results/NNN-model-size-patch/checkpoints
             name = f"{os.path.basename(os.path.dirname(folder))}-{name}"
-        guide = f"{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}"
-        args.out = os.path.join("samples", f"{name}-{args.sampler}{args.steps}-{guide}-seed{args.seed}.png")
+        lo, hi, classes = *args.guidance_interval, "_".join(map(str, args.classes or []))
+        settings = [name, f"{args.sampler}{args.steps}", f"{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}",
+                    f"seed{args.seed}", f"n{args.num_samples}"]
+        settings += [f"classes{classes if len(classes) < 40 else hashlib.sha1(classes.encode()).hexdigest()[:8]}"] \
+            if classes else []
+        settings += ([f"interval{lo:g}_{hi:g}"] if (lo, hi) != (0, 1) else []) + ([] if args.ema else ["raw"])
+        args.out = os.path.join("samples", "-".join(settings) + ".png")
     path = os.path.splitext(args.out)[0] + ".latents.npz" if model.cfg.in_channels == 4 and vae is None else args.out
     if os.path.exists(path) and not args.overwrite:
         raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another --out")
@@ -403,7 +448,8 @@ def main(argv=None):
     if world > 1:
         dist.all_reduce(count)                           # also waits for every rank's shards before the merge
     if rank == 0:
-        merge_shards(parts, math.ceil(args.num_samples / args.batch_size), path, len(args.classes or []) or None)
+        batches = math.ceil(args.num_samples / args.per_proc_batch_size)
+        merge_shards(parts, batches, path, len(args.classes or []) or None)
         secs, n = time.perf_counter() - start, int(count)
         log(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
             f"{n * flops / secs / 1e12:.3g} forward TFLOP/s; wrote {path}")
@@ -411,7 +457,7 @@ def main(argv=None):
         log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE "
             f"(pip install diffusers), in Python from sample.py's folder:\n  import numpy as np, torch, sample\n"
             f"  d, vae = np.load({os.path.abspath(path)!r}), sample.load_vae('stabilityai/sd-vae-ft-ema', '{device}')\n"
-            f"  z = torch.from_numpy(d['latents']).split({args.batch_size})    # already divided by the latent scale\n"
+            f"  z = torch.from_numpy(d['latents']).split(64)    # already divided by the latent scale\n"
             f"  x = np.concatenate([sample.finish(b.to('{device}'), vae, 1.0)['arr_0'] for b in z])\n"
             f"  sample.write_output({os.path.abspath(args.out)!r}, {{'arr_0': x, 'arr_1': d['arr_1']}})")
     if world > 1:
@@ -420,17 +466,22 @@ def main(argv=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from SiT / SPRINT / SparseDiT: grids, FID batches, a benchmark.")
-    p.add_argument("--ckpt", help="train.py's .pt or an official .safetensors (default: the newest in results/)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights where present")
-    p.add_argument("--model", default=ModelConfig.model, help="dit | sprint | sparsedit (these architecture flags "
-                   "count only for --benchmark and files without a config, e.g. official SPRINT ones)")
-    p.add_argument("--size", default=ModelConfig.size, help="S | B | L | XL")
-    p.add_argument("--patch-size", type=int, default=ModelConfig.patch_size)
-    p.add_argument("--image-size", type=int, default=256, help="in pixels; a latent model sees image-size / 8")
-    p.add_argument("--in-channels", type=int, default=ModelConfig.in_channels, help="4: SD-VAE latents, 3: pixels")
-    p.add_argument("--num-classes", type=int, default=ModelConfig.num_classes)
-    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--ckpt", help="train.py's .pt or an official .safetensors (default: the newest in --results-dir "
+                   "of --model; with --pdg and no --model, of sprint)")
+    p.add_argument("--results-dir", default="results", help="where train.py wrote its run folders (default results)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="sample with the EMA weights "
+                   "where present (--no-ema: the raw ones); train.py's --ema-decay sets the decay")
+    p.add_argument("--model", choices=["dit", "sprint", "sparsedit"], help=f"default {ARCH['model']}; these "
+                   "architecture flags build --benchmark models and files without a config (official SPRINT ones); "
+                   "with a config they may be left out, and must agree with it")
+    p.add_argument("--size", help=f"mini | S | B | L | XL (default {ARCH['size']})")
+    p.add_argument("--patch-size", type=int, help=f"default {ARCH['patch_size']}")
+    p.add_argument("--image-size", type=int, help=f"in pixels (default {ARCH['image_size']}); a latent model sees "
+                   "image-size / 8")
+    p.add_argument("--in-channels", type=int, help="4: SD-VAE latents (default), 3: pixels")
+    p.add_argument("--num-classes", type=int, help=f"default {ARCH['num_classes']}")
+    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde", help="default sde (the official)")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale w; 1: no guidance")
     p.add_argument("--pdg", action="store_true", help="path-drop guidance: the unconditional pass skips the middle")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
@@ -438,7 +489,8 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples (default: random)")
     p.add_argument("--num-samples", type=int, help="default: 16 (or one per --classes) for a grid, 50000 for .npz")
     p.add_argument("--seed", type=int, default=0, help="sample i draws its label and noise from seed + i")
-    p.add_argument("--batch-size", type=int, default=64, help="per forward pass and process (keep it to resume)")
+    p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per forward pass in each process "
+                   "(default 64; keep it to resume)")
     p.add_argument("--out", help="a grid (.png) or an ADM .npz for fid.py (default: samples/<ckpt>-<settings>.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--vae", help="diffusers AutoencoderKL (folder or hub id) for latent models; without: save latents")

@@ -19,6 +19,17 @@ L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense to
 Mixed timesteps in one batch are exact and sync-free: every sample is pooled to its own grid, padded to the largest
 side of the schedule, and padded sparse tokens are masked out as keys and never upsampled (see `sparse_grid`).
 Trained by fine-tuning a dense DiT of the same size (`init_from`). References: DiT (Peebles & Xie, 2023), SiT.
+
+Where this differs from the paper, and why:
+- The backbone is SiT as in sprint.py (flow matching, 2D RoPE, q/k RMSNorm), not the paper's DDPM DiT (noise
+  prediction with learned variance, fixed sinusoidal position table): one loop and one sampler serve all three
+  models, and SparseDiT compares with SPRINT like for like. Hence the official DiT-XL/2 checkpoints (8 output
+  channels, no q/k norm, a position table) cannot initialise it; `init_from` takes a DiT trained by train.py.
+- The paper adds sinusoidal position encodings to the tokens at every sparse/dense transition. Here positions live
+  in attention (RoPE), so pooled tokens are rotated at the centres of their cells (`pooled_grid`) and dense tokens
+  at their own cells: the same positional information, in the form the backbone already uses.
+- The paper keeps the lowest density for the first T/4 of its DDPM sampling steps (t from T, noise, down to 0).
+  Flow matching runs t from 1 (noise) to 0, so that first quarter is t in [0.75, 1] (SPARSEST_FROM).
 """
 from typing import NamedTuple
 

@@ -366,7 +366,7 @@ def num_kept(drop, num_tokens):
     """M = (1 - drop) * N, which must be a whole number of tokens."""
     m = (1 - drop) * num_tokens
     if not 0 < drop < 1 or abs(m - round(m)) > 1e-6:
-        raise ValueError(f"--drop {drop}: must lie in (0, 1) and keep a whole number of the {num_tokens} tokens")
+        raise ValueError(f"--drop {drop}: must lie in [0, 1) and keep a whole number of the {num_tokens} tokens")
     return round(m)
 
 
@@ -491,19 +491,25 @@ def read_safetensors(path):
             begin, end = info["data_offsets"]
             f.seek(8 + n + begin)
             data = bytearray(f.read(end - begin))
+            if len(data) != end - begin:                                    # the file ends early
+                raise EOFError(name)
             tensors[name] = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors
 
 
 def read_checkpoint(path):
-    """Our .pt checkpoint as train.py saves it; a .safetensors file or a bare state dict becomes {"model": ...}."""
+    """Our .pt checkpoint as train.py saves it; a .safetensors file or a bare state dict becomes {"model": ...}.
+    A file that is cut short or damaged is a ValueError naming it (callers add their flag)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":                # torch.save (zip or legacy pickle)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
-    if len(head) >= 9 and head[8:9] == b"{":
-        return {"model": read_safetensors(path)}
+    try:
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":            # torch.save (zip or legacy pickle)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
+        if len(head) >= 9 and head[8:9] == b"{":
+            return {"model": read_safetensors(path)}
+    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated?)") from None
     raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
 
 

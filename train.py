@@ -9,9 +9,10 @@ Train DiT, SPRINT or SparseDiT with flow matching: one plain DDP loop for both s
     python train.py --benchmark --model sprint --size XL --drop 0.75 --compile           # ms/step, TFLOP/s, MFU
 
 Stage 1 is masked pre-training at --drop; stage 2 (--finetune-steps) trains on all tokens from the stage-1 EMA
-weights with a fresh optimizer and its own lr, warm-up and EMA (SPRINT Sec. 3.3). `--init ckpt.pt --drop 0` runs
-stage 2 on its own; `--resume` continues a run exactly: checkpoints hold the model, EMA, optimizer, every rank's
-RNG state, the data position and the whole config. Path drop (10% of samples skip the sparse path) stays on in both.
+weights with a fresh optimizer and its own lr, warm-up and EMA (SPRINT Sec. 3.3), as the official code: lr from 1%
+up over the warm-up's optimizer steps (LinearLR), EMA decay 0.999 meanwhile. `--init ckpt.pt --drop 0` runs stage 2
+on its own; `--resume RUN` continues a run exactly: checkpoints hold the model, EMA, optimizer, every rank's RNG
+state, the data position and the whole config, which fills the flags left out. Path drop stays on in both stages.
 
 Data: an image folder in ImageNet layout (pixels, center-cropped as ADM/DiT, 64 px unless --image-size), an .npz
 with x and y (uint8 images N x H x W x C, or float latents N x C x H x W such as SD-VAE latents with --latent-scale
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
@@ -34,13 +36,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from sample import autocast, sample, save_grid, setup_distributed, time_ms
+from sample import agree, at_least, autocast, sample, save_grid, setup_distributed, time_ms
 from sprint import SIZES, ModelConfig, create_model, load_weights, read_checkpoint
 
-# Defaults of the flags left out. Real data: the paper's SiT-B/2 recipe. The embedded toy data: a small model and
-# schedule, so that a plain `python train.py` shows every part of the loop on a laptop CPU in a few minutes.
-PAPER = dict(size="B", global_batch_size=256, lr=1e-4, ema_decay=0.9999, steps=400_000, ft_lr=2e-4, ft_warmup=5000,
-             ft_ema_decay=0.9999, log_every=50, ckpt_every=50_000, sample_every=10_000, eval_every=5_000)
+# Defaults of the flags left out (None until then, so --resume tells them apart). Real data: the paper's SiT-B/2
+# recipe. The embedded toy data: a small model and schedule, so that a plain `python train.py` shows every part of
+# the loop on a laptop CPU in a few minutes.
+PAPER = dict(model="sprint", size="B", patch_size=2, mask_type="structured", global_batch_size=256, lr=1e-4,
+             warmup=0, ema_decay=0.9999, steps=400_000, finetune_steps=0, ft_lr=2e-4, ft_warmup=5000,
+             ft_ema_decay=0.9999, seed=0, log_every=50, ckpt_every=50_000, sample_every=10_000, eval_every=5_000)
 TOY = dict(size="S", image_size=16, hidden_size=96, num_heads=4, depths=[1, 2, 1], lr=1e-3, ema_decay=0.995,
            ft_ema_decay=0.995, global_batch_size=32, steps=2000, ft_lr=1e-3, ft_warmup=100, log_every=25, ckpt_every=500,
            sample_every=250, eval_every=250)
@@ -48,6 +52,9 @@ SPARSE = dict(drop=0.75, path_drop=0.1)     # SPRINT's defaults; a model without
 LABEL_DROP = 0.1                            # labels -> the null label, for classifier-free guidance
 GRID = dict(sampler="euler", steps=25, cfg_scale=4.0)    # the EMA sample grids
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# what a resumed run may change: its length (--steps while in stage 1), its lr, logging and speed
+RESUME_MAY_CHANGE = {"steps", "finetune_steps", "lr", "ft_lr", "log_every", "ckpt_every", "eval_every",
+                     "sample_every", "num_workers", "compile", "results_dir"}
 
 
 #################################################################################
@@ -95,17 +102,22 @@ class ImageFolder:
         if not self.files:
             raise ValueError(f"--data {root}: no images found (looked for {'/'.join(IMAGE_EXTS)} in one sub-folder "
                              f"per class)")
+        for path, _ in tqdm(self.files, f"checking {root}", disable=len(self.files) < 10_000, leave=False):
+            self.load(path, verify=True)                 # a broken file fails here, named, not later in a worker
         self.size, self.upscale, self.num_classes = size, upscale, len(classes)
 
     def __len__(self):
         return len(self.files)
 
-    def load(self, path):
+    def load(self, path, verify=False):
+        """The image's pixels; verify=True: only a check of what PIL reads without decoding (cheap)."""
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = img.verify() if verify else img.convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:                  # PIL's ways of saying "not an image"
             raise ValueError(f"--data: cannot decode {path} ({e})") from None
+        if verify:
+            return None
         if not self.upscale and min(img.size) < self.size:
             raise ValueError(f"--data: {path} is {img.width}x{img.height}, smaller than --image-size {self.size} "
                              f"(without --no-upscale it would be upscaled)")
@@ -125,6 +137,8 @@ def load_data(args):
     elif os.path.isdir(args.data):
         folder = ImageFolder(args.data, args.image_size or 64, upscale=not args.no_upscale)
         return folder, folder.num_classes
+    elif not zipfile.is_zipfile(args.data):                             # an .npz is a zip of .npy files
+        raise ValueError(f"--data {args.data}: neither an image folder nor an .npz file (with arrays x and y)")
     else:
         try:
             with np.load(args.data) as f:
@@ -198,9 +212,14 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def lr_at(lr, s, warmup):
+    """lr at step s of a stage: the official LinearLR warm-up (start_factor 0.01) over `warmup` steps, then lr."""
+    return lr * (0.01 + 0.99 * min(1.0, s / warmup)) if warmup else lr
+
+
 def ema_decay_at(target, s, warmup):
-    """EMA decay at step s of a stage: at most 0.999 during the lr warm-up (the official fine-tuning schedule),
-    then the target (0.9999; the embedded toy data's short run uses 0.995)."""
+    """EMA decay at step s of a stage: at most 0.999 during the lr warm-up, as the official fine-tuning does, then
+    the target (0.9999; the embedded toy data's short run uses 0.995)."""
     return min(target, 0.999) if s < warmup else target
 
 
@@ -288,20 +307,48 @@ def run_folder(args, resumed=None):
         return path
 
 
-def resume(path, raw, ema, opt):
-    """Load a checkpoint's whole state (or a run folder's newest) -> (its path, step, data position, RNG states,
-    training seconds so far)."""
-    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))) if os.path.isdir(path) else [path]
+def read_run(args):
+    """--resume's checkpoint (a run folder: its newest) -> (path, checkpoint). The run's flags fill those left out;
+    a flag given with another value is refused, unless RESUME_MAY_CHANGE holds it."""
+    found = sorted(glob.glob(os.path.join(args.resume, "checkpoints", "*.pt"))) if os.path.isdir(args.resume) \
+        else [args.resume]
     if not found or not os.path.isfile(found[-1]):
-        raise ValueError(f"--resume {path}: no such checkpoint, nor a run folder with checkpoints")
-    ckpt = read_checkpoint(found[-1])
+        raise ValueError(f"--resume {args.resume}: no such checkpoint, nor a run folder with checkpoints")
     try:
-        load_weights(raw, found[-1], ema=False, ckpt=ckpt)
-        load_weights(ema, found[-1], ema=True, ckpt=ckpt)
+        ckpt = read_checkpoint(found[-1])
+    except ValueError as e:
+        raise ValueError(f"--resume {e}") from None
+    run, step = ckpt.get("args", {}), ckpt.get("step", 0)
+    agree(args, {k: v for k, v in run.items() if k not in ("resume", "init", "benchmark")}, f"--resume {found[-1]}",
+          "the run's", free=RESUME_MAY_CHANGE)
+    if args.steps != run.get("steps", args.steps) and step > min(args.steps, run["steps"]):
+        raise ValueError(f"--steps {args.steps}: stage 1 ({run['steps']} steps) can change its length only while the "
+                         f"run is in it, and not below its checkpoint's step {step}")
+    return found[-1], ckpt
+
+
+def resume(path, ckpt, raw, ema, opt):
+    """Load a read checkpoint's whole state -> (its path, step, data position, RNG states, training seconds so far)."""
+    try:
+        load_weights(raw, path, ema=False, ckpt=ckpt)
+        load_weights(ema, path, ema=True, ckpt=ckpt)
     except ValueError as e:
         raise ValueError(f"--resume {e}") from None
     opt.load_state_dict(ckpt["opt"])
-    return found[-1], ckpt["step"], ckpt["data"], ckpt["rng"], ckpt.get("train_s", 0.0)
+    return path, ckpt["step"], ckpt["data"], ckpt["rng"], ckpt.get("train_s", 0.0)
+
+
+def check_args(args, world):
+    """Flags out of range -> a ValueError naming the flag, before anything is read or written."""
+    at_least(args, 1, "global_batch_size", "log_every", "benchmark_steps")
+    at_least(args, 0, "steps", "finetune_steps", "warmup", "ft_warmup", "ckpt_every", "eval_every", "sample_every",
+             "num_workers")
+    if args.drop is not None and not 0 <= args.drop < 1:
+        raise ValueError(f"--drop {args.drop}: must lie in [0, 1)")
+    if args.path_drop is not None and not 0 <= args.path_drop <= 1:
+        raise ValueError(f"--path-drop {args.path_drop}: must lie in [0, 1]")
+    if args.global_batch_size % world:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
 
 
 def weights_digest(*models):
@@ -328,15 +375,15 @@ def log(run_dir, text=None, **record):
 
 def main(args):
     rank, world, device = setup_distributed()
+    resumed = read_run(args) if args.resume else None                  # first: the run's flags fill those left out
     for key, value in {**PAPER, **(TOY if args.data is None and not args.benchmark else {})}.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    check_args(args, 1 if args.benchmark else world)
     cuda, G = device.type == "cuda", args.global_batch_size
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 matmuls in TF32 on GPU
     if args.benchmark:
         return benchmark(args, device)
-    if G % world:
-        raise ValueError(f"--global-batch-size {G} is not divisible by the {world} processes")
 
     # Data: a fixed held-out subset for evaluation, the rest for training
     data, num_classes = load_data(args)
@@ -355,8 +402,8 @@ def main(args):
     torch.manual_seed(args.seed)
     raw, ema, opt, drop = build_model(args, device, channels, num_classes, side, init=args.init)
     last_ckpt, start, position, rngs, train_s = None, 0, {"epoch": 0, "batch": 0}, None, 0.0
-    if args.resume:
-        last_ckpt, start, position, rngs, train_s = resume(args.resume, raw, ema, opt)
+    if resumed:
+        last_ckpt, start, position, rngs, train_s = resume(*resumed, raw, ema, opt)
     model = torch.compile(raw) if args.compile else raw
     if world > 1:                      # buffers (RoPE grid, mask token) are equal by construction: no broadcasts
         model = DDP(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
@@ -409,7 +456,7 @@ def main(args):
             raw.load_state_dict(ema.state_dict())
             opt = make_optimizer(raw, lr, device)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step - begin + 1) / warmup) if warmup else lr
+            group["lr"] = lr_at(lr, step - begin, warmup)
         x, y = to_device(*next(loader))
         if pixels:                                                       # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
@@ -417,7 +464,7 @@ def main(args):
                                         ema_decay_at(ema_target, step - begin, warmup)))
         n, done = n + 1, step + 1
         pbar.update()
-        ckpt_now = done % args.ckpt_every == 0 or done in (args.steps, total)
+        ckpt_now = (args.ckpt_every and done % args.ckpt_every == 0) or done in (args.steps, total)
         eval_now = args.eval_every and (done % args.eval_every == 0 or done == total)
         sample_now = args.sample_every and (done % args.sample_every == 0 or done == total)
         if n < args.log_every and not (ckpt_now or eval_now or sample_now):
@@ -475,10 +522,10 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--model", choices=["dit", "sprint", "sparsedit"], default="sprint")
+    p.add_argument("--model", choices=["dit", "sprint", "sparsedit"], help="default sprint")
     p.add_argument("--size", choices=list(SIZES), help="default B (embedded data: S, narrowed); mini: "
                    "hidden 128, 2/8/2 blocks, for CPU experiments")
-    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--patch-size", type=int, help="pixels (or latent cells) per token side (default 2)")
     p.add_argument("--image-size", type=int, help="pixels (folders: 64, embedded: 16); an .npz has its own")
     p.add_argument("--hidden-size", type=int, help="for small experiments: overrides the size")
     p.add_argument("--num-heads", type=int, help="for small experiments: overrides the size")
@@ -493,26 +540,30 @@ def parse_args(argv=None):
     p.add_argument("--no-upscale", action="store_true", help="an image smaller than --image-size is an error")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (default: 8 for folders, 0 for arrays)")
     p.add_argument("--drop", type=float, help="stage-1 token drop (default: 0.75 with a sparse path, else 0)")
-    p.add_argument("--mask-type", choices=["structured", "random"], default="structured")
-    p.add_argument("--path-drop", type=float, help="samples that skip the sparse path (default: 0.1 if it exists)")
-    p.add_argument("--global-batch-size", type=int, help="default 256, split evenly across processes")
+    p.add_argument("--mask-type", choices=["structured", "random"], help="kept tokens: k per n x n group (default) "
+                   "or anywhere")
+    p.add_argument("--path-drop", type=float, help="share of samples, in [0, 1], that skip the sparse path "
+                   "(default: 0.1 if it exists)")
+    p.add_argument("--global-batch-size", type=int, help="images per step, all processes (default 256)")
     p.add_argument("--lr", type=float, help="default 1e-4")
-    p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
+    p.add_argument("--warmup", type=int, help="stage-1 lr warm-up from 1%%, EMA 0.999 during it (default 0)")
     p.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999; embedded data: 0.995)")
     p.add_argument("--steps", type=int, help="stage-1 steps (default 400000)")
-    p.add_argument("--finetune-steps", type=int, default=0, help="stage-2 steps at 0%% drop after stage 1")
+    p.add_argument("--finetune-steps", type=int, help="stage-2 steps at 0%% drop after stage 1 (default 0)")
     p.add_argument("--ft-lr", type=float, help="stage-2 lr (default 2e-4)")
-    p.add_argument("--ft-warmup", type=int, help="stage-2 lr warm-up (default 5000), EMA 0.999 during it")
+    p.add_argument("--ft-warmup", type=int, help="stage-2 lr warm-up from 1%% (default 5000), EMA 0.999 during it")
     p.add_argument("--ft-ema-decay", type=float, help="stage-2 EMA decay after its warm-up (default 0.9999)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", help="start from this checkpoint's EMA weights, fresh optimizer (e.g. stage 2)")
-    start.add_argument("--resume", help="continue a run exactly, its flags repeated (a run folder: newest checkpoint)")
-    p.add_argument("--compile", action="store_true")
+    start.add_argument("--resume", help="continue a run exactly (a run folder: its newest checkpoint); flags left "
+                       "out are the run's, given ones must agree except "
+                       + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_MAY_CHANGE)))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (one graph per stage)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--log-every", type=int, help="default 50")
-    p.add_argument("--ckpt-every", type=int, help="default 50000 (and at the end of each stage)")
+    p.add_argument("--seed", type=int, help="seeds the weights, data order, noise and sample grids (default 0)")
+    p.add_argument("--results-dir", default="results", help="where numbered run folders are created")
+    p.add_argument("--log-every", type=int, help="loss, img/s and TFLOP/s every N >= 1 steps (default 50)")
+    p.add_argument("--ckpt-every", type=int, help="every N steps, 0: only at the end of stages (default 50000)")
     p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps, 0: never (default 10000)")
     p.add_argument("--eval-every", type=int, help="held-out loss every N steps, 0: never (default 5000)")
     p.add_argument("--benchmark", action="store_true", help="time training steps on synthetic SD-VAE latents of "

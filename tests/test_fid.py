@@ -1,5 +1,6 @@
 """fid.py as a specification: the FID Inception-v3 reproduces pytorch-fid on the fixture, FID and IS obey their
 definitions, and the CLI runs end to end and rejects bad input with messages a user can act on."""
+import hashlib
 import json
 import math
 import os
@@ -201,10 +202,36 @@ def cli_error(*args):
 def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv('FID_WEIGHTS', raising=False)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))  # no cached copy either
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{tmp_path}/offline/{fid.WEIGHTS_NAME}')   # and no network
     folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
     for args in [(folder, folder), (folder, folder, '--weights', tmp_path / 'nope.pth')]:
         msg = cli_error(*args)
         assert fid.WEIGHTS_NAME in msg and fid.WEIGHTS_URL in msg and 'random' in msg
+
+
+def test_the_weights_are_downloaded_once_into_the_hub_cache_and_their_hash_checked(tmp_path, weights_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.delenv('FID_WEIGHTS', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    data = weights_path.read_bytes()
+    server = tmp_path / 'server'
+    server.mkdir()
+    good = server / f'pt_inception-test-{hashlib.sha256(data).hexdigest()[:8]}.pth'  # torch.hub's name convention
+    good.write_bytes(data)
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{good}')
+    cached = tmp_path / 'hub' / 'checkpoints' / good.name
+    assert fid.find_weights() == str(cached) and cached.read_bytes() == data
+    assert f'downloading the FID Inception weights from file://{good}' in capsys.readouterr().err
+    good.unlink()                                                      # the second use reads the cache only
+    assert fid.find_weights() == str(cached)
+    assert fid.find_weights(str(weights_path)) == str(weights_path)   # --weights (and FID_WEIGHTS) win, offline
+
+    bad = server / 'pt_inception-test-00000000.pth'                    # a hash the content does not have
+    bad.write_bytes(data)
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{bad}')
+    with pytest.raises(ValueError, match=r"sha256 does not start with 00000000, so it was deleted"):
+        fid.find_weights()
+    assert sorted(os.listdir(tmp_path / 'hub' / 'checkpoints')) == [good.name]   # nothing of the bad download
 
 
 def test_weights_with_wrong_keys_or_shapes_are_rejected(tmp_path):
@@ -239,3 +266,21 @@ def test_fewer_than_two_samples(tmp_path, weights_path):
     folder = write_images(tmp_path / 'one', [(8, 8)])
     msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
     assert 'need at least 2 images' in msg
+
+
+def test_bad_batch_size_and_device_are_named(tmp_path, monkeypatch):
+    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
+    assert cli_error(folder, folder, '--batch-size', 0).endswith('--batch-size 0: must be at least 1')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert cli_error(folder, folder, '--device', 'cuda').endswith(
+        '--device cuda: CUDA is not available here; use --device cpu')
+    assert cli_error(folder, folder, '--device', 'gpu').endswith('--device gpu: not a device (cuda, cuda:N or cpu)')
+
+
+def test_save_stats_never_overwrites_a_file_unasked(tmp_path):
+    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
+    (tmp_path / 'stats.npz').write_bytes(b'earlier statistics')
+    assert cli_error(folder, '--save-stats', tmp_path / 'stats.npz') == (
+        f"fid.py: error: --save-stats {tmp_path / 'stats.npz'} exists: pass --overwrite to replace it, or choose "
+        f"another file")                                                  # one line, before any image is read
+    assert (tmp_path / 'stats.npz').read_bytes() == b'earlier statistics'

@@ -187,10 +187,10 @@ def decode_snippet(out):
 
 def test_same_seed_same_images_whatever_the_batching(ckpts, tmp_path):
     common = ["--ckpt", ckpts["sprint"], "--pdg", "--steps", 4, "--num-samples", 5]
-    run(*common, "--batch-size", 2, "--out", tmp_path / "a.npz")
-    run(*common, "--batch-size", 2, "--out", tmp_path / "b.npz")
-    run(*common, "--batch-size", 2, "--out", tmp_path / "c.npz", "--seed", 1)
-    run(*common, "--batch-size", 5, "--out", tmp_path / "d.npz")
+    run(*common, "--per-proc-batch-size", 2, "--out", tmp_path / "a.npz")
+    run(*common, "--per-proc-batch-size", 2, "--out", tmp_path / "b.npz")
+    run(*common, "--per-proc-batch-size", 2, "--out", tmp_path / "c.npz", "--seed", 1)
+    run(*common, "--per-proc-batch-size", 5, "--out", tmp_path / "d.npz")
     a, b, c, d = (npz(tmp_path / f"{n}.npz") for n in "abcd")
     assert a["arr_0"].shape == (5, 8, 8, 3) and a["arr_0"].dtype == np.uint8 and a["arr_1"].shape == (5,)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
@@ -208,7 +208,7 @@ def test_labels_cycle_through_classes_and_noise_does_not_depend_on_them():
 
 
 def test_two_gloo_processes_sample_exactly_what_one_does(ckpts, tmp_path):
-    args = ["--ckpt", ckpts["sprint"], "--steps", "3", "--num-samples", "7", "--batch-size", "2"]
+    args = ["--ckpt", ckpts["sprint"], "--steps", "3", "--num-samples", "7", "--per-proc-batch-size", "2"]
     run(*args, "--out", tmp_path / "1.npz")                       # one thread, as each torchrun process has
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(ROOT / "sample.py"), *args, "--out", str(tmp_path / "2.npz")],
@@ -219,7 +219,7 @@ def test_two_gloo_processes_sample_exactly_what_one_does(ckpts, tmp_path):
 
 
 def test_an_interrupted_run_continues_from_its_shards(ckpts, tmp_path, monkeypatch):
-    args = ["--ckpt", ckpts["sprint"], "--steps", 3, "--num-samples", 7, "--batch-size", 2]
+    args = ["--ckpt", ckpts["sprint"], "--steps", 3, "--num-samples", 7, "--per-proc-batch-size", 2]
     run(*args, "--out", tmp_path / "full.npz")
     calls, real = [], sample.sample
 
@@ -246,14 +246,33 @@ def test_grid_from_the_newest_checkpoint_in_results(tmp_path, monkeypatch, capsy
     old = save_ckpt(tmp_path / "results/000-sprint-B-2/checkpoints/0000100.pt", tiny(seed=1))
     new = save_ckpt(tmp_path / "results/001-sprint-B-2/checkpoints/0000050.pt", tiny(seed=2))
     os.utime(old, (1e9, 1e9))
-    run("--pdg", "--steps", 3, "--classes", 0, 1, 2, 3, 0, 1, "--batch-size", 4)
+    run("--pdg", "--steps", 3, "--classes", 0, 1, 2, 3, 0, 1, "--per-proc-batch-size", 4)
     out = capsys.readouterr().out
     assert new in out and "model passes" in out and "TFLOPs" in out and "img/s" in out and "PDG saves" in out
-    png = tmp_path / "samples/001-sprint-B-2-0000050-sde3-pdg4-seed0.png"
+    png = tmp_path / "samples/001-sprint-B-2-0000050-sde3-pdg4-seed0-n6-classes0_1_2_3_0_1.png"
     assert Image.open(png).size == (6 * 10 + 2, 10 + 2)             # a column per --classes entry, 2 px borders
     with pytest.raises(SystemExit, match="exists: pass --overwrite"):
-        run("--pdg", "--steps", 3, "--classes", 0, 1, 2, 3, 0, 1, "--batch-size", 4)
-    run("--pdg", "--steps", 3, "--classes", 0, 1, "--overwrite")
+        run("--pdg", "--steps", 3, "--classes", 0, 1, 2, 3, 0, 1, "--per-proc-batch-size", 4)
+    run("--pdg", "--steps", 3, "--classes", 0, 1, 2, 3, 0, 1, "--overwrite")
+    run("--pdg", "--steps", 3, "--classes", 0, 1)                    # other classes: another file, no --overwrite
+    run("--pdg", "--steps", 3, "--classes", 0, 1, "--num-samples", 4)
+    assert sorted(os.listdir(tmp_path / "samples"))[:2] == ["001-sprint-B-2-0000050-sde3-pdg4-seed0-n2-classes0_1.png",
+                                                             "001-sprint-B-2-0000050-sde3-pdg4-seed0-n4-classes0_1.png"]
+
+
+def test_without_ckpt_the_newest_checkpoint_of_the_model_pdg_needs(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sprint_ckpt = save_ckpt(tmp_path / "runs/000-sprint-B-2/checkpoints/0000010.pt", tiny())
+    dit_ckpt = save_ckpt(tmp_path / "runs/001-dit-B-2/checkpoints/0000010.pt", tiny("dit"))
+    os.utime(sprint_ckpt, (1e9, 1e9))                                     # the DiT run is the newer one
+    common = ["--results-dir", "runs", "--steps", 1, "--num-samples", 1]
+    run("--pdg", *common)                                                 # PDG: the newest SPRINT checkpoint
+    run("--model", "dit", *common)
+    run(*common, "--seed", 1)                                             # CFG, no --model: the newest of any
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("/")] == \
+        [sprint_ckpt, dit_ckpt, dit_ckpt]
+    with pytest.raises(SystemExit, match=r"no checkpoint in runs/\*-sparsedit-\*/checkpoints/\*\.pt: train one"):
+        run("--model", "sparsedit", *common)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -262,11 +281,31 @@ def test_grid_from_the_newest_checkpoint_in_results(tmp_path, monkeypatch, capsy
     (["--guidance-interval", 0.8, 0.2], "--guidance-interval 0.8 0.2"),
     (["--out", "x.gif"], "--out x.gif: give an .npz"),
     (["--steps", 0], "--steps 0: must be at least 1"),
+    (["--per-proc-batch-size", 0], "--per-proc-batch-size 0: must be at least 1"),
+    (["--model", "sprint", "--size", "XL", "--patch-size", 2], r"--ckpt .*dit\.pt does not fit the flags given: "
+     r"--model sprint differs from the checkpoint's dit; --size XL differs from the checkpoint's B; leave them out"),
 ])
 def test_bad_flags_are_clear_errors(ckpts, argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
         run("--ckpt", ckpts["dit"], *argv)
+    assert os.listdir(tmp_path) == []                                     # nothing written
+
+
+def test_architecture_flags_that_agree_with_the_checkpoint_are_fine(ckpts, tmp_path):
+    run("--ckpt", ckpts["dit"], "--model", "dit", "--size", "B", "--patch-size", 2, "--image-size", 8,
+        "--in-channels", 3, "--num-classes", 4, "--steps", 1, "--num-samples", 1, "--out", tmp_path / "x.png")
+    assert (tmp_path / "x.png").is_file()
+
+
+def test_a_truncated_checkpoint_is_one_error_line_and_nothing_is_written(ckpts, tmp_path):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(Path(ckpts["sprint"]).read_bytes()[:2000])
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(cut)], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"sample.py: error: --ckpt {cut}: not a readable checkpoint (truncated?)"]
+    assert os.listdir(tmp_path) == ["cut.pt"]
 
 
 def test_missing_checkpoints_are_clear_errors(tmp_path, monkeypatch):
@@ -332,7 +371,8 @@ def test_vae_decodes_latents_divided_by_the_latent_scale(tmp_path, monkeypatch, 
 
 def test_benchmark_from_flags_alone(capsys, monkeypatch):
     monkeypatch.setitem(sprint.SIZES, "T", (32, 2, (1, 2, 1)))
-    flags = ["--size", "T", "--image-size", 8, "--in-channels", 3, "--num-classes", 4, "--benchmark", "--batch-size", 2]
+    flags = ["--size", "T", "--image-size", 8, "--in-channels", 3, "--num-classes", 4, "--benchmark",
+             "--per-proc-batch-size", 2]
     ms = run("--model", "sprint", *flags)
     out = capsys.readouterr().out
     assert set(ms) == {"cfg", "pdg"} and all(v > 0 for v in ms.values())

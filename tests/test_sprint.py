@@ -115,7 +115,7 @@ def test_random_drop_keeps_m_distinct_tokens():
 
 @pytest.mark.parametrize("drop, mask_type, message", [
     (0.3, "structured", "--drop 0.3: no n x n group"), (0.333, "random", "--drop 0.333: .* whole number"),
-    (1.0, "structured", r"--drop 1.0: must lie in \(0, 1\)"), (0.75, "blocks", "--mask-type 'blocks'")])
+    (1.0, "structured", r"--drop 1.0: must lie in \[0, 1\)"), (0.75, "blocks", "--mask-type 'blocks'")])
 def test_unrealisable_drop_is_a_clear_error(drop, mask_type, message):
     with pytest.raises(ValueError, match=message):
         sample_ids_keep(2, 10, drop, mask_type)                            # a 10x10 grid: 100 tokens
@@ -288,6 +288,16 @@ def test_not_a_checkpoint_and_no_config(tmp_path):
     with pytest.raises(ValueError, match="carries no model config"):
         load_model(tmp_path / "w.safetensors")
     assert isinstance(load_model(tmp_path / "w.safetensors", cfg=tiny().cfg), SPRINT)
+
+
+def test_a_truncated_checkpoint_is_one_message_naming_the_file(tmp_path):
+    torch.save({"model": tiny().state_dict()}, tmp_path / "whole.pt")
+    write_safetensors(tmp_path / "whole.safetensors", tiny().state_dict(), "F32")
+    for suffix in (".pt", ".safetensors"):
+        data = (tmp_path / f"whole{suffix}").read_bytes()
+        (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=rf"cut{suffix}: not a readable checkpoint \(truncated\?\)$"):
+            load_weights(tiny(), tmp_path / f"cut{suffix}")
 
 
 def test_bad_config_values():

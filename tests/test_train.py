@@ -108,9 +108,27 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
     assert seen == [(False, True)] * 2
 
 
+def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
+    official = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=5)
+    for s in range(8):                                                   # the lr of the s-th optimizer step
+        assert train.lr_at(2e-4, s, 5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        official.step()
+    assert [train.ema_decay_at(0.9999, s, 5) for s in (0, 4, 5)] == [0.999, 0.999, 0.9999]
+    assert train.lr_at(2e-4, 0, 0) == 2e-4                                 # no warm-up: the lr from the start
+
+
 #################################################################################
 #                             Resume: exactly, after kill -9                    #
 #################################################################################
+
+def test_resume_alone_continues_the_run_with_its_own_flags(tmp_path):
+    run_dir = run(tmp_path, "--drop", "0.5", "--steps", "2", "--finetune-steps", "2")
+    whole = (run_dir / "checkpoints" / "0000004.pt").rename(tmp_path / "whole.pt")
+    train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000002.pt")]))   # no other flag
+    assert_same_training_state(whole, run_dir / "checkpoints" / "0000004.pt")
+
 
 def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
     flags = ("--eval-every", "3", "--sample-every", "3")                # evaluation must not disturb the RNG
@@ -209,6 +227,8 @@ def bad_input(case, tmp, ckpt):
     (broken / "class0" / "broken.png").write_bytes(b"not a png")
     small = image_folder(tmp / "small", classes=1, per_class=8, size=(10, 10))
     np.savez(tmp / "no_y.npz", x=np.zeros((8, 8, 8, 3), np.uint8), labels=np.zeros(8))
+    (tmp / "notes.txt").write_text("not data")
+    (tmp / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
     return {
         "missing data": (["--data", str(tmp / "missing")], r"--data .*missing: no such file or folder"),
         "empty folder": (["--data", str(tmp / "empty")], r"--data .*empty: no images found"),
@@ -222,22 +242,60 @@ def bad_input(case, tmp, ckpt):
         "resume another size": (["--resume", str(ckpt), "--hidden-size", "64"], r"--resume .*0000001\.pt does not fit"),
         "init another depth": (["--init", str(ckpt), "--depths", "1", "2", "1"], r"--init .*0000001\.pt does not fit"),
         "resume nothing": (["--resume", str(tmp / "nowhere.pt")], r"--resume .*nowhere\.pt: no such checkpoint"),
+        "text as data": (["--data", str(tmp / "notes.txt")],
+                         r"--data .*notes\.txt: neither an image folder nor an \.npz file"),
+        "truncated init": (["--init", str(tmp / "cut.pt")],
+                           r"--init .*cut\.pt: not a readable checkpoint \(truncated\?\)$"),
+        "truncated resume": (["--resume", str(tmp / "cut.pt")],
+                             r"--resume .*cut\.pt: not a readable checkpoint \(truncated\?\)$"),
+        "resume another drop": (["--resume", str(ckpt), "--drop", "0.5", "--seed", "1"],
+                                r"--resume .*0000001\.pt does not fit the flags given: --drop 0\.5 differs from the "
+                                r"run's 0\.75; --seed 1 differs from the run's 0; leave them out"),
+        "resume shortens stage 1": (["--resume", str(ckpt), "--steps", "0"],
+                                    r"--steps 0: stage 1 \(1 steps\) can change"),
+        "batch 0": (["--global-batch-size", "0"], r"^--global-batch-size 0: must be at least 1$"),
+        "batch -1": (["--global-batch-size", "-1"], r"^--global-batch-size -1: must be at least 1$"),
+        "log every 0": (["--log-every", "0"], r"^--log-every 0: must be at least 1$"),
+        "checkpoint every -1": (["--ckpt-every", "-1"], r"^--ckpt-every -1: must be at least 0$"),
+        "path drop 1.5": (["--path-drop", "1.5"], r"^--path-drop 1\.5: must lie in \[0, 1\]"),
+        "path drop -1": (["--path-drop", "-1"], r"^--path-drop -1\.0: must lie in \[0, 1\]"),
+        "drop 1": (["--drop", "1"], r"^--drop 1\.0: must lie in \[0, 1\)$"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["missing data", "empty folder", "broken image", "npz without y", "small image",
                                   "unrealisable drop", "drop without a sparse path", "resume another size",
-                                  "init another depth", "resume nothing"])
+                                  "init another depth", "resume nothing", "text as data", "truncated init",
+                                  "truncated resume", "resume another drop", "resume shortens stage 1", "batch 0",
+                                  "batch -1", "log every 0", "checkpoint every -1", "path drop 1.5", "path drop -1",
+                                  "drop 1"])
 def test_bad_input_fails_early_with_a_message_naming_its_flag(tmp_path, stage1_ckpt, case):
     flags, message = bad_input(case, tmp_path, stage1_ckpt)
+    before = sorted(os.listdir(stage1_ckpt.parent))
     with pytest.raises(ValueError, match=message):
         run(tmp_path, "--steps", "1", *flags)
+    assert not (tmp_path / "results").exists() and sorted(os.listdir(stage1_ckpt.parent)) == before  # nothing written
 
 
 def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
     r = cli(tmp_path, "--data", str(tmp_path / "missing"))
     assert r.returncode == 1
     assert r.stderr.strip() == f"train.py: error: --data {tmp_path / 'missing'}: no such file or folder"
+
+
+def test_a_broken_image_fails_before_training_in_one_line_with_the_default_workers(tmp_path):
+    broken = image_folder(tmp_path / "broken", classes=1, per_class=7)
+    (broken / "class0" / "3b.png").write_bytes((broken / "class0" / "3.png").read_bytes()[:60])   # cut short
+    r = cli(tmp_path, "--data", str(broken), "--num-workers", "8")
+    assert r.returncode == 1 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"train.py: error: --data: cannot decode {broken / 'class0' / '3b.png'} (")
+    assert not (tmp_path / "results").exists()                         # no empty run folder left behind
+
+
+def test_checkpoints_every_0_steps_means_only_at_the_end_of_each_stage(tmp_path):
+    run_dir = run(tmp_path, "--steps", "3", "--finetune-steps", "2", "--ckpt-every", "0")
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000003.pt", "0000005.pt"]
 
 
 def test_a_global_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):
