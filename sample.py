@@ -29,7 +29,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from sprint import ModelConfig, create_model, load_model, read_checkpoint
+from models import autocast, create_model, load_model, read_checkpoint, setup_distributed, time_ms
+from sprint import ModelConfig
 
 
 #################################################################################
@@ -132,23 +133,6 @@ ARCH = dict(model=ModelConfig.model, size=ModelConfig.size, patch_size=ModelConf
 # the settings that decide the samples: a re-run continues an earlier run's shards only if they all agree
 RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "seed",
             "per_proc_batch_size", "num_samples", "precision", "latent_scale", "vae")
-
-
-def setup_distributed():
-    """(rank, world_size, device) from torchrun's environment; a plain `python` run is rank 0 of 1."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def autocast(device, precision):
-    """bf16 autocast, or plain float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def sample_inputs(indices, seed, classes, num_classes, shape, device):
@@ -268,24 +252,6 @@ def merge_shards(parts, num_batches, path, nrow=None):
 #################################################################################
 #                      Benchmark: the cost of a guided step                     #
 #################################################################################
-
-def time_ms(fn, device, reps=20, warmup=3):
-    """Median time of fn() in ms over `reps` calls after `warmup` ones (compilation happens there)."""
-    times = []
-    for _ in range(warmup + reps):
-        if device.type == "cuda":                        # events time the GPU's work, not the launches
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return float(np.median(times[warmup:]))
-
 
 @torch.no_grad()
 def benchmark(model, net, args, device):

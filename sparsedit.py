@@ -18,13 +18,13 @@ L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense to
 (one collapses in the paper's ablation); B's layout lands at 13.8 GFLOPs against the paper's 14.3.
 Mixed timesteps in one batch are exact and sync-free: every sample is pooled to its own grid, padded to the largest
 side of the schedule, and padded sparse tokens are masked out as keys and never upsampled (see `sparse_grid`).
-Trained by fine-tuning a dense DiT of the same size (`init_from`). References: DiT (Peebles & Xie, 2023), SiT.
+Trained by fine-tuning a dense DiT of the same size (`from_dit`). References: DiT (Peebles & Xie, 2023), SiT.
 
 Where this differs from the paper, and why:
 - The backbone is SiT as in sprint.py (flow matching, 2D RoPE, q/k RMSNorm), not the paper's DDPM DiT (noise
   prediction with learned variance, fixed sinusoidal position table): one loop and one sampler serve all three
   models, and SparseDiT compares with SPRINT like for like. Hence the official DiT-XL/2 checkpoints (8 output
-  channels, no q/k norm, a position table) cannot initialise it; `init_from` takes a DiT trained by train.py.
+  channels, no q/k norm, a position table) cannot initialise it; `from_dit` takes a DiT trained by train.py.
 - The paper adds sinusoidal position encodings to the tokens at every sparse/dense transition. Here positions live
   in attention (RoPE), so pooled tokens are rotated at the centres of their cells (`pooled_grid`) and dense tokens
   at their own cells: the same positional information, in the form the backbone already uses.
@@ -37,8 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sprint import (Attention, Block, ModelConfig, SiT, block_macs, checkpoint_weights, load_weights, modulate,
-                    read_checkpoint, rope)
+from sprint import Attention, Block, ModelConfig, SiT, block_macs, modulate, rope
 
 
 #################################################################################
@@ -283,8 +282,19 @@ class SparseDiT(SiT):
         """(name prefix, block) for the depth-many blocks in depth order: DiT block i initialises layer i."""
         return [(name + ".", m) for name, m in self.named_modules() if isinstance(m, Block)]
 
-    def from_dit(self, dit):
-        """A DiT state dict mapped onto this model: blocks in order, Q/K/V slices, recovery W1 = 0, W2 = I."""
+    def from_dit(self, dit_cfg: ModelConfig, dit):
+        """A dense DiT's state dict mapped onto this model: blocks in order, Q/K/V slices, recovery W1 = 0, W2 = I.
+        The DiT must match this model's width, heads, patches, input and classes, and its total depth."""
+        cfg = self.cfg
+        fields = ("hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes", "mlp_ratio")
+        differ = [f"{f} {getattr(dit_cfg, f)} vs {getattr(cfg, f)}" for f in fields
+                  if getattr(dit_cfg, f) != getattr(cfg, f)]
+        if sum(dit_cfg.depths) != sum(cfg.depths):
+            differ.append(f"depth {sum(dit_cfg.depths)} vs {sum(cfg.depths)}")
+        if differ:
+            raise ValueError(f"this DiT-{dit_cfg.size}/{dit_cfg.patch_size} cannot initialise SparseDiT-{cfg.size}/"
+                             f"{cfg.patch_size} (DiT vs SparseDiT: {', '.join(differ)}); use a DiT of the same "
+                             f"--size, --patch-size, --image-size and --num-classes")
         sd = {k: v for k, v in dit.items() if not k.startswith("blocks.")}   # embedders and final layer as they are
         for i, (prefix, layer) in enumerate(self.layers()):
             for key in layer.state_dict():
@@ -294,29 +304,7 @@ class SparseDiT(SiT):
                 else:                                                      # e.g. attn.kv.weight <- qkv.weight[D:]
                     qkv = dit[f"blocks.{i}.attn.qkv.{key[len(part):]}"]
                     sd[prefix + key] = qkv.unflatten(0, (3, -1))[self.QKV_PARTS[part]].flatten(0, 1)
-        D = self.cfg.hidden_size
+        D = cfg.hidden_size
         for j in range(len(self.sdtms)):
             sd[f"sdtms.{j}.W1"], sd[f"sdtms.{j}.W2"] = torch.zeros(D, D), torch.eye(D)
         return sd
-
-    def init_from(self, path, ema=True):
-        """Fine-tuning start: a dense DiT checkpoint of the same size mapped per the paper, else our own weights."""
-        ckpt = read_checkpoint(path)
-        if ckpt.get("config", {}).get("model") != "dit":
-            return load_weights(self, path, ema, ckpt)
-        dit, cfg = ModelConfig(**ckpt["config"]), self.cfg
-        fields = ("hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes", "mlp_ratio")
-        differ = [f"{f} {getattr(dit, f)} vs {getattr(cfg, f)}" for f in fields if getattr(dit, f) != getattr(cfg, f)]
-        if sum(dit.depths) != sum(cfg.depths):
-            differ.append(f"depth {sum(dit.depths)} vs {sum(cfg.depths)}")
-        if differ:
-            raise ValueError(f"--init {path}: this DiT-{dit.size}/{dit.patch_size} cannot initialise SparseDiT-"
-                             f"{cfg.size}/{cfg.patch_size} (DiT vs SparseDiT: {', '.join(differ)}); use a DiT of "
-                             f"the same --size, --patch-size, --image-size and --num-classes")
-        dense = self.from_dit(checkpoint_weights(ckpt, ema))
-        return load_weights(self, path, ema=False, ckpt={"model": dense})
-
-
-def paper_gflops(model, t=None):
-    """GFLOPs as the DiT/SparseDiT papers count them (fvcore: 1 per multiply-add; DiT-XL/2 at 256 px = 118.6)."""
-    return model.flops(t=t) / 2 / 1e9

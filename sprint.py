@@ -14,10 +14,7 @@ branch skips g. The backbone is SiT (flow matching) with 2D RoPE and q/k RMSNorm
 official SPRINT code (tests/test_sprint.py checks the official fixtures). References: DiT (Peebles & Xie, 2023),
 SiT (Ma et al., 2024), the official code snap-research/Sprint.
 """
-import json
 import math
-import re
-import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -70,18 +67,6 @@ class ModelConfig:
     @property
     def grid(self):                  # token grid side: N = grid**2 tokens
         return self.input_size // self.patch_size
-
-
-def create_model(cfg):
-    """Build dit / sprint / sparsedit from a ModelConfig or its dict (as stored in checkpoints)."""
-    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
-    if cfg.model == "sparsedit":
-        from sparsedit import SparseDiT   # sparsedit.py builds on this file's blocks
-        return SparseDiT(cfg)
-    models = {"dit": DiT, "sprint": SPRINT}
-    if cfg.model not in models:
-        raise ValueError(f"--model {cfg.model!r}: choose dit, sprint or sparsedit")
-    return models[cfg.model](cfg)
 
 
 #################################################################################
@@ -309,10 +294,6 @@ class SiT(nn.Module):
         final = 2 * D * D + N * D * pc                                    # adaLN D -> 2D per image, Linear per token
         return patch_embed + t_mlp + final
 
-    def init_from(self, path, ema=True):
-        """Initialise from a checkpoint of this architecture (SparseDiT also maps a dense DiT's weights)."""
-        return load_weights(self, path, ema)
-
     def training_kwargs(self, batch_size, drop=0.0, mask_type="structured", path_drop=0.0, device=None):
         """Per-step random inputs of a training forward; a dense model has none (and no sparse path)."""
         if drop or path_drop:
@@ -466,90 +447,3 @@ class SPRINT(SiT):
         if not path_drop:
             macs += n_mid * block_macs(round((1 - drop) * N), D, cfg.mlp_ratio)
         return 2 * macs
-
-
-#################################################################################
-#                 Loading our checkpoints and official SPRINT ones              #
-#################################################################################
-
-OFFICIAL_NAMES = {"encoder_blocks.": "encoder.", "middle_blocks.": "middle.", "decoder_blocks.": "decoder.",
-                  "renoise_linear.": "fuse."}
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}: 8-byte little-endian header length, JSON header, raw data."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: F32, F16, BF16")
-            begin, end = info["data_offsets"]
-            f.seek(8 + n + begin)
-            data = bytearray(f.read(end - begin))
-            if len(data) != end - begin:                                    # the file ends early
-                raise EOFError(name)
-            tensors[name] = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors
-
-
-def read_checkpoint(path):
-    """Our .pt checkpoint as train.py saves it; a .safetensors file or a bare state dict becomes {"model": ...}.
-    A file that is cut short or damaged is a ValueError naming it (callers add their flag)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    try:
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":            # torch.save (zip or legacy pickle)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
-        if len(head) >= 9 and head[8:9] == b"{":
-            return {"model": read_safetensors(path)}
-    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint (truncated?)") from None
-    raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
-
-
-def checkpoint_weights(ckpt, ema=True):
-    """The EMA (if asked and present) or raw weights of a read checkpoint, named as in our models."""
-    sd = {}
-    for name, tensor in ckpt["ema" if ema and "ema" in ckpt else "model"].items():
-        name = re.sub(r"^(module\.|_orig_mod\.)+", "", name)                 # DDP / torch.compile wrappers
-        for official, ours in OFFICIAL_NAMES.items():
-            name = name.replace(official, ours)
-        sd[name] = tensor
-    return sd
-
-
-def load_weights(model, path, ema=True, ckpt=None):
-    """Load our checkpoints (EMA weights if asked and present) or official SPRINT ones, checked key by key."""
-    sd = checkpoint_weights(ckpt or read_checkpoint(path), ema)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        def show(items):
-            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-        raise ValueError(f"{path} does not fit this {model.cfg.model}-{model.cfg.size} model "
-                         f"(check --model/--size/--patch-size/--image-size):"
-                         + (f"\n  missing: {show(missing)}" if missing else "")
-                         + (f"\n  unexpected: {show(unexpected)}" if unexpected else "")
-                         + (f"\n  shape mismatch: {show(mismatched)}" if mismatched else ""))
-    model.load_state_dict(sd)
-    return model
-
-
-def load_model(path, cfg=None, ema=True, ckpt=None):
-    """A model rebuilt from the config our checkpoints carry (or from cfg, for official files), weights loaded."""
-    ckpt = ckpt or read_checkpoint(path)
-    if "config" in ckpt:
-        cfg = ckpt["config"]
-    elif cfg is None:
-        raise ValueError(f"{path} carries no model config: give the architecture (--model, --size, --patch-size, "
-                         f"--image-size, --num-classes)")
-    return load_weights(create_model(cfg), path, ema, ckpt)

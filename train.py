@@ -36,8 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from sample import agree, at_least, autocast, sample, save_grid, setup_distributed, time_ms
-from sprint import SIZES, ModelConfig, create_model, load_weights, read_checkpoint
+from models import (autocast, create_model, init_from, load_weights, matmul_peak, read_checkpoint, setup_distributed,
+                    time_ms)
+from sample import agree, at_least, sample, save_grid
+from sprint import SIZES, ModelConfig
 
 # Defaults of the flags left out (None until then, so --resume tells them apart). Real data: the paper's SiT-B/2
 # recipe. The embedded toy data: a small model and schedule, so that a plain `python train.py` shows every part of
@@ -238,13 +240,6 @@ def held_out_loss(model, x, y, precision, drop=0.0, mask_type="structured", batc
     return total.item() / (grid * len(x))
 
 
-def matmul_peak(device):
-    """Measured matmul FLOP/s, the MFU reference: bf16 8192^3 on CUDA, fp32 1024^3 on CPU (measured, not a spec)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / (time_ms(lambda: a @ b, device, reps=10) / 1e3)
-
-
 def benchmark(args, device):
     """Timed training steps on synthetic latents already on the device (SD-VAE shape, 1000 classes): one row."""
     raw, ema, opt, drop = build_model(args, device, 4, 1000, (args.image_size or 256) // 8)
@@ -276,12 +271,7 @@ def build_model(args, device, in_channels, num_classes, input_size, init=None):
     drop = dict(drop=args.drop, mask_type=args.mask_type, path_drop=args.path_drop)
     raw.training_kwargs(2, **drop, device=device)      # raises a ValueError naming the flag (--drop 0.3: no pattern)
     if init:
-        if not os.path.isfile(init):
-            raise ValueError(f"--init {init}: no such file")
-        try:
-            raw.init_from(init, ema=True)
-        except ValueError as e:                                         # name the flag, once
-            raise ValueError(str(e) if str(e).startswith("--init") else f"--init {e}") from None
+        init_from(raw, init, ema=True)
     return raw, copy.deepcopy(raw).requires_grad_(False), make_optimizer(raw, args.lr, device), drop
 
 

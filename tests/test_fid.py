@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import fid  # noqa: E402
+import fid
 
 FIXTURE = np.load(ROOT / 'tests' / 'fixtures' / 'fid_inception_io.npz')
 

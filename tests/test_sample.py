@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402
-import sprint  # noqa: E402
+import models
+import sample
+import sprint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
@@ -26,7 +26,7 @@ def tiny(model="sprint", in_channels=3, seed=0):
     """A tiny model with random weights everywhere (adaLN-Zero and the zero final layer would output 0)."""
     cfg = sprint.ModelConfig(model=model, input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32,
                              num_heads=2, depths=(1, 1, 1), num_classes=4)
-    m = sprint.create_model(cfg)
+    m = models.create_model(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -121,7 +121,7 @@ def test_guidance_only_inside_the_interval():
 def test_sparsedit_runs_the_grid_of_the_shared_t_unpadded():
     cfg = sprint.ModelConfig(model="sparsedit", input_size=16, patch_size=2, in_channels=3, hidden_size=32,
                              num_heads=2, depths=(1, 3, 1), num_classes=4, extra={"layout": [1, 1, 0, 1]})
-    model, x, y = sprint.create_model(cfg), torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    model, x, y = models.create_model(cfg), torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -356,7 +356,7 @@ def test_vae_decodes_latents_divided_by_the_latent_scale(tmp_path, monkeypatch, 
     images, latents = npz(tmp_path / "img.npz"), npz(tmp_path / "lat.latents.npz")["latents"]
     assert images["arr_0"].shape == (3, 64, 64, 3) and images["arr_0"].dtype == np.uint8
     z, y, gens = sample.sample_inputs(range(3), 0, None, 4, (4, 8, 8), "cpu")
-    x = sample.sample(sprint.load_model(ckpt), z, y, "sde", 3, gens, cfg_scale=4.0)
+    x = sample.sample(models.load_model(ckpt), z, y, "sde", 3, gens, cfg_scale=4.0)
     torch.testing.assert_close(torch.from_numpy(latents), x / 0.5)     # model output / the checkpoint's scale
     torch.testing.assert_close(torch.cat(decoded), x / 0.5)            # ... is what the VAE decodes
     assert np.allclose(npz(tmp_path / "lat4.latents.npz")["latents"], 2 * latents, atol=1e-5)

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sprint import Block, DiT, ModelConfig, create_model, rope
-from sparsedit import SparseDiT, Poolingformer, paper_gflops, pooled_grid
+from models import create_model, init_from
+from sprint import Block, DiT, ModelConfig, rope
+from sparsedit import SparseDiT, Poolingformer, pooled_grid
 
 
 def tiny(**extra):
@@ -95,7 +96,7 @@ def test_init_from_dit_maps_blocks_in_order_and_slices_qkv(tmp_path):
             p.add_(1.0)
     path = tmp_path / "dit.pt"
     torch.save({"model": dit.state_dict(), "ema": ema.state_dict(), "config": dataclasses.asdict(dit_cfg)}, path)
-    model = randomize(SparseDiT(tiny())).init_from(path)                   # EMA weights by default
+    model = init_from(randomize(SparseDiT(tiny())), path)                   # EMA weights by default
     D, blocks = 64, ema.blocks
     pf, sdtm = model.poolingformers[0], model.sdtms[1]                     # layer 0; SDTM 1 starts at layer 6
     assert torch.equal(pf.attn.v.weight, blocks[0].attn.qkv.weight[2 * D:])
@@ -115,7 +116,7 @@ def test_init_from_dit_maps_blocks_in_order_and_slices_qkv(tmp_path):
     wide = dataclasses.replace(dit_cfg, hidden_size=128)
     torch.save({"model": create_model(wide).state_dict(), "config": dataclasses.asdict(wide)}, path)
     with pytest.raises(ValueError, match="--init .*hidden_size 128 vs 64"):
-        model.init_from(path)
+        init_from(model, path)
 
 
 def test_layout_and_density_flags_are_validated():
@@ -127,6 +128,11 @@ def test_layout_and_density_flags_are_validated():
         SparseDiT(tiny(density=[5, 3]))
     fixed = SparseDiT(tiny(layout=[2, 2, 1, 2], density=[4, 4]))          # a fixed 4 x 4 grid, 2 SDTMs of 4
     assert fixed.grid_side(torch.tensor([0.0, 1.0])).tolist() == [4, 4] and len(fixed.sdtms) == 2
+
+
+def paper_gflops(model):
+    """GFLOPs as the DiT/SparseDiT papers count them (fvcore: 1 per multiply-add; DiT-XL/2 at 256 px = 118.6)."""
+    return model.flops() / 2 / 1e9
 
 
 def test_flops_fall_as_the_grid_shrinks_and_match_the_paper():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sprint import (ModelConfig, SPRINT, apply_rope, create_model, group_shape, load_model, load_weights,
-                    patchify, read_safetensors, rope, sample_ids_keep, unpatchify)
+from models import create_model, load_model, load_weights, read_safetensors
+from sprint import ModelConfig, SPRINT, apply_rope, group_shape, patchify, rope, sample_ids_keep, unpatchify
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sprint  # noqa: E402
-import train  # noqa: E402
+import models
+import sprint
+import train
 
 TRAIN = str(ROOT / "train.py")
 # a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to skip
@@ -79,7 +79,7 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model):
     ckpt = torch.load(run_dir / "checkpoints" / "0000040.pt", weights_only=True)
     assert set(ckpt) == {"model", "ema", "opt", "config", "args", "step", "rng", "data", "train_s"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    net = sprint.load_model(str(run_dir / "checkpoints" / "0000040.pt"))    # all that sample.py --ckpt needs
+    net = models.load_model(str(run_dir / "checkpoints" / "0000040.pt"))    # all that sample.py --ckpt needs
     assert (net.cfg.model, net.cfg.hidden_size, net.cfg.num_classes, net.cfg.input_size) == (model, 32, 10, 16)
 
 
@@ -333,7 +333,7 @@ def test_benchmark_prints_one_table_row(capsys):
 @pytest.mark.parametrize("model", ["dit", "sprint", "sparsedit"])
 def test_the_mini_size_is_one_flag_for_every_model(model):
     cfg = train.parse_args(["--model", model, "--size", "mini"])
-    net = sprint.create_model(sprint.ModelConfig(cfg.model, cfg.size, 2, 16, 3, 9))
+    net = models.create_model(sprint.ModelConfig(cfg.model, cfg.size, 2, 16, 3, 9))
     assert (net.cfg.hidden_size, net.cfg.num_heads, net.cfg.depths) == (128, 4, (2, 8, 2))   # B's split, narrowed
     assert sum(isinstance(m, sprint.Block) for m in net.modules()) == 12      # SparseDiT: its 12 layers, 1,2,2,1
     v = net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 8]))

@@ -1,0 +1,183 @@
+"""
+The model registry and checkpoints: what train.py writes and sample.py reads, and official SPRINT weights; and the
+run-time both scripts share (processes, autocast, timing, the matmul peak that MFU is measured against).
+
+    model = create_model(ModelConfig(model="sprint", size="XL"))          # dit | sprint | sparsedit, by name
+    model = load_model("results/000-sprint-B-2/checkpoints/0400000.pt")   # config and EMA weights from the file
+    load_weights(model, "sprint_xl.safetensors")                          # official names mapped to ours
+
+sprint.py and sparsedit.py are pure model code; this file sits above both, so neither knows the other's loaders.
+"""
+import json
+import os
+import re
+import struct
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sparsedit import SparseDiT
+from sprint import DiT, SPRINT, ModelConfig
+
+MODELS = {"dit": DiT, "sprint": SPRINT, "sparsedit": SparseDiT}
+
+
+def create_model(cfg):
+    """Build dit / sprint / sparsedit from a ModelConfig or its dict (as stored in checkpoints)."""
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model {cfg.model!r}: choose dit, sprint or sparsedit")
+    return MODELS[cfg.model](cfg)
+
+
+#################################################################################
+#                 Loading our checkpoints and official SPRINT ones              #
+#################################################################################
+
+OFFICIAL_NAMES = {"encoder_blocks.": "encoder.", "middle_blocks.": "middle.", "decoder_blocks.": "decoder.",
+                  "renoise_linear.": "fuse."}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}: 8-byte little-endian header length, JSON header, raw data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: F32, F16, BF16")
+            begin, end = info["data_offsets"]
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(end - begin))
+            if len(data) != end - begin:                                    # the file ends early
+                raise EOFError(name)
+            tensors[name] = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
+
+
+def read_checkpoint(path):
+    """Our .pt checkpoint as train.py saves it; a .safetensors file or a bare state dict becomes {"model": ...}.
+    A file that is cut short or damaged is a ValueError naming it (callers add their flag)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    try:
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":            # torch.save (zip or legacy pickle)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
+        if len(head) >= 9 and head[8:9] == b"{":
+            return {"model": read_safetensors(path)}
+    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated?)") from None
+    raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
+
+
+def checkpoint_weights(ckpt, ema=True):
+    """The EMA (if asked and present) or raw weights of a read checkpoint, named as in our models."""
+    sd = {}
+    for name, tensor in ckpt["ema" if ema and "ema" in ckpt else "model"].items():
+        name = re.sub(r"^(module\.|_orig_mod\.)+", "", name)                 # DDP / torch.compile wrappers
+        for official, ours in OFFICIAL_NAMES.items():
+            name = name.replace(official, ours)
+        sd[name] = tensor
+    return sd
+
+
+def load_weights(model, path, ema=True, ckpt=None):
+    """Load our checkpoints (EMA weights if asked and present) or official SPRINT ones, checked key by key."""
+    sd = checkpoint_weights(ckpt or read_checkpoint(path), ema)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+        raise ValueError(f"{path} does not fit this {model.cfg.model}-{model.cfg.size} model "
+                         f"(check --model/--size/--patch-size/--image-size):"
+                         + (f"\n  missing: {show(missing)}" if missing else "")
+                         + (f"\n  unexpected: {show(unexpected)}" if unexpected else "")
+                         + (f"\n  shape mismatch: {show(mismatched)}" if mismatched else ""))
+    model.load_state_dict(sd)
+    return model
+
+
+def load_model(path, cfg=None, ema=True, ckpt=None):
+    """A model rebuilt from the config our checkpoints carry (or from cfg, for official files), weights loaded."""
+    ckpt = ckpt or read_checkpoint(path)
+    if "config" in ckpt:
+        cfg = ckpt["config"]
+    elif cfg is None:
+        raise ValueError(f"{path} carries no model config: give the architecture (--model, --size, --patch-size, "
+                         f"--image-size, --num-classes)")
+    return load_weights(create_model(cfg), path, ema, ckpt)
+
+
+def init_from(model, path, ema=True):
+    """train.py --init: a SparseDiT from a dense DiT checkpoint (mapped by SparseDiT.from_dit), else this model's
+    own weights (EMA if asked and present). Every error names --init and the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--init {path}: no such file")
+    try:
+        ckpt = read_checkpoint(path)
+        if not (isinstance(model, SparseDiT) and ckpt.get("config", {}).get("model") == "dit"):
+            return load_weights(model, path, ema, ckpt)
+        try:
+            dense = model.from_dit(ModelConfig(**ckpt["config"]), checkpoint_weights(ckpt, ema))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return load_weights(model, path, ema=False, ckpt={"model": dense})
+    except ValueError as e:
+        raise ValueError(f"--init {e}") from None
+
+
+#################################################################################
+#            Run-time shared by train.py and sample.py: processes, speed          #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment; a plain `python` run is rank 0 of 1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast(device, precision):
+    """bf16 autocast, or plain float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def time_ms(fn, device, reps=20, warmup=3):
+    """Median time of fn() in ms over `reps` calls after `warmup` ones (compilation happens there)."""
+    times = []
+    for _ in range(warmup + reps):
+        if device.type == "cuda":                        # events time the GPU's work, not the launches
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return float(np.median(times[warmup:]))
+
+
+def matmul_peak(device):
+    """Measured matmul FLOP/s, the MFU reference: bf16 8192^3 on CUDA, fp32 1024^3 on CPU (measured, not a spec)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (time_ms(lambda: a @ b, device, reps=10) / 1e3)
