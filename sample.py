@@ -46,7 +46,7 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
     """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,), guided for t in `interval`.
 
     Outside it, or at scale 1, one conditional pass. CFG: one forward of 2B (the conditional and null-label halves);
-    PDG: the full model on the conditional half, the model without its middle blocks (path_drop=True) on the null.
+    PDG: the full model on the conditional half, the model without its middle blocks (skip_middle) on the null.
     """
     tt = torch.full((x.shape[0],), t, device=x.device)
     kw = model.sampling_kwargs(t)                                         # SparseDiT: this t's grid side
@@ -54,14 +54,14 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
         return model(x, tt, y, **kw)
     null = torch.full_like(y, model.cfg.num_classes)
     if pdg:
-        v_cond, v_uncond = model(x, tt, y, **kw), model(x, tt, null, path_drop=True, **kw)
+        v_cond, v_uncond = model(x, tt, y, **kw), model(x, tt, null, skip_middle=True, **kw)
     else:
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), **kw).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 def guided_passes(t, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
-    """The forward passes one step costs per image: [(t, path_drop), ...] (for FLOPs accounting)."""
+    """The forward passes one step costs per image: [(t, skip_middle), ...] (for FLOPs accounting)."""
     return [(t, False), (t, pdg)] if guided(t, cfg_scale, interval) else [(t, False)]
 
 
@@ -111,7 +111,7 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
 
 
 def trajectory_passes(sampler="sde", steps=250, **guidance):
-    """Every forward pass one image costs in a whole sampling run: [(t, path_drop), ...]."""
+    """Every forward pass one image costs in a whole sampling run: [(t, skip_middle), ...]."""
     ts = time_grid(sampler, steps)
     evals = ts[:-1] + (ts[1:] if sampler == "heun" else [])              # Heun also evaluates each step's end
     return [p for t in evals for p in guided_passes(t, **guidance)]
@@ -119,7 +119,7 @@ def trajectory_passes(sampler="sde", steps=250, **guidance):
 
 def trajectory_flops(model, sampler="sde", steps=250, **guidance):
     """Forward FLOPs per image of one whole sampling run (every model pass the sampler makes)."""
-    return sum(model.flops(path_drop=pd, t=t) for t, pd in trajectory_passes(sampler, steps, **guidance))
+    return sum(model.pass_flops(t, skip) for t, skip in trajectory_passes(sampler, steps, **guidance))
 
 
 #################################################################################
@@ -264,7 +264,7 @@ def benchmark(model, net, args, device):
     x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(cfg.num_classes, (B,), device=device)
     ts = [(k + 0.5) / 8 for k in range(8)]
-    ts = ts if len({model.flops(t=t) for t in ts}) > 1 else [0.5]
+    ts = ts if len({model.pass_flops(t) for t in ts}) > 1 else [0.5]
     evals = len(trajectory_passes(args.sampler, args.steps))     # unguided: one pass per step
     print(f"benchmark: {cfg.model}-{cfg.size}/{cfg.patch_size}, {model.num_params() / 1e6:.1f}M parameters, "
           f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, batch {B}, {args.precision}"
@@ -275,7 +275,7 @@ def benchmark(model, net, args, device):
         g = dict(cfg_scale=4.0, pdg=mode == "pdg")       # any scale but 1: its value does not change the cost
         with autocast(device, args.precision):
             ms[mode] = sum(time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts) / len(ts)
-        flops[mode] = B * sum(model.flops(t=t, path_drop=pd) for t in ts for _, pd in guided_passes(t, **g)) / len(ts)
+        flops[mode] = B * sum(model.pass_flops(t, skip) for t in ts for _, skip in guided_passes(t, **g)) / len(ts)
         print(f"{mode:<10}{ms[mode]:>10.2f}{B * 1e3 / (ms[mode] * evals):>10.3g}{flops[mode] / ms[mode] / 1e9:>10.3g}")
     if "pdg" in ms:
         print(f"PDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x "
@@ -292,6 +292,13 @@ def at_least(args, low, *names):
     for name in names:
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+
+
+def fill(args, defaults):
+    """The flags left out (None) take these defaults; train.py uses it too."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def agree(args, stored, source, whose, free=()):
@@ -343,8 +350,7 @@ def build_model(args, device):
                 side = c["input_size"] * (8 if c["in_channels"] == 4 else 1)   # latents: 8x smaller than pixels
                 stored = {k: c[k] for k in ("model", "size", "patch_size", "in_channels", "num_classes")}
                 agree(args, {**stored, "image_size": side}, args.ckpt, "the checkpoint's")
-        for key, value in ARCH.items():
-            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        fill(args, ARCH)
         side = args.image_size // 8 if args.in_channels == 4 else args.image_size   # SD-VAE latents: 8x smaller
         cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels, args.num_classes)
         model = create_model(cfg) if ckpt is None else load_model(args.ckpt, cfg, args.ema, ckpt)
@@ -407,7 +413,7 @@ def main(argv=None):
     saving = f" (CFG: {cfg_flops / 1e12:.4g}, PDG saves {1 - flops / cfg_flops:.0%})" if args.pdg else ""
     log(f"{args.ckpt}: {cfg.model}-{cfg.size}/{cfg.patch_size}, {'EMA' if args.ema else 'raw'} weights; "
         f"{args.sampler}-{args.steps}, {guide if args.cfg_scale != 1 else 'no guidance'}")
-    log(f"cost per image: {len(passes)} model passes ({sum(pd for _, pd in passes)} with the path dropped), "
+    log(f"cost per image: {len(passes)} model passes ({sum(skip for _, skip in passes)} with the path dropped), "
         f"{flops / 1e12:.4g} forward TFLOPs{saving}")
     start = time.perf_counter()
     count = torch.tensor(sample_shards(net, args, guidance, parts, rank, world, device, vae), device=device)

@@ -265,9 +265,12 @@ class SparseDiT(SiT):
                 + 2 * N * D * D + cross(N, n) + block_macs(N, D, r))       # X_m, recovery, dense block
         return self.embed_macs() + P * pooling + S * sdtm + T * block_macs(N, D, r)
 
-    def flops(self, drop=0.0, path_drop=False, t=None):
+    def pass_flops(self, t, skip_middle=False):
+        return self.flops(t)
+
+    def flops(self, t=None):
         """Forward FLOPs per image (2 per multiply-add) at time t (float), or the mean over times t (1-D);
-        t=None: the mean over 1000 uniform times, i.e. over a whole sampling trajectory. drop/path_drop: none here."""
+        t=None: the mean over 1000 uniform times, i.e. over a whole sampling trajectory."""
         cpu = torch.device("cpu")                                          # also for a model built on "meta"
         t = torch.linspace(0, 1, 1000, device=cpu) if t is None else torch.as_tensor(t, device=cpu).float().reshape(-1)
         sides, counts = torch.unique(density_schedule(t, self.min_side, self.max_side), return_counts=True)

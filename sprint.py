@@ -170,9 +170,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def heads(self, x, n):
-        """(B, n, k*D) -> k tensors (B, H, n, d)."""
-        return x.unflatten(-1, (-1, self.num_heads, x.shape[-1] // n // self.num_heads)).permute(2, 0, 3, 1, 4)
+    def heads(self, x, chunks):
+        """(B, n, chunks*D) -> `chunks` tensors (B, H, n, d), e.g. q, k, v from the fused qkv."""
+        return x.unflatten(-1, (-1, self.num_heads, x.shape[-1] // chunks // self.num_heads)).permute(2, 0, 3, 1, 4)
 
     def attend(self, q, k, v, q_rope, k_rope, mask=None):
         """Normalise and rotate q/k, attend (mask: (B, 1, 1, n_kv), False = a padded key), merge heads."""
@@ -294,15 +294,30 @@ class SiT(nn.Module):
         final = 2 * D * D + N * D * pc                                    # adaLN D -> 2D per image, Linear per token
         return patch_embed + t_mlp + final
 
-    def training_kwargs(self, batch_size, drop=0.0, mask_type="structured", path_drop=0.0, device=None):
+    def training_kwargs(self, batch_size, token_drop, device):
         """Per-step random inputs of a training forward; a dense model has none (and no sparse path)."""
-        if drop or path_drop:
+        if token_drop.ratio or token_drop.path_drop_prob:
             raise ValueError(f"--model {self.cfg.model} has no sparse path: use --drop 0 --path-drop 0")
         return {}
 
     def sampling_kwargs(self, t):
         """Forward inputs for a sampling batch that shares the time t (a float); SparseDiT's grid side."""
         return {}
+
+    #### Cost: each model's flops() counts its own forward; these hooks price a training or sampling pass ####
+
+    def training_flops(self, token_drop):
+        """Forward FLOPs per image of a training forward (a training step costs about three)."""
+        return self.flops()
+
+    def pass_flops(self, t, skip_middle=False):
+        """Forward FLOPs per image of one sampling pass at time t (skip_middle: PDG's unconditional pass)."""
+        return self.flops()
+
+    def estimate_mfu(self, flops_per_s, peak):
+        """Model FLOPs utilisation, as nanoGPT's estimate_mfu: achieved FLOP/s (from flops()) over a matmul peak
+        measured on this device (models.matmul_peak), not a datasheet figure."""
+        return flops_per_s / peak
 
 
 class DiT(SiT):
@@ -320,8 +335,8 @@ class DiT(SiT):
             h = block(h, c, cos_sin)
         return self.unembed(h, c)
 
-    def flops(self, drop=0.0, path_drop=False, t=None):
-        """Forward FLOPs per image (2 per multiply-add); dense, so the same whatever the arguments."""
+    def flops(self):
+        """Forward FLOPs per image (2 per multiply-add)."""
         cfg = self.cfg
         return 2 * (self.embed_macs() + len(self.blocks) * block_macs(self.num_tokens, cfg.hidden_size, cfg.mlp_ratio))
 
@@ -329,6 +344,15 @@ class DiT(SiT):
 #################################################################################
 #                         Token drop (SPRINT, Sec. 3.2)                         #
 #################################################################################
+
+@dataclass
+class TokenDrop:
+    """A training step's token drop: the share of tokens the middle blocks skip, how the kept ones are drawn
+    (structured | random), and the probability that a sample skips the middle blocks altogether (path drop)."""
+    ratio: float
+    mask_type: str
+    path_drop_prob: float
+
 
 def group_shape(drop, grid):
     """The smallest n x n group (n < grid divides it) in which keeping k tokens drops exactly `drop` -> (n, k).
@@ -392,28 +416,28 @@ class SPRINT(SiT):
         self.initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, x, t, y, ids_keep=None, path_drop=None):
+    def forward(self, x, t, y, ids_keep=None, path_drop=None, skip_middle=False):
         """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,).
 
         ids_keep: (B, M) kept token indices for the middle blocks (None: all tokens).
-        path_drop: (B,) bool, True replaces that sample's middle output by mask tokens (training's 10%);
-                   or the Python bool True: the whole batch skips the middle blocks (PDG's unconditional pass).
+        path_drop: (B,) bool, True replaces that sample's middle output by mask tokens (training's 10%).
+        skip_middle: the whole batch skips the middle blocks, mask tokens in their place (PDG's unconditional pass).
         """
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
         cos_sin = rope(self.pos, self.head_dim)
         for block in self.encoder:
             h = block(h, c, cos_sin)                                       # h_f: (B, N, D)
-        g = self.deep_path(h, c, cos_sin, ids_keep, path_drop)             # (B, N, D)
+        g = self.deep_path(h, c, cos_sin, ids_keep, path_drop, skip_middle)  # (B, N, D)
         h = self.fuse(torch.cat([g, h], dim=-1))                           # (B, N, 2D) -> (B, N, D)
         for block in self.decoder:
             h = block(h, c, cos_sin)
         return self.unembed(h, c)
 
-    def deep_path(self, h, c, cos_sin, ids_keep=None, path_drop=None):
+    def deep_path(self, h, c, cos_sin, ids_keep, path_drop, skip_middle):
         """The middle blocks on the kept tokens, scattered back to the grid with mask tokens elsewhere."""
         B, N, D = h.shape
         mask = self.mask_token.to(h.dtype).expand(B, N, D)
-        if path_drop is True:                                              # g does no work at all
+        if skip_middle:                                                    # g does no work at all
             return mask
         g = h
         if ids_keep is not None:
@@ -429,21 +453,28 @@ class SPRINT(SiT):
             g = torch.where(path_drop[:, None, None], mask, g)
         return g
 
-    def training_kwargs(self, batch_size, drop=0.75, mask_type="structured", path_drop=0.1, device=None):
+    def training_kwargs(self, batch_size, token_drop, device):
         """Per-step random inputs of a training forward: kept tokens and path-drop flags, drawn on device."""
         kwargs = {}
-        if drop:
-            kwargs["ids_keep"] = sample_ids_keep(batch_size, self.cfg.grid, drop, mask_type, device)
-        if path_drop:
-            kwargs["path_drop"] = torch.rand(batch_size, device=device) < path_drop
+        if token_drop.ratio:
+            kwargs["ids_keep"] = sample_ids_keep(batch_size, self.cfg.grid, token_drop.ratio, token_drop.mask_type,
+                                                 device)
+        if token_drop.path_drop_prob:
+            kwargs["path_drop"] = torch.rand(batch_size, device=device) < token_drop.path_drop_prob
         return kwargs
 
-    def flops(self, drop=0.0, path_drop=False, t=None):
-        """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; path_drop: g skipped."""
+    def training_flops(self, token_drop):
+        return self.flops(drop=token_drop.ratio)
+
+    def pass_flops(self, t, skip_middle=False):
+        return self.flops(skip_middle=skip_middle)
+
+    def flops(self, drop=0.0, skip_middle=False):
+        """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; skip_middle: g skipped."""
         cfg, N = self.cfg, self.num_tokens
         n_enc, n_mid, n_dec = cfg.depths
         D = cfg.hidden_size
-        macs = self.embed_macs() + (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio) + N * 2 * D * D
-        if not path_drop:
+        macs = self.embed_macs() + (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio) + N * 2 * D * D   # + fuse 2D -> D
+        if not skip_middle:
             macs += n_mid * block_macs(round((1 - drop) * N), D, cfg.mlp_ratio)
         return 2 * macs

@@ -25,21 +25,18 @@ import hashlib
 import json
 import os
 import time
-import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from models import (autocast, create_model, init_from, load_weights, matmul_peak, read_checkpoint, setup_distributed,
-                    time_ms)
-from sample import agree, at_least, sample, save_grid
-from sprint import SIZES, ModelConfig
+from data import setup_data
+from models import (MODELS, autocast, create_model, init_from, load_weights, matmul_peak, read_checkpoint,
+                    setup_distributed, time_ms)
+from sample import agree, at_least, fill, sample, save_grid
+from sprint import SIZES, ModelConfig, TokenDrop
 
 # Defaults of the flags left out (None until then, so --resume tells them apart). Real data: the paper's SiT-B/2
 # recipe. The embedded toy data: a small model and schedule, so that a plain `python train.py` shows every part of
@@ -53,132 +50,9 @@ TOY = dict(size="S", image_size=16, hidden_size=96, num_heads=4, depths=[1, 2, 1
 SPARSE = dict(drop=0.75, path_drop=0.1)     # SPRINT's defaults; a model without a sparse path trains at 0 and 0
 LABEL_DROP = 0.1                            # labels -> the null label, for classifier-free guidance
 GRID = dict(sampler="euler", steps=25, cfg_scale=4.0)    # the EMA sample grids
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # what a resumed run may change: its length (--steps while in stage 1), its lr, logging and speed
 RESUME_MAY_CHANGE = {"steps", "finetune_steps", "lr", "ft_lr", "log_every", "ckpt_every", "eval_every",
                      "sample_every", "num_workers", "compile", "results_dir"}
-
-
-#################################################################################
-#                                     Data                                      #
-#################################################################################
-
-def embedded_dataset(size=16, n=4000, seed=0):
-    """Ten classes of coloured shapes drawn in numpy (no download): uint8 (n, size, size, 3), labels (n,). A class
-    is a shape and a hue; position, radius, hue and background vary, so a model must learn what a class looks like."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    r, cy, cx = rng.uniform(0.2, 0.32, (n, 1, 1)), *rng.uniform(0.35, 0.65, (2, n, 1, 1))
-    yy, xx = (np.mgrid[:size, :size] + 0.5) / size                       # pixel centres in (0, 1)
-    dy, dx = yy - cy, xx - cx
-    d, box, thin = np.hypot(dy, dx), np.maximum(abs(dx), abs(dy)), 0.3 * r
-    shapes = [d < r, box < r, abs(dx) + abs(dy) < r, abs(d - r) < thin,                 # disc, square, diamond, ring
-              (np.minimum(abs(dx), abs(dy)) < thin) & (box < r),                        # plus
-              (abs(abs(dx) - abs(dy)) < thin) & (box < r),                              # cross
-              (dy < 0.8 * r) & (abs(dx) < 0.6 * (dy + r)),                              # triangle
-              np.sin(yy * 40 + cy * 9) > 0, np.sin(xx * 40 + cx * 9) > 0,             # horizontal, vertical stripes
-              (np.sin(xx * 30 + cx * 9) > 0) ^ (np.sin(yy * 30 + cy * 9) > 0)]         # checkerboard
-    mask = np.stack(shapes)[y, np.arange(n)][..., None]                  # (n, size, size, 1)
-    hue = y[:, None] / 10 + rng.uniform(-0.03, 0.03, (n, 1)) + np.array([0, 1 / 3, 2 / 3])
-    fg = 0.5 + 0.5 * np.cos(2 * np.pi * hue)                             # a point on the colour wheel, (n, 3)
-    bg = rng.uniform(0.0, 0.35, (n, 1)) * np.ones(3)
-    return (255 * np.where(mask, fg[:, None, None], bg[:, None, None])).round().astype(np.uint8), y
-
-
-def center_crop_arr(img, size):
-    """ADM's preprocessing (DiT's too): halve with a box filter while large, resize bicubic, crop the centre."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    arr = np.asarray(img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC))
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top: top + size, left: left + size]
-
-
-class ImageFolder:
-    """ImageNet layout, root/<class>/<image>; data[indices] decodes one batch (in a DataLoader worker)."""
-    def __init__(self, root, size, upscale=True):
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
-                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
-        if not self.files:
-            raise ValueError(f"--data {root}: no images found (looked for {'/'.join(IMAGE_EXTS)} in one sub-folder "
-                             f"per class)")
-        for path, _ in tqdm(self.files, f"checking {root}", disable=len(self.files) < 10_000, leave=False):
-            self.load(path, verify=True)                 # a broken file fails here, named, not later in a worker
-        self.size, self.upscale, self.num_classes = size, upscale, len(classes)
-
-    def __len__(self):
-        return len(self.files)
-
-    def load(self, path, verify=False):
-        """The image's pixels; verify=True: only a check of what PIL reads without decoding (cheap)."""
-        try:
-            with Image.open(path) as img:
-                img = img.verify() if verify else img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:                  # PIL's ways of saying "not an image"
-            raise ValueError(f"--data: cannot decode {path} ({e})") from None
-        if verify:
-            return None
-        if not self.upscale and min(img.size) < self.size:
-            raise ValueError(f"--data: {path} is {img.width}x{img.height}, smaller than --image-size {self.size} "
-                             f"(without --no-upscale it would be upscaled)")
-        return center_crop_arr(img, self.size)
-
-    def __getitem__(self, idx):
-        x = np.stack([self.load(self.files[i][0]) for i in idx])
-        return torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([self.files[i][1] for i in idx])
-
-
-def load_data(args):
-    """(dataset, number of classes) for --data, an image folder or an .npz (checked), or the embedded toy data."""
-    if args.data is None:
-        x, y = embedded_dataset(args.image_size)
-    elif not os.path.exists(args.data):
-        raise ValueError(f"--data {args.data}: no such file or folder")
-    elif os.path.isdir(args.data):
-        folder = ImageFolder(args.data, args.image_size or 64, upscale=not args.no_upscale)
-        return folder, folder.num_classes
-    elif not zipfile.is_zipfile(args.data):                             # an .npz is a zip of .npy files
-        raise ValueError(f"--data {args.data}: neither an image folder nor an .npz file (with arrays x and y)")
-    else:
-        try:
-            with np.load(args.data) as f:
-                if not {"x", "y"} <= set(f.files):
-                    raise ValueError(f"--data {args.data}: needs arrays 'x' and 'y' (found: {', '.join(f.files)})")
-                x, y = f["x"], f["y"]
-        except (OSError, EOFError) as e:
-            raise ValueError(f"--data {args.data}: neither an image folder nor a readable .npz ({e})") from None
-        if not (len(x) == len(y) > 0 and x.ndim in (3, 4) and np.issubdtype(y.dtype, np.integer)) or y.min() < 0:
-            raise ValueError(f"--data {args.data}: x must hold N > 0 images, y their N labels (integers >= 0); got "
-                             f"x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
-        side = x.shape[1] if x.dtype == np.uint8 else x.shape[2]
-        if args.image_size and args.image_size != side and x.dtype != np.uint8:
-            raise ValueError(f"--image-size {args.image_size}: {args.data} holds {side}x{side} latents, which cannot "
-                             f"be resized; leave --image-size out")
-        if args.image_size and args.image_size != side:                 # pixels: ADM's antialiased resize and crop
-            x = np.stack([center_crop_arr(Image.fromarray(img), args.image_size) for img in x])
-    x = torch.from_numpy(x[..., None] if x.ndim == 3 else x)    # uint8 pixels (N, H, W[, C]) or latents (N, C, H, W)
-    x = x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x          # (N, C, H, W); data[indices] is a batch
-    return TensorDataset(x, torch.from_numpy(y).long()), int(y.max()) + 1
-
-
-def split(n):
-    """A fixed held-out subset (min(256, n/10) items, the same for every run and seed) and the training rest."""
-    perm = np.random.default_rng(0).permutation(n)
-    k = min(256, n // 10)
-    return perm[k:], np.sort(perm[:k])
-
-
-def epoch_batches(indices, global_batch, rank, world, seed, epoch=0, batch=0):
-    """This rank's slice of each global batch, endlessly, from (epoch, batch) on. An epoch is a permutation
-    seeded by (seed, epoch), the same on every rank, so the ranks together see every item once per epoch."""
-    G, L = global_batch, global_batch // world
-    while True:
-        perm = indices[np.random.default_rng((seed, epoch)).permutation(len(indices))]
-        for b in range(batch, len(indices) // G):
-            yield perm[b * G + rank * L: b * G + (rank + 1) * L]
-        epoch, batch = epoch + 1, 0
 
 
 #################################################################################
@@ -192,19 +66,19 @@ def velocity_loss(model, x, y, t, eps, **kwargs):
     return (v.float() - (eps - x)).pow(2).mean()
 
 
-def train_step(model, raw, ema, opt, x, y, drop, precision, ema_decay):
+def train_step(model, raw, ema, opt, x, y, token_drop, precision, decay):
     """One AdamW step -> (loss, grad norm) as device tensors: nothing in here waits for the GPU."""
     B = x.shape[0]
     t = torch.sigmoid(torch.randn(B, device=x.device))                  # logit-normal t = s/(1+s), s = e^n
     y = torch.where(torch.rand(B, device=x.device) < LABEL_DROP, raw.cfg.num_classes, y)
-    kwargs = raw.training_kwargs(B, **drop, device=x.device)            # SPRINT: ids_keep and path_drop
+    kwargs = raw.training_kwargs(B, token_drop, x.device)               # SPRINT: ids_keep and path_drop
     with autocast(x.device, precision):
         loss = velocity_loss(model, x, y, t, torch.randn_like(x), **kwargs)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    update_ema(ema, raw, ema_decay)
+    update_ema(ema, raw, decay)
     return loss.detach(), grad_norm
 
 
@@ -212,6 +86,28 @@ def train_step(model, raw, ema, opt, x, y, drop, precision, ema_decay):
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, one fused kernel for all parameters."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+@dataclass
+class Stage:
+    """A training stage: its first step, token drop, lr, lr warm-up steps and EMA target decay."""
+    begin: int
+    token_drop: TokenDrop
+    lr: float
+    warmup: int
+    ema_decay: float
+
+    def lr_at(self, step):
+        return lr_at(self.lr, step - self.begin, self.warmup)
+
+    def ema_decay_at(self, step):
+        return ema_decay_at(self.ema_decay, step - self.begin, self.warmup)
+
+
+def stages(args, token_drop):
+    """Stage 1 at --drop; stage 2 (--finetune-steps) at 0% drop with its own lr, warm-up and EMA (SPRINT Sec. 3.3)."""
+    return [Stage(0, token_drop, args.lr, args.warmup, args.ema_decay),
+            Stage(args.steps, replace(token_drop, ratio=0.0), args.ft_lr, args.ft_warmup, args.ft_ema_decay)]
 
 
 def lr_at(lr, s, warmup):
@@ -226,53 +122,74 @@ def ema_decay_at(target, s, warmup):
 
 
 @torch.no_grad()
-def held_out_loss(model, x, y, precision, drop=0.0, mask_type="structured", batch=64, grid=8):
+def held_out_loss(model, x, y, precision, token_drop, batch=64, grid=8):
     """Velocity loss on the held-out set, averaged over t = (i + 0.5)/grid with fixed noise and a fixed drop
     pattern: every evaluation sees the same inputs, and the training RNG is left alone (resume stays exact)."""
+    token_drop = replace(token_drop, path_drop_prob=0.0)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         torch.manual_seed(0)
         total = 0.0
         for t in (torch.arange(grid, device=x.device) + 0.5) / grid:
             for xb, yb in zip(x.split(batch), y.split(batch)):
-                kwargs = model.training_kwargs(len(xb), drop=drop, mask_type=mask_type, path_drop=0.0, device=x.device)
+                kwargs = model.training_kwargs(len(xb), token_drop, x.device)
                 with autocast(x.device, precision):
                     total += len(xb) * velocity_loss(model, xb, yb, t.expand(len(xb)), torch.randn_like(xb), **kwargs)
     return total.item() / (grid * len(x))
 
 
+def evaluate(raw, eval_data, args, token_drop, run_dir, step, train_s):
+    """Held-out loss with all tokens (what sampling sees) and with the training drop: stage 2 closes the gap."""
+    x, y = eval_data
+    losses = {"eval_loss": held_out_loss(raw, x, y, args.precision, replace(token_drop, ratio=0.0))}
+    if token_drop.ratio:
+        losses["eval_loss_drop"] = held_out_loss(raw, x, y, args.precision, token_drop)
+    log(run_dir, f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+        step=step, train_s=train_s, **losses)
+
+
 def benchmark(args, device):
     """Timed training steps on synthetic latents already on the device (SD-VAE shape, 1000 classes): one row."""
-    raw, ema, opt, drop = build_model(args, device, 4, 1000, (args.image_size or 256) // 8)
+    raw, ema, opt, token_drop = build_model(args, device, 4, 1000, (args.image_size or 256) // 8)
     B, S = args.global_batch_size, raw.cfg.input_size
     x, y = torch.randn(B, 4, S, S, device=device), torch.randint(0, 1000, (B,), device=device)
     model = torch.compile(raw) if args.compile else raw
-    ms = time_ms(lambda: train_step(model, raw, ema, opt, x, y, drop, args.precision, 0.9999), device,
+    ms = time_ms(lambda: train_step(model, raw, ema, opt, x, y, token_drop, args.precision, 0.9999), device,
                  reps=args.benchmark_steps, warmup=3)                   # median; compilation in the warm-up
-    tflops, peak = 3 * raw.flops(drop=args.drop) * B / ms / 1e9, matmul_peak(device) / 1e12   # step = 3 forwards
+    flops_per_s, peak = 3 * raw.training_flops(token_drop) * B / ms * 1e3, matmul_peak(device)   # step = 3 forwards
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
     print(f"| model | drop | batch | compile | ms/step | img/s | TFLOP/s | MFU (measured "
           f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul peak) | peak memory |\n"
           f"| {args.model}-{args.size}/{args.patch_size} | {args.drop} | {B} | {args.compile} | {ms:.1f} | "
-          f"{B / ms * 1e3:.1f} | {tflops:.3g} | {tflops / peak:.1%} of {peak:.3g} TFLOP/s | {memory} |")
+          f"{B / ms * 1e3:.1f} | {flops_per_s / 1e12:.3g} | {raw.estimate_mfu(flops_per_s, peak):.1%} of "
+          f"{peak / 1e12:.3g} TFLOP/s | {memory} |")
 
 
 #################################################################################
-#                       Model, optimizer, checkpoints, logs                     #
+#                   Flags, model, optimizer, checkpoints, logs                  #
 #################################################################################
+
+def resolve_flags(args, world):
+    """Fill the flags left out (None), each from one place, in this order: the resumed run's flags (--resume), the
+    data's defaults (TOY for the embedded data, PAPER otherwise), the model's (SPARSE with a sparse path, else
+    no drop); then check them. -> --resume's (path, checkpoint), or None."""
+    resumed = read_run(args) if args.resume else None
+    fill(args, {**PAPER, **(TOY if args.data is None and not args.benchmark else {})})
+    fill(args, SPARSE if MODELS[args.model].has_sparse_path else dict(drop=0.0, path_drop=0.0))
+    check_args(args, 1 if args.benchmark else world)
+    return resumed
+
 
 def build_model(args, device, in_channels, num_classes, input_size, init=None):
-    """(model, its EMA, AdamW, training_kwargs' arguments) for these flags and data, from --init's weights if given."""
+    """(model, its EMA, AdamW, its TokenDrop) for these flags and data, from --init's weights if given."""
     extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k) is not None}   # SparseDiT's
     cfg = ModelConfig(args.model, args.size, args.patch_size, input_size, in_channels, num_classes,
                       args.hidden_size or 0, args.num_heads or 0, tuple(args.depths or ()), extra=extra)
     raw = create_model(cfg).to(device)
-    for key, value in (SPARSE if raw.has_sparse_path else dict(drop=0.0, path_drop=0.0)).items():   # flags left out
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    drop = dict(drop=args.drop, mask_type=args.mask_type, path_drop=args.path_drop)
-    raw.training_kwargs(2, **drop, device=device)      # raises a ValueError naming the flag (--drop 0.3: no pattern)
+    token_drop = TokenDrop(args.drop, args.mask_type, path_drop_prob=args.path_drop)
+    raw.training_kwargs(2, token_drop, device)         # raises a ValueError naming the flag (--drop 0.3: no pattern)
     if init:
         init_from(raw, init, ema=True)
-    return raw, copy.deepcopy(raw).requires_grad_(False), make_optimizer(raw, args.lr, device), drop
+    return raw, copy.deepcopy(raw).requires_grad_(False), make_optimizer(raw, args.lr, device), token_drop
 
 
 def make_optimizer(model, lr, device):
@@ -359,99 +276,110 @@ def log(run_dir, text=None, **record):
                 f.write(line + "\n")                                    # one write: a kill leaves whole lines
 
 
+def restore_rngs(rngs, args, rank, world, device, run_dir):
+    """Noise, t, drop patterns and flips differ across ranks; a resumed run continues every rank's own stream."""
+    torch.manual_seed(args.seed * world + rank)
+    if rngs is not None and len(rngs) != world:
+        log(run_dir, f"warning: saved by {len(rngs)} processes, resumed on {world}: not the saved noise stream")
+    elif rngs is not None:
+        torch.set_rng_state(rngs[rank]["cpu"])
+        if device.type == "cuda" and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
+
+
+def read_interval(buf, world, done, last_ckpt):
+    """The interval's per-step (loss, grad norm), averaged over the ranks: the loop's only wait for the device.
+    A non-finite step stops the run, naming it."""
+    vals = buf.clone()
+    if world > 1:
+        dist.all_reduce(vals)
+    vals = vals.cpu() / world
+    if not vals.isfinite().all():
+        i = (~vals.isfinite().all(1)).nonzero()[0, 0].item()               # the first bad step of the interval
+        raise FloatingPointError(f"step {done - len(vals) + i + 1}: non-finite loss {vals[i, 0].item()} (grad norm "
+                                 f"{vals[i, 1].item()}); stopped, the last checkpoint is {last_ckpt or 'none'}")
+    return vals
+
+
+def save_samples(ema, z, y, pixels, precision, path):
+    """EMA samples from fixed noise and classes, a column per class (latents: channels 0-2, no VAE)."""
+    with autocast(z.device, precision):
+        imgs = sample(ema, z, y, **GRID)
+    save_grid(imgs if pixels else (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1), path, nrow=len(y) // 4)
+
+
+def save_checkpoint(run_dir, done, raw, ema, opt, args, data_position, train_s, rank, world, device):
+    """Every rank's RNG state and a check that DDP kept the ranks equal; rank 0 writes atomically -> the path."""
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    states = [({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, weights_digest(raw, ema))] * world
+    if world > 1:
+        dist.all_gather_object(states, states[0])
+    rngs, digests = map(list, zip(*states))
+    path = os.path.join(run_dir or "", "checkpoints", f"{done:07d}.pt")
+    if rank == 0:
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"step {done}: the weights differ across ranks ({digests})")
+        torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "config": asdict(raw.cfg), "args": vars(args), "step": done, "rng": rngs,
+                    "data": data_position, "train_s": train_s}, path + ".tmp")
+        os.replace(path + ".tmp", path)                  # atomic: a kill at any moment leaves every file whole
+        log(run_dir, step=done, train_s=train_s, checkpoint=path, rank_weights=digests)
+    return path
+
+
 #################################################################################
 #                                 Training loop                                 #
 #################################################################################
 
 def main(args):
     rank, world, device = setup_distributed()
-    resumed = read_run(args) if args.resume else None                  # first: the run's flags fill those left out
-    for key, value in {**PAPER, **(TOY if args.data is None and not args.benchmark else {})}.items():
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    check_args(args, 1 if args.benchmark else world)
+    resumed = resolve_flags(args, world)
     cuda, G = device.type == "cuda", args.global_batch_size
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 matmuls in TF32 on GPU
     if args.benchmark:
         return benchmark(args, device)
-
-    # Data: a fixed held-out subset for evaluation, the rest for training
-    data, num_classes = load_data(args)
-    train_idx, eval_idx = split(len(data))
-    if len(train_idx) < G:
-        raise ValueError(f"--global-batch-size {G}: the data holds only {len(train_idx)} training items")
-    first = data[[0]][0]                                                # (1, C, H, W): decodes one item early
-    pixels, channels, side = first.dtype == torch.uint8, first.shape[1], first.shape[-1]
-
-    def to_device(x, y):
-        """A batch on the device: uint8 pixels -> [-1, 1], latents times --latent-scale (if given)."""
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return (x.float() / 127.5 - 1 if pixels else x.float() * (args.latent_scale or 1.0)), y
+    data = setup_data(args)                              # a fixed held-out subset for evaluation, the rest to train
 
     # Model: the same initial weights on every rank, then --init weights or a whole --resume state
     torch.manual_seed(args.seed)
-    raw, ema, opt, drop = build_model(args, device, channels, num_classes, side, init=args.init)
-    last_ckpt, start, position, rngs, train_s = None, 0, {"epoch": 0, "batch": 0}, None, 0.0
-    if resumed:
-        last_ckpt, start, position, rngs, train_s = resume(*resumed, raw, ema, opt)
+    raw, ema, opt, token_drop = build_model(args, device, data.channels, data.num_classes, data.side, args.init)
+    last_ckpt, start, position, rngs, train_s = resume(*resumed, raw, ema, opt) if resumed else \
+        (None, 0, {"epoch": 0, "batch": 0}, None, 0.0)
     model = torch.compile(raw) if args.compile else raw
     if world > 1:                      # buffers (RoPE grid, mask token) are equal by construction: no broadcasts
         model = DDP(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
-
-    # This rank's slice of every global batch from the saved position on; the loader never draws from global RNG
-    per_epoch = len(train_idx) // G
-    workers = args.num_workers if args.num_workers is not None else (8 if isinstance(data, ImageFolder) else 0)
-    loader = iter(DataLoader(data, sampler=epoch_batches(train_idx, G, rank, world, args.seed, **position),
-                             batch_size=None, num_workers=workers, pin_memory=cuda, generator=torch.Generator()))
-    eval_x, eval_y = to_device(*data[eval_idx]) if rank == 0 and len(eval_idx) else (None, None)
-    grid_y = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long().repeat(4).to(device)
-    grid_z = torch.randn(len(grid_y), channels, side, side, generator=torch.Generator().manual_seed(args.seed))
-    grid_z = grid_z.to(device)
+    loader, per_epoch = data.loader(args, rank, world, position, cuda), len(data.train_idx) // G
+    eval_data = data.to_device(*data.dataset[data.eval_idx], device) if rank == 0 and len(data.eval_idx) else None
+    grid_y = torch.linspace(0, data.num_classes - 1, min(data.num_classes, 10)).round().long().repeat(4).to(device)
+    grid_z = torch.randn(len(grid_y), data.channels, data.side, data.side,
+                         generator=torch.Generator().manual_seed(args.seed)).to(device)
     run_dir = run_folder(args, last_ckpt) if rank == 0 else None       # rank 0 alone writes
-
-    # Noise, t, drop patterns and flips differ across ranks; a resumed run continues every rank's own stream
-    torch.manual_seed(args.seed * world + rank)
-    if rngs is not None and len(rngs) != world:
-        log(run_dir, f"warning: saved by {len(rngs)} processes, resumed on {world}: not the saved noise stream")
-    elif rngs is not None:
-        torch.set_rng_state(rngs[rank]["cpu"])
-        if cuda and rngs[rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
+    restore_rngs(rngs, args, rank, world, device, run_dir)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M parameters, "
-        f"{raw.flops() / 1e9:.3g} GFLOPs/image, {raw.flops(drop=args.drop) / 1e9:.3g} at drop {args.drop}; "
-        f"{args.data or 'embedded toy data'}: {len(train_idx)} + {len(eval_idx)} held out, {channels}x"
-        f"{side}x{side}, {num_classes} classes; {world} process(es) x {G // world}; {run_dir}")
+        f"{raw.flops() / 1e9:.3g} GFLOPs/image, {raw.training_flops(token_drop) / 1e9:.3g} at drop {args.drop}; "
+        f"{args.data or 'embedded toy data'}: {len(data.train_idx)} + {len(data.eval_idx)} held out, {data.channels}x"
+        f"{data.side}x{data.side}, {data.num_classes} classes; {world} process(es) x {G // world}; {run_dir}")
 
-    def evaluate(step):
-        """Held-out loss with all tokens (what sampling sees) and with the training drop: stage 2 closes the gap."""
-        if rank == 0 and eval_x is not None:
-            losses = {"eval_loss": held_out_loss(raw, eval_x, eval_y, args.precision)}
-            if args.drop:
-                losses["eval_loss_drop"] = held_out_loss(raw, eval_x, eval_y, args.precision, args.drop, args.mask_type)
-            log(run_dir, f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
-                step=step, train_s=train_s, **losses)
-
-    # Stage 1 at --drop, stage 2 at 0% drop: (first step, drop, lr, lr warm-up, EMA target)
-    stages = [(0, drop, args.lr, args.warmup, args.ema_decay),
-              (args.steps, dict(drop, drop=0.0), args.ft_lr, args.ft_warmup, args.ft_ema_decay)]
-    total, peak = args.steps + args.finetune_steps, matmul_peak(device) if cuda else None
+    schedule, total = stages(args, token_drop), args.steps + args.finetune_steps
+    peak = matmul_peak(device) if cuda else None
     buf, n = torch.zeros(args.log_every, 2, device=device), 0    # per-step (loss, grad norm), read at log time
     pbar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
-    if start == 0 and args.eval_every:
-        evaluate(0)
+    if start == 0 and args.eval_every and eval_data is not None:
+        evaluate(raw, eval_data, args, token_drop, run_dir, 0, train_s)
     t0 = time.perf_counter()
     for step in range(start, total):
-        begin, stage_drop, lr, warmup, ema_target = stages[step >= args.steps]
+        stage = schedule[step >= args.steps]
         if step == args.steps > 0:     # stage 2 starts from the stage-1 EMA weights, fresh optimizer: as --init does
             raw.load_state_dict(ema.state_dict())
-            opt = make_optimizer(raw, lr, device)
+            opt = make_optimizer(raw, stage.lr, device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(lr, step - begin, warmup)
-        x, y = to_device(*next(loader))
-        if pixels:                                                       # random horizontal flips
+            group["lr"] = stage.lr_at(step)
+        x, y = data.to_device(*next(loader), device)
+        if data.pixels:                                                  # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        buf[n] = torch.stack(train_step(model, raw, ema, opt, x, y, stage_drop, args.precision,
-                                        ema_decay_at(ema_target, step - begin, warmup)))
+        buf[n] = torch.stack(train_step(model, raw, ema, opt, x, y, stage.token_drop, args.precision,
+                                        stage.ema_decay_at(step)))
         n, done = n + 1, step + 1
         pbar.update()
         ckpt_now = (args.ckpt_every and done % args.ckpt_every == 0) or done in (args.steps, total)
@@ -459,49 +387,24 @@ def main(args):
         sample_now = args.sample_every and (done % args.sample_every == 0 or done == total)
         if n < args.log_every and not (ckpt_now or eval_now or sample_now):
             continue
-
-        # Once per log interval, and before anything is evaluated or saved: the loop's only wait for the device
-        vals = buf[:n].clone()
-        if world > 1:
-            dist.all_reduce(vals)
-        vals, n = vals.cpu() / world, 0
-        if not vals.isfinite().all():
-            i = (~vals.isfinite().all(1)).nonzero()[0, 0].item()             # the first bad step of the interval
-            raise FloatingPointError(f"step {done - len(vals) + i + 1}: non-finite loss {vals[i, 0].item()} (grad norm "
-                                     f"{vals[i, 1].item()}); stopped, the last checkpoint is {last_ckpt or 'none'}")
+        vals, n = read_interval(buf[:n], world, done, last_ckpt), 0     # before anything is evaluated or saved
         seconds = time.perf_counter() - t0                              # training only: evaluation, grids and
         train_s += seconds                                               # checkpoints happen after t0 is read
-        img_s = len(vals) * G / seconds
-        figures = {"loss": vals[:, 0].mean().item(), "img/s": img_s,    # TFLOP/s per device: a step is 3 forwards
-                   "TFLOP/s": 3 * raw.flops(drop=stage_drop["drop"]) * img_s / world / 1e12}
+        flops_per_s = 3 * raw.training_flops(stage.token_drop) * len(vals) * G / seconds / world   # 3 forwards
+        figures = {"loss": vals[:, 0].mean().item(), "img/s": len(vals) * G / seconds, "TFLOP/s": flops_per_s / 1e12}
         if peak:
-            figures["MFU"] = figures["TFLOP/s"] * 1e12 / peak
+            figures["MFU"] = raw.estimate_mfu(flops_per_s, peak)
         pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
         log(run_dir, step=done, stage=1 + (step >= args.steps), train_s=train_s, lr=opt.param_groups[0]["lr"],
             grad_norm=vals[:, 1].mean().item(), **figures)
-        if eval_now:
-            evaluate(done)
-        if sample_now and rank == 0:                   # EMA samples from fixed noise and classes, a column per class
-            with autocast(device, args.precision):
-                imgs = sample(ema, grid_z, grid_y, **GRID)
-            imgs = imgs if pixels else (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1)   # latents: channels 0-2, no VAE
-            save_grid(imgs, f"{run_dir}/samples/{done:07d}.png", nrow=len(grid_y) // 4)
-        if ckpt_now:                     # every rank's RNG state, and a check that DDP kept the ranks equal
-            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
-            states = [(rng, weights_digest(raw, ema))] * world
-            if world > 1:
-                dist.all_gather_object(states, states[0])
-            rngs, digests = map(list, zip(*states))
-            last_ckpt = os.path.join(run_dir or "", "checkpoints", f"{done:07d}.pt")   # written by rank 0 only
-            if rank == 0:
-                if len(set(digests)) > 1:
-                    raise RuntimeError(f"step {done}: the weights differ across ranks ({digests})")
-                epoch, batch = divmod(position["epoch"] * per_epoch + position["batch"] + done - start, per_epoch)
-                torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                            "config": asdict(raw.cfg), "args": vars(args), "step": done, "rng": rngs,
-                            "data": {"epoch": epoch, "batch": batch}, "train_s": train_s}, last_ckpt + ".tmp")
-                os.replace(last_ckpt + ".tmp", last_ckpt)    # atomic: a kill at any moment leaves every file whole
-                log(run_dir, step=done, train_s=train_s, checkpoint=last_ckpt, rank_weights=digests)
+        if eval_now and eval_data is not None:
+            evaluate(raw, eval_data, args, token_drop, run_dir, done, train_s)
+        if sample_now and rank == 0:
+            save_samples(ema, grid_z, grid_y, data.pixels, args.precision, f"{run_dir}/samples/{done:07d}.png")
+        if ckpt_now:
+            epoch, batch = divmod(position["epoch"] * per_epoch + position["batch"] + done - start, per_epoch)
+            last_ckpt = save_checkpoint(run_dir, done, raw, ema, opt, args, {"epoch": epoch, "batch": batch}, train_s,
+                                        rank, world, device)
         t0 = time.perf_counter()
     pbar.close()
     log(run_dir, f"done: {total} steps, checkpoints in {run_dir}/checkpoints")

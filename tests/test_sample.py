@@ -53,15 +53,15 @@ def run(*argv):
 
 
 class Recorder(torch.nn.Module):
-    """Wraps a model and records (batch size, t, path_drop) of every forward."""
+    """Wraps a model and records (batch size, t, skip_middle) of every forward."""
     def __init__(self, model):
         super().__init__()
         self.model, self.cfg, self.calls = model, model.cfg, []
         self.sampling_kwargs = model.sampling_kwargs
 
-    def forward(self, x, t, y, path_drop=None):
-        self.calls.append((x.shape[0], float(t[0]), path_drop))
-        return self.model(x, t, y, path_drop=path_drop)
+    def forward(self, x, t, y, skip_middle=False):
+        self.calls.append((x.shape[0], float(t[0]), skip_middle))
+        return self.model(x, t, y, skip_middle=skip_middle)
 
 
 #################################################################################
@@ -73,7 +73,7 @@ def test_pdg_is_cfg_with_a_path_dropped_null_label_forward():
     model, (x, y) = tiny().double(), (torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 3]))
     t, w, tt, null = 0.6, 3.0, torch.full((3,), 0.6, dtype=torch.float64), torch.full((3,), 4)
     with torch.no_grad():
-        v_c, v_u = model(x, tt, y), model(x, tt, null, path_drop=True)
+        v_c, v_u = model(x, tt, y), model(x, tt, null, skip_middle=True)
         pdg = sample.guided_velocity(model, x, t, y, cfg_scale=w, pdg=True)
         cfg = sample.guided_velocity(model, x, t, y, cfg_scale=w)
         v_u_cfg = model(x, tt, null)
@@ -89,11 +89,11 @@ def test_pdg_runs_the_middle_blocks_once_per_step_cfg_batches_both_halves():
     rec = Recorder(model)
     with torch.no_grad():
         sample.guided_velocity(rec, x, 0.5, y, cfg_scale=2.0, pdg=True)
-        assert seen == [2] and rec.calls == [(2, 0.5, None), (2, 0.5, True)]
+        assert seen == [2] and rec.calls == [(2, 0.5, False), (2, 0.5, True)]
         seen.clear()
         rec.calls.clear()
         sample.guided_velocity(rec, x, 0.5, y, cfg_scale=2.0)
-        assert seen == [4] and rec.calls == [(4, 0.5, None)]    # one forward of cond + uncond
+        assert seen == [4] and rec.calls == [(4, 0.5, False)]    # one forward of cond + uncond
 
 
 def test_cfg_scale_one_is_plain_conditional_sampling():
@@ -133,7 +133,7 @@ def test_sparsedit_runs_the_grid_of_the_shared_t_unpadded():
 
 def test_pdg_flops_follow_the_passes():
     model = tiny()
-    full, dropped = model.flops(), model.flops(path_drop=True)
+    full, dropped = model.flops(), model.flops(skip_middle=True)
     assert dropped < full
     assert sample.trajectory_flops(model, "heun", 5, cfg_scale=2.0, pdg=True) == pytest.approx(10 * (full + dropped))
     assert sample.trajectory_flops(model, "sde", 5, cfg_scale=2.0) == pytest.approx(10 * full)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import create_model, load_model, load_weights, read_safetensors
-from sprint import ModelConfig, SPRINT, apply_rope, group_shape, patchify, rope, sample_ids_keep, unpatchify
+from sprint import ModelConfig, SPRINT, TokenDrop, apply_rope, group_shape, patchify, rope, sample_ids_keep, unpatchify
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -72,7 +72,7 @@ def test_official_path_drop_guidance(official):
     with torch.no_grad():
         per_sample = model(d["pdg_x"], d["pdg_t"], d["pdg_y"], path_drop=torch.arange(2 * B) >= B)
         cond = model(d["pdg_x"][:B], d["pdg_t"][:B], d["pdg_y"][:B])
-        uncond = model(d["pdg_x"][B:], d["pdg_t"][B:], d["pdg_y"][B:], path_drop=True)
+        uncond = model(d["pdg_x"][B:], d["pdg_t"][B:], d["pdg_y"][B:], skip_middle=True)
     assert rel(per_sample, d["out_pdg"]) < 1e-5
     assert rel(torch.cat([cond, uncond]), d["out_pdg"]) < 1e-5
 
@@ -198,7 +198,7 @@ def test_gradients_reach_every_trainable_parameter_under_75_percent_drop():
     model = randomize(tiny())
     x, t, y = inputs(B=8)
     torch.manual_seed(0)
-    kwargs = model.training_kwargs(8, drop=0.75, path_drop=0.5)
+    kwargs = model.training_kwargs(8, TokenDrop(0.75, "structured", 0.5), None)
     (model(x, t, y, **kwargs) ** 2).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -209,7 +209,7 @@ def test_compiled_training_forward_has_no_graph_break():
     model = randomize(tiny())
 
     def loss_fn(x, t, y):
-        kwargs = model.training_kwargs(x.shape[0], drop=0.75, path_drop=0.1, device=x.device)
+        kwargs = model.training_kwargs(x.shape[0], TokenDrop(0.75, "structured", 0.1), x.device)
         return (model(x, t, y, **kwargs) ** 2).mean()
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")   # traces forward and backward
@@ -228,7 +228,7 @@ def test_flops_match_the_papers():
         dit = create_model(ModelConfig(model="dit", size="XL", input_size=32))
         sprint = create_model(ModelConfig(model="sprint", size="XL", input_size=32))
     assert abs(dit.flops() / 2e9 - 118.6) < 0.1                            # DiT paper: 118.6 GFLOPs (multiply-adds)
-    pdg_step = (sprint.flops() + sprint.flops(path_drop=True)) / 1e12
+    pdg_step = (sprint.flops() + sprint.flops(skip_middle=True)) / 1e12
     cfg_step = 2 * sprint.flops() / 1e12
     assert abs(pdg_step - 0.274) < 0.003 and abs(cfg_step - 0.475) < 0.005  # SPRINT paper, per guided step
     assert 0.34 < sprint.flops(drop=0.75) / sprint.flops() < 0.37          # "about 35% of the dense FLOPs"
@@ -308,7 +308,7 @@ def test_bad_config_values():
     with pytest.raises(ValueError, match="--model 'unet'"):
         create_model(ModelConfig(model="unet"))
     with pytest.raises(ValueError, match="has no sparse path"):
-        tiny("dit").training_kwargs(2, drop=0.75)
+        tiny("dit").training_kwargs(2, TokenDrop(0.75, "structured", 0.0), None)
 
 
 def test_bf16_autocast_matches_float32():

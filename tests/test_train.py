@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+import data
 import models
 import sprint
 import train
@@ -181,13 +182,13 @@ def test_ddp_on_two_processes_keeps_the_ranks_equal_and_only_rank_0_writes(tmp_p
 #################################################################################
 
 def test_the_embedded_data_is_fixed_and_its_classes_differ():
-    (x, y), (x2, y2) = train.embedded_dataset(16, 500), train.embedded_dataset(16, 500)
+    (x, y), (x2, y2) = data.embedded_dataset(16, 500), data.embedded_dataset(16, 500)
     assert x.shape == (500, 16, 16, 3) and x.dtype == np.uint8 and set(y) == set(range(10))
     assert np.array_equal(x, x2) and np.array_equal(y, y2)
     colours = np.stack([x[y == k].reshape(-1, 3).max(0) for k in range(10)])   # each class its own hue
     assert len({tuple(c // 32) for c in colours}) == 10
-    train_idx, held_out = train.split(500)
-    assert len(held_out) == 50 and not set(train_idx) & set(held_out) and np.array_equal(held_out, train.split(500)[1])
+    train_idx, held_out = data.split(500)
+    assert len(held_out) == 50 and not set(train_idx) & set(held_out) and np.array_equal(held_out, data.split(500)[1])
 
 
 def test_an_image_folder_is_decoded_in_workers_and_sets_the_classes(tmp_path):
@@ -365,10 +366,10 @@ def test_an_npz_of_pixels_is_resized_to_the_image_size_with_antialiasing(tmp_pat
     checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)            # 1-pixel checkerboard
     np.savez(tmp_path / "px.npz", x=np.repeat(checker[None, ..., None], 12, 0).repeat(3, -1), y=np.arange(12) % 3)
     args = train.parse_args(["--data", str(tmp_path / "px.npz"), "--image-size", "16"])
-    data, num_classes = train.load_data(args)
-    x = data[:][0]
+    dataset, num_classes = data.load_data(args)
+    x = dataset[:][0]
     assert x.shape == (12, 3, 16, 16) and num_classes == 3
     assert (x.float() - 127.5).abs().max() <= 1                         # averaged to grey, not aliased to 0 or 255
     np.savez(tmp_path / "latents.npz", x=np.zeros((12, 4, 8, 8), np.float16), y=np.arange(12) % 3)
     with pytest.raises(ValueError, match=r"--image-size 16: .*latents\.npz holds 8x8 latents, which cannot be resized"):
-        train.load_data(train.parse_args(["--data", str(tmp_path / "latents.npz"), "--image-size", "16"]))
+        data.load_data(train.parse_args(["--data", str(tmp_path / "latents.npz"), "--image-size", "16"]))
