@@ -427,11 +427,7 @@ def main(argv=None):
             f"{n * flops / secs / 1e12:.3g} forward TFLOP/s; wrote {path}")
     if path.endswith(".latents.npz"):                    # never silently: say what was saved and how to decode it
         log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE "
-            f"(pip install diffusers), in Python from sample.py's folder:\n  import numpy as np, torch, sample\n"
-            f"  d, vae = np.load({os.path.abspath(path)!r}), sample.load_vae('stabilityai/sd-vae-ft-ema', '{device}')\n"
-            f"  z = torch.from_numpy(d['latents']).split(64)    # already divided by the latent scale\n"
-            f"  x = np.concatenate([sample.finish(b.to('{device}'), vae, 1.0)['arr_0'] for b in z])\n"
-            f"  sample.write_output({os.path.abspath(args.out)!r}, {{'arr_0': x, 'arr_1': d['arr_1']}})")
+            f"(pip install diffusers) as README.md shows under 'Decoding saved latents'")
     if world > 1:
         dist.destroy_process_group()
 

@@ -179,10 +179,16 @@ def npz(path):
         return {k: f[k] for k in f.files}
 
 
-def decode_snippet(out):
-    """The Python a run of a latent model without --vae prints for decoding its latents later."""
-    assert "holds latents, not images" in out and "pip install diffusers" in out
-    return "\n".join(line[2:] for line in out.splitlines() if line.startswith("  "))
+def decode_snippet(out, latents, images):
+    """README's recipe for decoding saved latents, which a run of a latent model without --vae points to, set to
+    decode `latents` into `images` on the CPU."""
+    assert "holds latents, not images" in out and "pip install diffusers" in out and str(latents) in out
+    assert "README.md" in out and "'Decoding saved latents'" in out
+    recipe = (ROOT / "README.md").read_text().split("**Decoding saved latents.**")[1]
+    code = recipe.split("```python\n")[1].split("```")[0]
+    placeholders = '"samples/run.latents.npz", "samples/run.png", "cuda"'
+    assert placeholders in code
+    return code.replace(placeholders, f'{str(latents)!r}, {str(images)!r}, "cpu"')
 
 
 def test_same_seed_same_images_whatever_the_batching(ckpts, tmp_path):
@@ -328,8 +334,7 @@ def test_official_safetensors_from_flags_saves_latents_without_a_vae(tmp_path, m
     with pytest.raises(SystemExit, match="does not fit this sprint-B model"):     # no config in the file: flags
         run("--ckpt", official, "--out", tmp_path / "x.png")
     run(*flags, "--pdg", "--steps", 3, "--num-samples", 3, "--out", tmp_path / "s.png")
-    snippet = decode_snippet(capsys.readouterr().out)
-    assert str(tmp_path / "s.latents.npz") in snippet and str(tmp_path / "s.png") in snippet
+    snippet = decode_snippet(capsys.readouterr().out, tmp_path / "s.latents.npz", tmp_path / "s.png")
     saved = npz(tmp_path / "s.latents.npz")
     assert saved["latents"].shape == (3, 4, 8, 8) and saved["arr_1"].shape == (3,)
     monkeypatch.setitem(sys.modules, "diffusers", None)                  # diffusers is not installed
@@ -351,7 +356,7 @@ def test_vae_decodes_latents_divided_by_the_latent_scale(tmp_path, monkeypatch, 
     common = ["--ckpt", ckpt, "--steps", 3, "--num-samples", 3]
     run(*common, "--vae", "sd-vae", "--out", tmp_path / "img.npz")
     run(*common, "--out", tmp_path / "lat.npz")
-    snippet = decode_snippet(capsys.readouterr().out)                  # how to decode these latents later
+    snippet = decode_snippet(capsys.readouterr().out, tmp_path / "lat.latents.npz", tmp_path / "lat.npz")
     run(*common, "--out", tmp_path / "lat4.npz", "--latent-scale", 0.25)   # the flag wins over the checkpoint's
     images, latents = npz(tmp_path / "img.npz"), npz(tmp_path / "lat.latents.npz")["latents"]
     assert images["arr_0"].shape == (3, 64, 64, 3) and images["arr_0"].dtype == np.uint8
