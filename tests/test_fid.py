@@ -163,22 +163,36 @@ def test_inception_score_of_confident_balanced_predictions_is_the_class_count():
 
 #### The CLI end to end ####
 
-def test_cli_saves_statistics_and_scores_samples_against_them(tmp_path, weights_path, model):
-    folder = write_images(tmp_path / 'ref', [(16, 16)] * 10)
+def test_cli_saves_statistics_and_scores_samples_against_them(tmp_path, weights_path, model, monkeypatch, capsys):
+    # fid.main in this process with the fixture's network loaded once; the second run's features (from other
+    # inputs, at another batch size) are the reference for the first run's saved statistics
+    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu': model)
+    outputs, inception_outputs, frechet_distance = [], fid.inception_outputs, fid.frechet_distance
+
+    def record(*args, **kwargs):
+        outputs.append(inception_outputs(*args, **kwargs))
+        return outputs[-1]
+
+    def leading_dims(mu1, sigma1, mu2, sigma2, k=64):     # the 2048-dim square root alone takes 10-25 s on a CPU;
+        assert len(mu1) == len(mu2) == 2048                 # frechet_distance has its own tests above
+        return frechet_distance(mu1[:k], sigma1[:k, :k], mu2[:k], sigma2[:k, :k])
+    monkeypatch.setattr(fid, 'inception_outputs', record)
+    monkeypatch.setattr(fid, 'frechet_distance', leading_dims)
+    folder = write_images(tmp_path / 'ref', [(16, 16)] * 10)               # 10: the fewest the IS's splits take
     stats = tmp_path / 'ref_stats.npz'
-    out = run_cli(folder, '--save-stats', stats, '--weights', weights_path, '--device', 'cpu', '--batch-size', 4)
-    assert out.returncode == 0, out.stderr
-    feats, logits = fid.inception_outputs(fid.ImageFolder(str(folder)), model)
-    mu, sigma = fid.feature_statistics(feats)
-    saved = np.load(stats)
-    assert rel_err(saved['mu'], mu) < 1e-5 and rel_err(saved['sigma'], sigma) < 1e-5
+    fid.main([str(folder), '--save-stats', str(stats), '--weights', str(weights_path), '--device', 'cpu',
+              '--batch-size', '4'])
 
     # the same images as ADM-style samples (arr_0) against the cached statistics: FID ~0 and their IS
     samples = tmp_path / 'samples.npz'
     np.savez(samples, arr_0=fid.ImageFolder(str(folder))[:])
-    out = run_cli(samples, stats, '--device', 'cpu', env={'FID_WEIGHTS': str(weights_path)})
-    assert out.returncode == 0, out.stderr
-    printed = dict(line.split(': ', 1) for line in out.stdout.splitlines())
+    capsys.readouterr()
+    fid.main([str(samples), str(stats), '--device', 'cpu'])
+    printed = dict(line.split(': ', 1) for line in capsys.readouterr().out.splitlines())
+    feats, logits = outputs[-1]                                          # the samples' pool3 features and logits
+    mu, sigma = fid.feature_statistics(feats)
+    saved = np.load(stats)
+    assert rel_err(saved['mu'], mu) < 1e-5 and rel_err(saved['sigma'], sigma) < 1e-5
     assert abs(float(printed['FID'])) < 1e-6 * np.trace(sigma)
     assert abs(float(printed['IS'].split(' ± ')[0]) - fid.inception_score(logits)[0]) < 1e-4
 
