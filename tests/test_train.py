@@ -66,12 +66,10 @@ def image_folder(root, classes=2, per_class=10, size=(24, 20)):
 #################################################################################
 
 @pytest.mark.parametrize("model", ["dit", "sprint"])
-def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model):
-    r = cli(tmp_path, "--model", model, "--image-size", "16", "--steps", "40", "--eval-every", "20",
-            "--sample-every", "40", "--ckpt-every", "20")
-    assert r.returncode == 0, r.stderr
-    assert "img/s" in r.stderr and "TFLOP/s" in r.stderr                # the progress bar
-    run_dir = tmp_path / "results" / f"000-{model}-S-4"
+def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, capsys):
+    run_dir = run(tmp_path, "--model", model, "--steps", "40", "--eval-every", "20", "--sample-every", "40",
+                  "--ckpt-every", "20")                                 # train.py's main, in this process
+    assert "img/s" in capsys.readouterr().err and run_dir.name == f"000-{model}-S-4"   # the progress bar
     evals = [rec for rec in records(run_dir) if "eval_loss" in rec]
     assert [rec["step"] for rec in evals] == [0, 20, 40]
     assert evals[-1]["eval_loss"] < 0.9 * evals[0]["eval_loss"]
@@ -140,7 +138,7 @@ def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
 
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
-    flags = ("--image-size", "16", "--steps", "5", "--finetune-steps", "45", "--ckpt-every", "1", "--eval-every", "10",
+    flags = ("--image-size", "16", "--steps", "3", "--finetune-steps", "17", "--ckpt-every", "1", "--eval-every", "5",
              "--sample-every", "0")                                      # the resume crosses into stage 2
     proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,13 +148,10 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert len(list(ckpts.glob("*.pt"))) < 50                           # killed mid-run
-    r = cli(tmp_path, *flags, "--resume", str(ckpts.parent), "--results-dir", "killed")
-    assert r.returncode == 0, r.stderr
-    r = cli(tmp_path, *flags, "--results-dir", "whole")
-    assert r.returncode == 0, r.stderr
-    whole = tmp_path / "whole" / "000-sprint-S-4" / "checkpoints"
-    assert_same_training_state(ckpts / "0000050.pt", whole / "0000050.pt")
+    assert len(list(ckpts.glob("*.pt"))) < 20                           # killed mid-run
+    assert run(tmp_path, *flags, "--resume", str(ckpts.parent)) == ckpts.parent.resolve()   # the rest in process
+    whole = run(tmp_path / "whole", *flags) / "checkpoints"
+    assert_same_training_state(ckpts / "0000020.pt", whole / "0000020.pt")
 
 
 #################################################################################
@@ -165,15 +160,15 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
 
 def test_ddp_on_two_processes_keeps_the_ranks_equal_and_only_rank_0_writes(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    r = cli(tmp_path, "--image-size", "16", "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
-            "--sample-every", "4", launcher=(torchrun, "--standalone", "--nproc_per_node=2"))
+    r = cli(tmp_path, "--image-size", "16", "--steps", "2", "--ckpt-every", "1", "--eval-every", "1",
+            "--sample-every", "2", launcher=(torchrun, "--standalone", "--nproc_per_node=2"))
     assert r.returncode == 0, r.stderr
     assert os.listdir(tmp_path) == ["results"] and os.listdir(tmp_path / "results") == ["000-sprint-S-4"]
     recs = records(tmp_path / "results" / "000-sprint-S-4")
-    assert [rec["step"] for rec in recs if "loss" in rec] == [1, 2, 3, 4]        # one writer: no repeated lines
+    assert [rec["step"] for rec in recs if "loss" in rec] == [1, 2]              # one writer: no repeated lines
     digests = [rec["rank_weights"] for rec in recs if "checkpoint" in rec]
     assert len(digests) == 2 and all(len(d) == 2 and d[0] == d[1] for d in digests)
-    ckpt = torch.load(tmp_path / "results" / "000-sprint-S-4" / "checkpoints" / "0000004.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "results" / "000-sprint-S-4" / "checkpoints" / "0000002.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2                                          # every rank's RNG state, for resume
 
 
