@@ -41,7 +41,7 @@ from sprint import Attention, Block, ModelConfig, SiT, block_macs, modulate, rop
 
 
 #################################################################################
-#                  Layouts and the timestep-adaptive density                    #
+#     Layouts (the tri-segment architecture) and the timestep-adaptive density    #
 #################################################################################
 
 # total depth: [Poolingformers, SDTMs, sparse blocks per SDTM, dense top blocks]; P + S * (K + 3) + T = depth
@@ -78,7 +78,8 @@ def parse_density(cfg: ModelConfig):
 
 
 def density_schedule(t, min_side, max_side):
-    """Sparse grid side for times t (tensor): min_side on [0.75, 1], growing linearly to max_side at t = 0."""
+    """Sparse grid side for times t (tensor): min_side on [0.75, 1], growing linearly to max_side at t = 0 (the
+    paper's timestep-adaptive token density: fewest tokens while the input is noisiest)."""
     frac = (t.float() / SPARSEST_FROM).clamp(0, 1)                          # 1 while noisiest, 0 at the data
     return torch.round(max_side - (max_side - min_side) * frac).long()
 
@@ -111,11 +112,12 @@ class SparseGrid(NamedTuple):
 
 
 #################################################################################
-#                  Poolingformer, cross-attention and the SDTM                  #
+#       Poolingformer and the Sparse-Dense Token Module (SDTM) of the paper       #
 #################################################################################
 
 class PoolingAttention(nn.Module):
-    """Self-attention with Q and K removed: every token gets W_o · mean_j(W_v · x_j)."""
+    """The paper's Poolingformer attention: self-attention with Q and K removed (the bottom layers' attention maps
+    are near uniform), so every token gets W_o · mean_j(W_v · x_j)."""
     def __init__(self, dim):
         super().__init__()
         self.v = nn.Linear(dim, dim)
@@ -162,7 +164,8 @@ class CrossBlock(Block):
 
 
 class SDTM(nn.Module):
-    """Sparse-dense token module: sparse generation -> K sparse blocks -> recovery -> one dense block."""
+    """The paper's Sparse-Dense Token Module: sparse token generation (X_s = AvgPool(X) attends to X) -> K sparse
+    transformer blocks -> sparse-dense token recovery (X_m = Up(X_s) W1 + X W2 attends to X_s) -> one dense block."""
     def __init__(self, dim, num_heads, mlp_ratio, n_sparse):
         super().__init__()
         self.generation = CrossBlock(dim, num_heads, mlp_ratio)
@@ -257,13 +260,20 @@ class SparseDiT(SiT):
         P, S, K, T = self.layout
         n = side * side
 
-        def cross(q, kv):                                                  # K, V projections run on the kv tokens
-            return block_macs(q, D, r, n_kv=kv) + 2 * (kv - q) * D * D
+        def cross(q, kv):                                                  # a CrossBlock: q tokens attend to kv
+            return block_macs(q, D, r, n_kv=kv) + 2 * (kv - q) * D * D     # K, V projections run on the kv tokens
 
-        pooling = 6 * D * D + N * D + 2 * D * D + 2 * r * N * D * D        # adaLN, mean, W_v W_o on one token, MLP
-        sdtm = (N * D + cross(n, N) + K * block_macs(n, D, r)              # pool, generation, sparse blocks
-                + 2 * N * D * D + cross(N, n) + block_macs(N, D, r))       # X_m, recovery, dense block
-        return self.embed_macs() + P * pooling + S * sdtm + T * block_macs(N, D, r)
+        pooling = (6 * D * D                                               # adaLN D -> 6D, per image
+                   + N * D                                                 # the mean over the N tokens
+                   + 2 * D * D                                             # W_v and W_o on that one mean token
+                   + 2 * r * N * D * D)                                    # MLP D -> rD -> D, per token
+        sdtm = (N * D                                                      # AvgPool: each dense token added once
+                + cross(n, N)                                              # sparse token generation, Q = X_s
+                + K * block_macs(n, D, r)                                  # K sparse blocks on n = side² tokens
+                + 2 * N * D * D                                            # X_m = Up(X_s) W1 + X W2
+                + cross(N, n)                                              # sparse-dense recovery, Q = X_m
+                + block_macs(N, D, r))                                     # the dense block
+        return self.embed_macs() + P * pooling + S * sdtm + T * block_macs(N, D, r)   # + T dense top blocks
 
     def pass_flops(self, t, skip_middle=False):
         return self.flops(t)

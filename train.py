@@ -98,27 +98,20 @@ class Stage:
     ema_decay: float
 
     def lr_at(self, step):
-        return lr_at(self.lr, step - self.begin, self.warmup)
+        """The official LinearLR warm-up (start_factor 0.01) over the stage's first `warmup` steps, then lr."""
+        s = step - self.begin
+        return self.lr * (0.01 + 0.99 * min(1.0, s / self.warmup)) if self.warmup else self.lr
 
     def ema_decay_at(self, step):
-        return ema_decay_at(self.ema_decay, step - self.begin, self.warmup)
+        """At most 0.999 during the lr warm-up, as the official fine-tuning does, then the target (0.9999; the
+        embedded toy data's short run uses 0.995)."""
+        return min(self.ema_decay, 0.999) if step - self.begin < self.warmup else self.ema_decay
 
 
 def stages(args, token_drop):
     """Stage 1 at --drop; stage 2 (--finetune-steps) at 0% drop with its own lr, warm-up and EMA (SPRINT Sec. 3.3)."""
     return [Stage(0, token_drop, args.lr, args.warmup, args.ema_decay),
             Stage(args.steps, replace(token_drop, ratio=0.0), args.ft_lr, args.ft_warmup, args.ft_ema_decay)]
-
-
-def lr_at(lr, s, warmup):
-    """lr at step s of a stage: the official LinearLR warm-up (start_factor 0.01) over `warmup` steps, then lr."""
-    return lr * (0.01 + 0.99 * min(1.0, s / warmup)) if warmup else lr
-
-
-def ema_decay_at(target, s, warmup):
-    """EMA decay at step s of a stage: at most 0.999 during the lr warm-up, as the official fine-tuning does, then
-    the target (0.9999; the embedded toy data's short run uses 0.995)."""
-    return min(target, 0.999) if s < warmup else target
 
 
 @torch.no_grad()

@@ -273,7 +273,8 @@ def test_our_checkpoint_roundtrip_prefers_ema(tmp_path):
 
 def test_wrong_architecture_is_one_clear_error(tmp_path):
     torch.save({"model": tiny(hidden_size=64).state_dict()}, tmp_path / "big.pt")
-    with pytest.raises(ValueError, match=r"shape mismatch: decoder.0.adaLN_modulation.1.bias: file \(384,\) vs model \(192,\).* \(61 in all\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch: decoder.0.adaLN_modulation.1.bias: "
+                                         r"file \(384,\) vs model \(192,\).* \(61 in all\)"):
         load_weights(tiny(), tmp_path / "big.pt")
     torch.save({"model": tiny("dit").state_dict()}, tmp_path / "dit.pt")
     with pytest.raises(ValueError, match=r"missing: decoder\.0.*\n  unexpected: blocks\.0"):

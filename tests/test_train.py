@@ -110,12 +110,14 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
 def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
     official = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=5)
+    stage = train.Stage(begin=100, token_drop=None, lr=2e-4, warmup=5, ema_decay=0.9999)     # starting at step 100
     for s in range(8):                                                   # the lr of the s-th optimizer step
-        assert train.lr_at(2e-4, s, 5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        assert stage.lr_at(100 + s) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
         opt.step()
         official.step()
-    assert [train.ema_decay_at(0.9999, s, 5) for s in (0, 4, 5)] == [0.999, 0.999, 0.9999]
-    assert train.lr_at(2e-4, 0, 0) == 2e-4                                 # no warm-up: the lr from the start
+    assert [stage.ema_decay_at(100 + s) for s in (0, 4, 5)] == [0.999, 0.999, 0.9999]
+    no_warmup = train.Stage(begin=0, token_drop=None, lr=2e-4, warmup=0, ema_decay=0.9999)
+    assert no_warmup.lr_at(0) == 2e-4                                      # no warm-up: the lr from the start
 
 
 #################################################################################
