@@ -1,6 +1,7 @@
 """
-The model registry and checkpoints: what train.py writes and sample.py reads, and official SPRINT weights; and the
-run-time both scripts share (processes, autocast, timing, the matmul peak that MFU is measured against).
+The model registry and checkpoints: what train.py writes and sample.py reads, and official SPRINT weights; and what
+both scripts share around them (processes, autocast, timing, the matmul peak that MFU is measured against, and the
+handling of flags: defaults, ranges, agreement with a checkpoint).
 
     model = create_model(ModelConfig(model="sprint", size="XL"))          # dit | sprint | sparsedit, by name
     model = load_model("results/000-sprint-B-2/checkpoints/0400000.pt")   # config and EMA weights from the file
@@ -181,3 +182,38 @@ def matmul_peak(device):
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / (time_ms(lambda: a @ b, device, reps=10) / 1e3)
+
+
+#################################################################################
+#                   Flags: defaults, ranges, agreeing with a file               #
+#################################################################################
+
+def at_least(args, low, *names):
+    """A flag given below `low` -> a ValueError naming it (flags left out, None, pass)."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+
+
+def fill(args, defaults):
+    """The flags left out (None) take these defaults."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def agree(args, stored, source, whose, free=()):
+    """Flags left out (None) take the stored values; flags given with other values (outside `free`) -> one
+    ValueError naming each. A checkpoint's config, or a resumed run's flags, decide what was left out."""
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    differ = []
+    for key, value in stored.items():
+        given = getattr(args, key, None)
+        if given is None or given is False:                             # left out (a store_true flag: not given)
+            setattr(args, key, value)
+        elif given != value and key not in free:
+            differ.append(f"--{key.replace('_', '-')} {show(given)} differs from {whose} {show(value)}")
+    if differ:
+        raise ValueError(f"{source} does not fit the flags given: {'; '.join(differ)}; leave them out to use "
+                         f"{whose}")

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import autocast, create_model, load_model, read_checkpoint, setup_distributed, time_ms
+from models import (agree, at_least, autocast, create_model, fill, load_model, read_checkpoint, setup_distributed,
+                    time_ms)
 from sprint import ModelConfig
 
 
@@ -286,37 +287,6 @@ def benchmark(model, net, args, device):
 #################################################################################
 #                                      CLI                                      #
 #################################################################################
-
-def at_least(args, low, *names):
-    """A flag given below `low` -> a ValueError naming it (flags left out, None, pass); train.py uses it too."""
-    for name in names:
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
-
-
-def fill(args, defaults):
-    """The flags left out (None) take these defaults; train.py uses it too."""
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-
-def agree(args, stored, source, whose, free=()):
-    """Flags left out (None) take the stored values; flags given with other values (outside `free`) -> one
-    ValueError naming each. A checkpoint's config, or a resumed run's flags, decide what was left out."""
-    def show(v):
-        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-    differ = []
-    for key, value in stored.items():
-        given = getattr(args, key, None)
-        if given is None or given is False:                             # left out (a store_true flag: not given)
-            setattr(args, key, value)
-        elif given != value and key not in free:
-            differ.append(f"--{key.replace('_', '-')} {show(given)} differs from {whose} {show(value)}")
-    if differ:
-        raise ValueError(f"{source} does not fit the flags given: {'; '.join(differ)}; leave them out to use "
-                         f"{whose}")
-
 
 def check_args(args):
     """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""

@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import setup_data
-from models import (MODELS, autocast, create_model, init_from, load_weights, matmul_peak, read_checkpoint,
-                    setup_distributed, time_ms)
-from sample import agree, at_least, fill, sample, save_grid
+from models import (MODELS, agree, at_least, autocast, create_model, fill, init_from, load_weights, matmul_peak,
+                    read_checkpoint, setup_distributed, time_ms)
+from sample import sample, save_grid
 from sprint import SIZES, ModelConfig, TokenDrop
 
 # Defaults of the flags left out (None until then, so --resume tells them apart). Real data: the paper's SiT-B/2
