@@ -14,8 +14,8 @@ up over the warm-up's optimizer steps (LinearLR), EMA decay 0.999 meanwhile. `--
 on its own; `--resume RUN` continues a run exactly: checkpoints hold the model, EMA, optimizer, every rank's RNG
 state, the data position and the whole config, which fills the flags left out. Path drop stays on in both stages.
 
-Data: an image folder in ImageNet layout (pixels, center-cropped as ADM/DiT, 64 px unless --image-size), an .npz
-with x and y (uint8 images N x H x W x C, or float latents N x C x H x W such as SD-VAE latents with --latent-scale
+Data (data.py): an image folder in ImageNet layout (pixels, center-cropped as ADM/DiT, 64 px unless --image-size),
+an .npz with x and y (uint8 images N x H x W x C, or float latents N x C x H x W such as SD-VAE latents with --latent-scale
 0.18215: the paper's setting), or nothing: ten classes of coloured shapes drawn in code, with a small model.
 """
 import argparse
