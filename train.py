@@ -15,8 +15,9 @@ on its own; `--resume RUN` continues a run exactly: checkpoints hold the model, 
 state, the data position and the whole config, which fills the flags left out. Path drop stays on in both stages.
 
 Data (data.py): an image folder in ImageNet layout (pixels, center-cropped as ADM/DiT, 64 px unless --image-size),
-an .npz with x and y (uint8 images N x H x W x C, or float latents N x C x H x W such as SD-VAE latents with --latent-scale
-0.18215: the paper's setting), or nothing: ten classes of coloured shapes drawn in code, with a small model.
+an .npz with x and y (uint8 images N x H x W x C, or float latents N x C x H x W such as SD-VAE latents with
+--latent-scale 0.18215: the paper's setting), or nothing: ten classes of coloured shapes drawn in code, with a small
+model.
 """
 import argparse
 import copy
@@ -45,8 +46,8 @@ PAPER = dict(model="sprint", size="B", patch_size=2, mask_type="structured", glo
              warmup=0, ema_decay=0.9999, steps=400_000, finetune_steps=0, ft_lr=2e-4, ft_warmup=5000,
              ft_ema_decay=0.9999, seed=0, log_every=50, ckpt_every=50_000, sample_every=10_000, eval_every=5_000)
 TOY = dict(size="S", image_size=16, hidden_size=96, num_heads=4, depths=[1, 2, 1], lr=1e-3, ema_decay=0.995,
-           ft_ema_decay=0.995, global_batch_size=32, steps=2000, ft_lr=1e-3, ft_warmup=100, log_every=25, ckpt_every=500,
-           sample_every=250, eval_every=250)
+           ft_ema_decay=0.995, global_batch_size=32, steps=2000, ft_lr=1e-3, ft_warmup=100, log_every=25,
+           ckpt_every=500, sample_every=250, eval_every=250)
 SPARSE = dict(drop=0.75, path_drop=0.1)     # SPRINT's defaults; a model without a sparse path trains at 0 and 0
 LABEL_DROP = 0.1                            # labels -> the null label, for classifier-free guidance
 GRID = dict(sampler="euler", steps=25, cfg_scale=4.0)    # the EMA sample grids
