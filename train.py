@@ -377,7 +377,7 @@ def main(args):
         n, done = n + 1, step + 1
         pbar.update()
         ckpt_now = (args.ckpt_every and done % args.ckpt_every == 0) or done in (args.steps, total)
-        eval_now = args.eval_every and (done % args.eval_every == 0 or done == total)
+        eval_now = args.eval_every and (done % args.eval_every == 0 or done in (args.steps, total))   # + stage ends
         sample_now = args.sample_every and (done % args.sample_every == 0 or done == total)
         if n < args.log_every and not (ckpt_now or eval_now or sample_now):
             continue

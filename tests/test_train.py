@@ -120,6 +120,13 @@ def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
     assert no_warmup.lr_at(0) == 2e-4                                      # no warm-up: the lr from the start
 
 
+def test_the_held_out_loss_is_measured_at_the_end_of_each_stage(tmp_path):
+    run_dir = run(tmp_path, "--drop", "0.75", "--steps", "2", "--finetune-steps", "1", "--eval-every", "100")
+    evals = [rec for rec in records(run_dir) if "eval_loss" in rec]
+    assert [rec["step"] for rec in evals] == [0, 2, 3]                  # the gap before and after fine-tuning
+    assert all("eval_loss_drop" in rec for rec in evals)
+
+
 #################################################################################
 #                             Resume: exactly, after kill -9                    #
 #################################################################################
