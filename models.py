@@ -1,7 +1,7 @@
 """
-The model registry and checkpoints: what train.py writes and sample.py reads, and official SPRINT weights; and what
-both scripts share around them (processes, autocast, timing, the matmul peak that MFU is measured against, and the
-handling of flags: defaults, ranges, agreement with a checkpoint).
+The model registry and checkpoints: what train.py writes and sample.py reads, and official SPRINT weights; train.py's
+run folders, logs and resumed state; and what both scripts share around them (processes, autocast, timing, the
+matmul peak that MFU is measured against, and the handling of flags: defaults, ranges, agreement with a checkpoint).
 
     model = create_model(ModelConfig(model="sprint", size="XL"))          # dit | sprint | sparsedit, by name
     model = load_model("results/000-sprint-B-2/checkpoints/0400000.pt")   # config and EMA weights from the file
@@ -9,15 +9,18 @@ handling of flags: defaults, ranges, agreement with a checkpoint).
 
 sprint.py and sparsedit.py are pure model code; this file sits above both, so neither knows the other's loaders.
 """
+import hashlib
 import json
 import os
 import re
 import struct
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from sparsedit import SparseDiT
 from sprint import DiT, SPRINT, ModelConfig
@@ -136,6 +139,86 @@ def init_from(model, path, ema=True):
         return load_weights(model, path, ema=False, ckpt={"model": dense})
     except ValueError as e:
         raise ValueError(f"--init {e}") from None
+
+
+#################################################################################
+#       Runs on disk: folders, logs, checkpoints, resumed state (train.py)      #
+#################################################################################
+
+def run_folder(args, resumed=None):
+    """A resumed checkpoint's run folder, else results/NNN-model-size-patch: never an existing one, even in a race."""
+    if resumed and os.path.basename(os.path.dirname(resumed)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(resumed))
+    os.makedirs(args.results_dir, exist_ok=True)
+    while True:
+        taken = [int(d.split("-")[0]) for d in os.listdir(args.results_dir) if d.split("-")[0].isdigit()]
+        name = f"{max(taken, default=-1) + 1:03d}-{args.model}-{args.size}-{args.patch_size}"
+        path = os.path.join(args.results_dir, name)
+        try:
+            os.makedirs(os.path.join(path, "checkpoints"))              # fails if another run took the number
+        except FileExistsError:
+            continue
+        os.makedirs(os.path.join(path, "samples"))
+        return path
+
+
+def log(run_dir, text=None, **record):
+    """Rank 0 (the one with a run folder): text to the console and log.txt, a record to log.jsonl."""
+    if run_dir is None:
+        return
+    if text:
+        tqdm.write(text)                                                # above the progress bar
+    for name, line in (("log.txt", text), ("log.jsonl", record and json.dumps(record))):
+        if line:
+            with open(os.path.join(run_dir, name), "a") as f:
+                f.write(line + "\n")                                    # one write: a kill leaves whole lines
+
+
+def weights_digest(*models):
+    """A short hash of the per-tensor float64 sums of the weights: equal on all ranks if DDP works."""
+    sums = torch.stack([p.detach().double().sum() for m in models for p in m.parameters()]).cpu()
+    return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
+
+
+def save_checkpoint(run_dir, done, raw, ema, opt, args, data_position, train_s, rank, world, device):
+    """Every rank's RNG state and a check that DDP kept the ranks equal; rank 0 writes atomically -> the path."""
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    states = [({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, weights_digest(raw, ema))] * world
+    if world > 1:
+        dist.all_gather_object(states, states[0])
+    rngs, digests = map(list, zip(*states))
+    path = os.path.join(run_dir or "", "checkpoints", f"{done:07d}.pt")
+    if rank == 0:
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"step {done}: the weights differ across ranks ({digests})")
+        torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "config": asdict(raw.cfg), "args": vars(args), "step": done, "rng": rngs,
+                    "data": data_position, "train_s": train_s}, path + ".tmp")
+        os.replace(path + ".tmp", path)                  # atomic: a kill at any moment leaves every file whole
+        log(run_dir, step=done, train_s=train_s, checkpoint=path, rank_weights=digests)
+    return path
+
+
+def resume(path, ckpt, raw, ema, opt):
+    """Load a read checkpoint's whole state -> (its path, step, data position, RNG states, training seconds so far)."""
+    try:
+        load_weights(raw, path, ema=False, ckpt=ckpt)
+        load_weights(ema, path, ema=True, ckpt=ckpt)
+    except ValueError as e:
+        raise ValueError(f"--resume {e}") from None
+    opt.load_state_dict(ckpt["opt"])
+    return path, ckpt["step"], ckpt["data"], ckpt["rng"], ckpt.get("train_s", 0.0)
+
+
+def restore_rngs(rngs, args, rank, world, device, run_dir):
+    """Noise, t, drop patterns and flips differ across ranks; a resumed run continues every rank's own stream."""
+    torch.manual_seed(args.seed * world + rank)
+    if rngs is not None and len(rngs) != world:
+        log(run_dir, f"warning: saved by {len(rngs)} processes, resumed on {world}: not the saved noise stream")
+    elif rngs is not None:
+        torch.set_rng_state(rngs[rank]["cpu"])
+        if device.type == "cuda" and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
 
 
 #################################################################################

@@ -22,11 +22,9 @@ model.
 import argparse
 import copy
 import glob
-import hashlib
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -34,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import setup_data
-from models import (MODELS, agree, at_least, autocast, create_model, fill, init_from, load_weights, matmul_peak,
-                    read_checkpoint, setup_distributed, time_ms)
+from models import (MODELS, agree, at_least, autocast, create_model, fill, init_from, log, matmul_peak, read_checkpoint,
+                    restore_rngs, resume, run_folder, save_checkpoint, setup_distributed, time_ms)
 from sample import sample, save_grid
 from sprint import SIZES, ModelConfig, TokenDrop
 
@@ -159,7 +157,7 @@ def benchmark(args, device):
 
 
 #################################################################################
-#                   Flags, model, optimizer, checkpoints, logs                  #
+#           Flags, model, optimizer, the logged interval, sample grids          #
 #################################################################################
 
 def resolve_flags(args, world):
@@ -191,23 +189,6 @@ def make_optimizer(model, lr, device):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda")
 
 
-def run_folder(args, resumed=None):
-    """A resumed checkpoint's run folder, else results/NNN-model-size-patch: never an existing one, even in a race."""
-    if resumed and os.path.basename(os.path.dirname(resumed)) == "checkpoints":
-        return os.path.dirname(os.path.dirname(resumed))
-    os.makedirs(args.results_dir, exist_ok=True)
-    while True:
-        taken = [int(d.split("-")[0]) for d in os.listdir(args.results_dir) if d.split("-")[0].isdigit()]
-        name = f"{max(taken, default=-1) + 1:03d}-{args.model}-{args.size}-{args.patch_size}"
-        path = os.path.join(args.results_dir, name)
-        try:
-            os.makedirs(os.path.join(path, "checkpoints"))              # fails if another run took the number
-        except FileExistsError:
-            continue
-        os.makedirs(os.path.join(path, "samples"))
-        return path
-
-
 def read_run(args):
     """--resume's checkpoint (a run folder: its newest) -> (path, checkpoint). The run's flags fill those left out;
     a flag given with another value is refused, unless RESUME_MAY_CHANGE holds it."""
@@ -228,17 +209,6 @@ def read_run(args):
     return found[-1], ckpt
 
 
-def resume(path, ckpt, raw, ema, opt):
-    """Load a read checkpoint's whole state -> (its path, step, data position, RNG states, training seconds so far)."""
-    try:
-        load_weights(raw, path, ema=False, ckpt=ckpt)
-        load_weights(ema, path, ema=True, ckpt=ckpt)
-    except ValueError as e:
-        raise ValueError(f"--resume {e}") from None
-    opt.load_state_dict(ckpt["opt"])
-    return path, ckpt["step"], ckpt["data"], ckpt["rng"], ckpt.get("train_s", 0.0)
-
-
 def check_args(args, world):
     """Flags out of range -> a ValueError naming the flag, before anything is read or written."""
     at_least(args, 1, "global_batch_size", "log_every", "benchmark_steps")
@@ -250,35 +220,6 @@ def check_args(args, world):
         raise ValueError(f"--path-drop {args.path_drop}: must lie in [0, 1]")
     if args.global_batch_size % world:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
-
-
-def weights_digest(*models):
-    """A short hash of the per-tensor float64 sums of the weights: equal on all ranks if DDP works."""
-    sums = torch.stack([p.detach().double().sum() for m in models for p in m.parameters()]).cpu()
-    return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
-
-
-def log(run_dir, text=None, **record):
-    """Rank 0 (the one with a run folder): text to the console and log.txt, a record to log.jsonl."""
-    if run_dir is None:
-        return
-    if text:
-        tqdm.write(text)                                                # above the progress bar
-    for name, line in (("log.txt", text), ("log.jsonl", record and json.dumps(record))):
-        if line:
-            with open(os.path.join(run_dir, name), "a") as f:
-                f.write(line + "\n")                                    # one write: a kill leaves whole lines
-
-
-def restore_rngs(rngs, args, rank, world, device, run_dir):
-    """Noise, t, drop patterns and flips differ across ranks; a resumed run continues every rank's own stream."""
-    torch.manual_seed(args.seed * world + rank)
-    if rngs is not None and len(rngs) != world:
-        log(run_dir, f"warning: saved by {len(rngs)} processes, resumed on {world}: not the saved noise stream")
-    elif rngs is not None:
-        torch.set_rng_state(rngs[rank]["cpu"])
-        if device.type == "cuda" and rngs[rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
 
 
 def read_interval(buf, world, done, last_ckpt):
@@ -300,25 +241,6 @@ def save_samples(ema, z, y, pixels, precision, path):
     with autocast(z.device, precision):
         imgs = sample(ema, z, y, **GRID)
     save_grid(imgs if pixels else (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1), path, nrow=len(y) // 4)
-
-
-def save_checkpoint(run_dir, done, raw, ema, opt, args, data_position, train_s, rank, world, device):
-    """Every rank's RNG state and a check that DDP kept the ranks equal; rank 0 writes atomically -> the path."""
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    states = [({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, weights_digest(raw, ema))] * world
-    if world > 1:
-        dist.all_gather_object(states, states[0])
-    rngs, digests = map(list, zip(*states))
-    path = os.path.join(run_dir or "", "checkpoints", f"{done:07d}.pt")
-    if rank == 0:
-        if len(set(digests)) > 1:
-            raise RuntimeError(f"step {done}: the weights differ across ranks ({digests})")
-        torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "config": asdict(raw.cfg), "args": vars(args), "step": done, "rng": rngs,
-                    "data": data_position, "train_s": train_s}, path + ".tmp")
-        os.replace(path + ".tmp", path)                  # atomic: a kill at any moment leaves every file whole
-        log(run_dir, step=done, train_s=train_s, checkpoint=path, rank_weights=digests)
-    return path
 
 
 #################################################################################
