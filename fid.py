@@ -210,21 +210,17 @@ class FIDInceptionV3(nn.Module):
 
 
 def find_weights(weights=None):
-    """The weight file's path: the argument, else $FID_WEIGHTS (both for offline use), else torch's hub cache, where
-    the first use downloads it (as pytorch-fid, clean-fid and torch-fidelity do)."""
+    """The weight file's path: the argument, else $FID_WEIGHTS (both for offline use), else WEIGHTS_URL's file in
+    torch's hub cache, where the first use downloads it with a progress bar (as pytorch-fid, clean-fid and
+    torch-fidelity do); its sha256 must start with the hex digits in its name (torch.hub's convention:
+    ...-6726825d.pth)."""
     hint = (f"FID needs the Inception weights {WEIGHTS_NAME} (the FID Inception-v3 used by pytorch-fid; random "
             f"weights are never used). Download it from {WEIGHTS_URL} and pass --weights PATH or set FID_WEIGHTS=PATH.")
     path = weights or os.environ.get('FID_WEIGHTS')
-    if path is None:
-        return download_weights(hint)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights {path}: no such file. {hint}")
-    return path
-
-
-def download_weights(hint):
-    """WEIGHTS_URL's file in torch's hub cache (where pytorch-fid keeps it), downloaded once with a progress bar;
-    its sha256 must start with the hex digits in its name (torch.hub's convention: ...-6726825d.pth)."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Inception weights {path}: no such file. {hint}")
+        return path
     name = os.path.basename(WEIGHTS_URL)
     cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
     if os.path.isfile(cached):
