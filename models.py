@@ -237,6 +237,14 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def cleanup_distributed(world):
+    """Wait for every rank, then close the process group: a rank that leaves while another still works (rank 0
+    writing its last checkpoint) can abort the other's gloo threads at exit."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def autocast(device, precision):
     """bf16 autocast, or plain float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import (agree, at_least, autocast, create_model, fill, load_model, read_checkpoint, setup_distributed,
-                    time_ms)
+from models import (agree, at_least, autocast, cleanup_distributed, create_model, fill, load_model, read_checkpoint,
+                    setup_distributed, time_ms)
 from sprint import ModelConfig
 
 
@@ -398,8 +398,7 @@ def main(argv=None):
     if path.endswith(".latents.npz"):                    # never silently: say what was saved and how to decode it
         log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE "
             f"(pip install diffusers) as README.md shows under 'Decoding saved latents'")
-    if world > 1:
-        dist.destroy_process_group()
+    cleanup_distributed(world)
 
 
 def parse_args(argv=None):

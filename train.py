@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import setup_data
-from models import (MODELS, agree, at_least, autocast, create_model, fill, init_from, log, matmul_peak, read_checkpoint,
-                    restore_rngs, resume, run_folder, save_checkpoint, setup_distributed, time_ms)
+from models import (MODELS, agree, at_least, autocast, cleanup_distributed, create_model, fill, init_from, log,
+                    matmul_peak, read_checkpoint, restore_rngs, resume, run_folder, save_checkpoint, setup_distributed,
+                    time_ms)
 from sample import sample, save_grid
 from sprint import SIZES, ModelConfig, TokenDrop
 
@@ -284,48 +285,50 @@ def main(args):
     if start == 0 and args.eval_every and eval_data is not None:
         evaluate(raw, eval_data, args, token_drop, run_dir, 0, train_s)
     t0 = time.perf_counter()
-    for step in range(start, total):
-        stage = schedule[step >= args.steps]
-        if step == args.steps > 0:     # stage 2 starts from the stage-1 EMA weights, fresh optimizer: as --init does
-            raw.load_state_dict(ema.state_dict())
-            opt = make_optimizer(raw, stage.lr, device)
-        for group in opt.param_groups:
-            group["lr"] = stage.lr_at(step)
-        x, y = data.to_device(*next(loader), device)
-        if data.pixels:                                                  # random horizontal flips
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        buf[n] = torch.stack(train_step(model, raw, ema, opt, x, y, stage.token_drop, args.precision,
-                                        stage.ema_decay_at(step)))
-        n, done = n + 1, step + 1
-        pbar.update()
-        ckpt_now = (args.ckpt_every and done % args.ckpt_every == 0) or done in (args.steps, total)
-        eval_now = args.eval_every and (done % args.eval_every == 0 or done in (args.steps, total))   # + stage ends
-        sample_now = args.sample_every and (done % args.sample_every == 0 or done == total)
-        if n < args.log_every and not (ckpt_now or eval_now or sample_now):
-            continue
-        vals, n = read_interval(buf[:n], world, done, last_ckpt), 0     # before anything is evaluated or saved
-        seconds = time.perf_counter() - t0                              # training only: evaluation, grids and
-        train_s += seconds                                               # checkpoints happen after t0 is read
-        flops_per_s = 3 * raw.training_flops(stage.token_drop) * len(vals) * G / seconds / world   # 3 forwards
-        figures = {"loss": vals[:, 0].mean().item(), "img/s": len(vals) * G / seconds, "TFLOP/s": flops_per_s / 1e12}
-        if peak:
-            figures["MFU"] = raw.estimate_mfu(flops_per_s, peak)
-        pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
-        log(run_dir, step=done, stage=1 + (step >= args.steps), train_s=train_s, lr=opt.param_groups[0]["lr"],
-            grad_norm=vals[:, 1].mean().item(), **figures)
-        if eval_now and eval_data is not None:
-            evaluate(raw, eval_data, args, token_drop, run_dir, done, train_s)
-        if sample_now and rank == 0:
-            save_samples(ema, grid_z, grid_y, data.pixels, args.precision, f"{run_dir}/samples/{done:07d}.png")
-        if ckpt_now:
-            epoch, batch = divmod(position["epoch"] * per_epoch + position["batch"] + done - start, per_epoch)
-            last_ckpt = save_checkpoint(run_dir, done, raw, ema, opt, args, {"epoch": epoch, "batch": batch}, train_s,
-                                        rank, world, device)
-        t0 = time.perf_counter()
-    pbar.close()
+    try:
+        for step in range(start, total):
+            stage = schedule[step >= args.steps]
+            if step == args.steps > 0:   # stage 2 starts from the stage-1 EMA weights, fresh optimizer, as --init
+                raw.load_state_dict(ema.state_dict())
+                opt = make_optimizer(raw, stage.lr, device)
+            for group in opt.param_groups:
+                group["lr"] = stage.lr_at(step)
+            x, y = data.to_device(*next(loader), device)
+            if data.pixels:                                                  # random horizontal flips
+                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+            buf[n] = torch.stack(train_step(model, raw, ema, opt, x, y, stage.token_drop, args.precision,
+                                            stage.ema_decay_at(step)))
+            n, done = n + 1, step + 1
+            pbar.update()
+            ckpt_now = (args.ckpt_every and done % args.ckpt_every == 0) or done in (args.steps, total)
+            eval_now = args.eval_every and (done % args.eval_every == 0 or done in (args.steps, total))   # + stage ends
+            sample_now = args.sample_every and (done % args.sample_every == 0 or done == total)
+            if n < args.log_every and not (ckpt_now or eval_now or sample_now):
+                continue
+            vals, n = read_interval(buf[:n], world, done, last_ckpt), 0     # before anything is evaluated or saved
+            seconds = time.perf_counter() - t0                              # training only: evaluation, grids and
+            train_s += seconds                                               # checkpoints happen after t0 is read
+            flops_per_s = 3 * raw.training_flops(stage.token_drop) * len(vals) * G / seconds / world   # 3 forwards
+            figures = {"loss": vals[:, 0].mean().item(), "img/s": len(vals) * G / seconds,
+                       "TFLOP/s": flops_per_s / 1e12}
+            if peak:
+                figures["MFU"] = raw.estimate_mfu(flops_per_s, peak)
+            pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
+            log(run_dir, step=done, stage=1 + (step >= args.steps), train_s=train_s, lr=opt.param_groups[0]["lr"],
+                grad_norm=vals[:, 1].mean().item(), **figures)
+            if eval_now and eval_data is not None:
+                evaluate(raw, eval_data, args, token_drop, run_dir, done, train_s)
+            if sample_now and rank == 0:
+                save_samples(ema, grid_z, grid_y, data.pixels, args.precision, f"{run_dir}/samples/{done:07d}.png")
+            if ckpt_now:
+                epoch, batch = divmod(position["epoch"] * per_epoch + position["batch"] + done - start, per_epoch)
+                last_ckpt = save_checkpoint(run_dir, done, raw, ema, opt, args, {"epoch": epoch, "batch": batch},
+                                            train_s, rank, world, device)
+            t0 = time.perf_counter()
+    finally:                  # also on an error: its message then starts on a line of its own
+        pbar.close()
     log(run_dir, f"done: {total} steps, checkpoints in {run_dir}/checkpoints")
-    if world > 1:
-        dist.destroy_process_group()
+    cleanup_distributed(world)
     return run_dir
 
 
@@ -385,4 +388,7 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except (ValueError, FloatingPointError) as e:                       # bad input or a diverged run: one message
-        raise SystemExit(f"train.py: error: {e}")
+        message = str(e)
+        if "Original Traceback" in message:      # raised in a DataLoader worker: only the worker's own last line
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        raise SystemExit(f"train.py: error: {message}")

@@ -298,6 +298,18 @@ def test_a_broken_image_fails_before_training_in_one_line_with_the_default_worke
     assert not (tmp_path / "results").exists()                         # no empty run folder left behind
 
 
+def test_an_image_that_breaks_only_when_a_worker_decodes_it_is_one_line_without_a_traceback(tmp_path):
+    folder = image_folder(tmp_path / "images", classes=1, per_class=7)
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "class0" / "cut.jpg", quality=90)
+    jpeg = (folder / "class0" / "cut.jpg").read_bytes()
+    (folder / "class0" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])   # a valid header: only decoding fails
+    r = cli(tmp_path, "--data", str(folder), "--num-workers", "1", "--image-size", "16", "--steps", "3")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if "error" in line]   # the rest is the progress bar
+    assert error.startswith(f"train.py: error: --data: cannot decode {folder / 'class0' / 'cut.jpg'} (image file is")
+
+
 def test_checkpoints_every_0_steps_means_only_at_the_end_of_each_stage(tmp_path):
     run_dir = run(tmp_path, "--steps", "3", "--finetune-steps", "2", "--ckpt-every", "0")
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000003.pt", "0000005.pt"]
