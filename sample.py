@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models import (agree, at_least, autocast, cleanup_distributed, create_model, fill, load_model, read_checkpoint,
                     setup_distributed, time_ms)
-from sprint import ModelConfig
+from sprint import SIZES, ModelConfig
 
 
 #################################################################################
@@ -411,7 +411,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=["dit", "sprint", "sparsedit"], help=f"default {ARCH['model']}; these "
                    "architecture flags build --benchmark models and files without a config (official SPRINT ones); "
                    "with a config they may be left out, and must agree with it")
-    p.add_argument("--size", help=f"mini | S | B | L | XL (default {ARCH['size']})")
+    p.add_argument("--size", choices=list(SIZES), help=f"default {ARCH['size']}")
     p.add_argument("--patch-size", type=int, help=f"default {ARCH['patch_size']}")
     p.add_argument("--image-size", type=int, help=f"in pixels (default {ARCH['image_size']}); a latent model sees "
                    "image-size / 8")
