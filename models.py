@@ -7,7 +7,8 @@ matmul peak that MFU is measured against, and the handling of flags: defaults, r
     model = load_model("results/000-sprint-B-2/checkpoints/0400000.pt")   # config and EMA weights from the file
     load_weights(model, "sprint_xl.safetensors")                          # official names mapped to ours
 
-sprint.py and sparsedit.py are pure model code; this file sits above both, so neither knows the other's loaders.
+sprint.py and sparsedit.py are pure model code; this file sits above both, so neither knows the other's config,
+registry or loaders.
 """
 import hashlib
 import json
@@ -15,7 +16,7 @@ import os
 import re
 import struct
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -23,16 +24,49 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from sparsedit import SparseDiT
-from sprint import DiT, SPRINT, ModelConfig
+from sprint import SIZES, DiT, SPRINT
 
 MODELS = {"dit": DiT, "sprint": SPRINT, "sparsedit": SparseDiT}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model, of any of the MODELS; stored in every checkpoint. Unset fields come
+    from `size` (sprint.SIZES)."""
+    model: str = "sprint"            # dit | sprint | sparsedit
+    size: str = "B"                  # mini | S | B | L | XL
+    patch_size: int = 2
+    input_size: int = 32             # side of the (latent) image, e.g. 32 for 256 px SD-VAE latents
+    in_channels: int = 4
+    num_classes: int = 1000
+    hidden_size: int = 0             # 0: from size
+    num_heads: int = 0               # 0: from size
+    depths: tuple = ()               # (encoder, middle, decoder); dit runs sum(depths) dense blocks
+    mlp_ratio: float = 4.0
+    extra: dict = field(default_factory=dict)  # model-specific settings (sparsedit's layout and density)
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"--model {self.model!r}: choose {', '.join(MODELS)}")
+        if self.size not in SIZES:
+            raise ValueError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
+        D, H, depths = SIZES[self.size]
+        self.hidden_size = self.hidden_size or D
+        self.num_heads = self.num_heads or H
+        self.depths = tuple(self.depths or depths)
+        if self.input_size % self.patch_size:
+            raise ValueError(f"--patch-size {self.patch_size} does not divide the input side {self.input_size}")
+        if self.hidden_size % (4 * self.num_heads):
+            raise ValueError("2D RoPE needs a head dimension divisible by 4")
+
+    @property
+    def grid(self):                  # token grid side: N = grid**2 tokens
+        return self.input_size // self.patch_size
 
 
 def create_model(cfg):
     """Build dit / sprint / sparsedit from a ModelConfig or its dict (as stored in checkpoints)."""
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
-    if cfg.model not in MODELS:
-        raise ValueError(f"--model {cfg.model!r}: choose dit, sprint or sparsedit")
     return MODELS[cfg.model](cfg)
 
 
@@ -76,7 +110,7 @@ def read_checkpoint(path):
             return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
         if len(head) >= 9 and head[8:9] == b"{":
             return {"model": read_safetensors(path)}
-    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"{path}: not a readable checkpoint (truncated?)") from None
     raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
 

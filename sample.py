@@ -29,9 +29,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import (agree, at_least, autocast, cleanup_distributed, create_model, fill, load_model, read_checkpoint,
-                    setup_distributed, time_ms)
-from sprint import SIZES, ModelConfig
+from models import (ModelConfig, agree, at_least, autocast, cleanup_distributed, create_model, fill, load_model,
+                    read_checkpoint, setup_distributed, time_ms)
+from sprint import SIZES
 
 
 #################################################################################

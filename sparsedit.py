@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sprint import Attention, Block, ModelConfig, SiT, block_macs, modulate, rope
+from sprint import Attention, Block, SiT, block_macs, modulate, rope
 
 
 #################################################################################
@@ -51,7 +51,7 @@ DENSITY = (6, 10)        # sparse grid sides for a 16 x 16 token grid (256 px, p
 SPARSEST_FROM = 0.75       # t in [0.75, 1] (the first quarter of sampling) uses the smallest grid
 
 
-def parse_layout(cfg: ModelConfig):
+def parse_layout(cfg):
     """cfg.extra["layout"] (or the default for the depth) as (P, S, K, T), checked against the depth."""
     depth = sum(cfg.depths)
     if "layout" not in cfg.extra and depth not in LAYOUTS:
@@ -67,7 +67,7 @@ def parse_layout(cfg: ModelConfig):
     return layout
 
 
-def parse_density(cfg: ModelConfig):
+def parse_density(cfg):
     """cfg.extra["density"] (or 6 -> 10 scaled to the token grid) as (min_side, max_side), checked."""
     g = cfg.grid
     lo, hi = cfg.extra.get("density", [max(1, round(s * g / 16)) for s in DENSITY])
@@ -192,7 +192,7 @@ class SDTM(nn.Module):
 
 class SparseDiT(SiT):
     """Poolingformers -> SDTMs -> dense top blocks, with a sparse grid side that follows t."""
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         D, H, r = cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio
         P, S, K, T = self.layout = parse_layout(cfg)
@@ -295,7 +295,7 @@ class SparseDiT(SiT):
         """(name prefix, block) for the depth-many blocks in depth order: DiT block i initialises layer i."""
         return [(name + ".", m) for name, m in self.named_modules() if isinstance(m, Block)]
 
-    def from_dit(self, dit_cfg: ModelConfig, dit):
+    def from_dit(self, dit_cfg, dit):
         """A dense DiT's state dict mapped onto this model: blocks in order, Q/K/V slices, recovery W1 = 0, W2 = I.
         The DiT must match this model's width, heads, patches, input and classes, and its total depth."""
         cfg = self.cfg

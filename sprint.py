@@ -15,7 +15,7 @@ official SPRINT code (tests/test_sprint.py checks the official fixtures). Refere
 SiT (Ma et al., 2024), the official code snap-research/Sprint.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 
 #################################################################################
-#                              Model configuration                              #
+#                                  Model sizes                                  #
 #################################################################################
 
 # name: (hidden size D, attention heads, (encoder, middle, decoder) depths) -- the SiT/DiT sizes, SPRINT splits;
-# mini is B's 2/8/2 split at hidden 128, sized for README's CPU miniature (16 px images, patch 2)
+# mini is B's 2/8/2 split at hidden 128, sized for README's CPU miniature (16 px images, patch 2).
+# A model is built from a models.ModelConfig (size, patch, input side, channels, classes), which reads this table.
 SIZES = {
     "mini": (128, 4, (2, 8, 2)),
     "S": (384, 6, (2, 8, 2)),
@@ -35,38 +36,6 @@ SIZES = {
     "L": (1024, 16, (2, 20, 2)),
     "XL": (1152, 16, (2, 24, 2)),
 }
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a model; stored in every checkpoint. Unset fields come from `size`."""
-    model: str = "sprint"            # dit | sprint | sparsedit
-    size: str = "B"                  # mini | S | B | L | XL
-    patch_size: int = 2
-    input_size: int = 32             # side of the (latent) image, e.g. 32 for 256 px SD-VAE latents
-    in_channels: int = 4
-    num_classes: int = 1000
-    hidden_size: int = 0             # 0: from size
-    num_heads: int = 0               # 0: from size
-    depths: tuple = ()               # (encoder, middle, decoder); dit runs sum(depths) dense blocks
-    mlp_ratio: float = 4.0
-    extra: dict = field(default_factory=dict)  # model-specific settings (sparsedit's layout and density)
-
-    def __post_init__(self):
-        if self.size not in SIZES:
-            raise ValueError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
-        D, H, depths = SIZES[self.size]
-        self.hidden_size = self.hidden_size or D
-        self.num_heads = self.num_heads or H
-        self.depths = tuple(self.depths or depths)
-        if self.input_size % self.patch_size:
-            raise ValueError(f"--patch-size {self.patch_size} does not divide the input side {self.input_size}")
-        if self.hidden_size % (4 * self.num_heads):
-            raise ValueError("2D RoPE needs a head dimension divisible by 4")
-
-    @property
-    def grid(self):                  # token grid side: N = grid**2 tokens
-        return self.input_size // self.patch_size
 
 
 #################################################################################
@@ -243,10 +212,11 @@ def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
 #################################################################################
 
 class SiT(nn.Module):
-    """What every model here shares: patch/time/label embedding, the RoPE grid, the final layer, init."""
+    """What every model here shares: patch/time/label embedding, the RoPE grid, the final layer, init.
+    cfg is a models.ModelConfig (sizes resolved from SIZES; cfg.grid = input side / patch side)."""
     has_sparse_path = False          # SPRINT's deep path, which path drop and PDG skip
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
@@ -322,7 +292,7 @@ class SiT(nn.Module):
 
 class DiT(SiT):
     """The dense baseline: every block sees all N tokens (SiT-XL/2 = 28 blocks)."""
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         self.blocks = nn.ModuleList(Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio)
                                      for _ in range(sum(cfg.depths)))
@@ -405,7 +375,7 @@ class SPRINT(SiT):
     """Dense encoder f -> sparse middle g on the kept tokens -> fuse [g padded, f's output] -> dense decoder h."""
     has_sparse_path = True
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         D, (n_enc, n_mid, n_dec) = cfg.hidden_size, cfg.depths
         self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_enc))

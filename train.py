@@ -32,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import setup_data
-from models import (MODELS, agree, at_least, autocast, cleanup_distributed, create_model, fill, init_from, log,
-                    matmul_peak, read_checkpoint, restore_rngs, resume, run_folder, save_checkpoint, setup_distributed,
-                    time_ms)
+from models import (MODELS, ModelConfig, agree, at_least, autocast, cleanup_distributed, create_model, fill, init_from,
+                    log, matmul_peak, read_checkpoint, restore_rngs, resume, run_folder, save_checkpoint,
+                    setup_distributed, time_ms)
 from sample import sample, save_grid
-from sprint import SIZES, ModelConfig, TokenDrop
+from sprint import SIZES, TokenDrop
 
 # Defaults of the flags left out (None until then, so --resume tells them apart). Real data: the paper's SiT-B/2
 # recipe. The embedded toy data: a small model and schedule, so that a plain `python train.py` shows every part of

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftes
 
 def tiny(model="sprint", in_channels=3, seed=0):
     """A tiny model with random weights everywhere (adaLN-Zero and the zero final layer would output 0)."""
-    cfg = sprint.ModelConfig(model=model, input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32,
+    cfg = models.ModelConfig(model=model, input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32,
                              num_heads=2, depths=(1, 1, 1), num_classes=4)
     m = models.create_model(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +119,7 @@ def test_guidance_only_inside_the_interval():
 
 
 def test_sparsedit_runs_the_grid_of_the_shared_t_unpadded():
-    cfg = sprint.ModelConfig(model="sparsedit", input_size=16, patch_size=2, in_channels=3, hidden_size=32,
+    cfg = models.ModelConfig(model="sparsedit", input_size=16, patch_size=2, in_channels=3, hidden_size=32,
                              num_heads=2, depths=(1, 3, 1), num_classes=4, extra={"layout": [1, 1, 0, 1]})
     model, x, y = models.create_model(cfg), torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     with torch.no_grad():

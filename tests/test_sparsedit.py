@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import create_model, init_from
-from sprint import Block, DiT, ModelConfig, rope
+from models import ModelConfig, create_model, init_from
+from sprint import Block, DiT, rope
 from sparsedit import SparseDiT, Poolingformer, pooled_grid
 
 

@@ -350,7 +350,7 @@ def test_benchmark_prints_one_table_row(capsys):
 @pytest.mark.parametrize("model", ["dit", "sprint", "sparsedit"])
 def test_the_mini_size_is_one_flag_for_every_model(model):
     cfg = train.parse_args(["--model", model, "--size", "mini"])
-    net = models.create_model(sprint.ModelConfig(cfg.model, cfg.size, 2, 16, 3, 9))
+    net = models.create_model(models.ModelConfig(cfg.model, cfg.size, 2, 16, 3, 9))
     assert (net.cfg.hidden_size, net.cfg.num_heads, net.cfg.depths) == (128, 4, (2, 8, 2))   # B's split, narrowed
     assert sum(isinstance(m, sprint.Block) for m in net.modules()) == 12      # SparseDiT: its 12 layers, 1,2,2,1
     v = net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 8]))
