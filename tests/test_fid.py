@@ -1,5 +1,5 @@
-"""fid.py as a specification: the FID Inception-v3 reproduces pytorch-fid on the fixture, FID and IS obey their
-definitions, and the CLI runs end to end and rejects bad input with messages a user can act on."""
+"""fid.py and inception.py as a specification: the FID Inception-v3 reproduces pytorch-fid on the fixture, FID and
+IS obey their definitions, and the CLI runs end to end and rejects bad input with messages a user can act on."""
 import hashlib
 import json
 import math
@@ -15,6 +15,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import fid
+import inception
 
 FIXTURE = np.load(ROOT / 'tests' / 'fixtures' / 'fid_inception_io.npz')
 
@@ -40,14 +41,14 @@ def fixture_weights():
 
 @pytest.fixture(scope='module')
 def weights_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp('weights') / fid.WEIGHTS_NAME
+    path = tmp_path_factory.mktemp('weights') / inception.WEIGHTS_NAME
     torch.save(fixture_weights(), path)
     return path
 
 
 @pytest.fixture(scope='module')
 def model(weights_path):
-    return fid.load_inception(str(weights_path))
+    return inception.load_inception(str(weights_path))
 
 
 def rel_err(a, b):
@@ -71,7 +72,7 @@ def run_cli(*args, env=None):
 
 def test_state_dict_has_the_released_weight_files_keys_and_shapes():
     shapes = json.loads(str(FIXTURE['shapes']))
-    ours = {k: list(v.shape) for k, v in fid.FIDInceptionV3().state_dict().items()
+    ours = {k: list(v.shape) for k, v in inception.FIDInceptionV3().state_dict().items()
             if not k.endswith('num_batches_tracked')}
     assert ours == shapes and len(ours) == 472
 
@@ -97,8 +98,8 @@ def test_uint8_channels_last_equals_float_channels_first(model):
 
 def test_loads_files_with_num_batches_tracked(tmp_path):
     path = tmp_path / 'with_counters.pth'
-    torch.save(fid.FIDInceptionV3().state_dict(), path)
-    assert isinstance(fid.load_inception(str(path)), fid.FIDInceptionV3)
+    torch.save(inception.FIDInceptionV3().state_dict(), path)
+    assert isinstance(inception.load_inception(str(path)), inception.FIDInceptionV3)
 
 
 #### Fréchet distance and Inception Score follow their definitions ####
@@ -215,11 +216,11 @@ def cli_error(*args):
 def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv('FID_WEIGHTS', raising=False)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))  # no cached copy either
-    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{tmp_path}/offline/{fid.WEIGHTS_NAME}')   # and no network
+    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{tmp_path}/offline/{inception.WEIGHTS_NAME}')   # and no network
     folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
     for args in [(folder, folder), (folder, folder, '--weights', tmp_path / 'nope.pth')]:
         msg = cli_error(*args)
-        assert fid.WEIGHTS_NAME in msg and fid.WEIGHTS_URL in msg and 'random' in msg
+        assert inception.WEIGHTS_NAME in msg and inception.WEIGHTS_URL in msg and 'random' in msg
 
 
 def test_the_weights_are_downloaded_once_into_the_hub_cache_and_their_hash_checked(tmp_path, weights_path, monkeypatch,
@@ -231,19 +232,19 @@ def test_the_weights_are_downloaded_once_into_the_hub_cache_and_their_hash_check
     server.mkdir()
     good = server / f'pt_inception-test-{hashlib.sha256(data).hexdigest()[:8]}.pth'  # torch.hub's name convention
     good.write_bytes(data)
-    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{good}')
+    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{good}')
     cached = tmp_path / 'hub' / 'checkpoints' / good.name
-    assert fid.find_weights() == str(cached) and cached.read_bytes() == data
+    assert inception.find_weights() == str(cached) and cached.read_bytes() == data
     assert f'downloading the FID Inception weights from file://{good}' in capsys.readouterr().err
     good.unlink()                                                      # the second use reads the cache only
-    assert fid.find_weights() == str(cached)
-    assert fid.find_weights(str(weights_path)) == str(weights_path)   # --weights (and FID_WEIGHTS) win, offline
+    assert inception.find_weights() == str(cached)
+    assert inception.find_weights(str(weights_path)) == str(weights_path)   # --weights (and FID_WEIGHTS) win, offline
 
     bad = server / 'pt_inception-test-00000000.pth'                    # a hash the content does not have
     bad.write_bytes(data)
-    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{bad}')
+    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{bad}')
     with pytest.raises(ValueError, match=r"sha256 does not start with 00000000, so it was deleted"):
-        fid.find_weights()
+        inception.find_weights()
     assert sorted(os.listdir(tmp_path / 'hub' / 'checkpoints')) == [good.name]   # nothing of the bad download
 
 
@@ -254,14 +255,14 @@ def test_weights_with_wrong_keys_or_shapes_are_rejected(tmp_path):
     path = tmp_path / 'bad.pth'
     torch.save(state, path)
     with pytest.raises(ValueError) as e:
-        fid.load_inception(str(path))
+        inception.load_inception(str(path))
     msg = str(e.value)
     for part in ['missing keys (1): Mixed_7c.branch_pool.conv.weight', 'unexpected keys (1): AuxLogits.fc.weight',
                  'wrong shapes (1): fc.weight (1000, 2048) (expected (1008, 2048))']:
         assert part in msg
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='not a PyTorch state dict'):
-        fid.load_inception(str(tmp_path / 'junk.pth'))
+        inception.load_inception(str(tmp_path / 'junk.pth'))
 
 
 def test_empty_folder(tmp_path, weights_path):
@@ -273,6 +274,14 @@ def test_mixed_sizes_in_one_batch(tmp_path, weights_path):
     folder = write_images(tmp_path / 'mixed', [(8, 8), (8, 8), (12, 8)])
     msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
     assert 'images of mixed sizes in one batch' in msg and '002.png' in msg
+
+
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path, weights_path):
+    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
+    (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
+    msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
+    assert msg.startswith(f"fid.py: error: {folder / 'broken.png'}: cannot decode this image")
+    assert '\n' not in msg and not (tmp_path / 's.npz').exists()
 
 
 def test_fewer_than_two_samples(tmp_path, weights_path):
