@@ -6,7 +6,8 @@ coloured shapes drawn in code; a fixed held-out split, and the order in which th
     train_idx, eval_idx = split(len(data))
     for idx in epoch_batches(train_idx, 256, rank, world, seed): ...
 
-Pixels stay uint8 until they reach the device (train.py scales them to [-1, 1]); latents stay float.
+Pixels stay uint8 until they reach the device (train.py scales them to [-1, 1]); latents stay float. fid.py reads
+its image folders with the same `read_image` and IMAGE_EXTS.
 """
 import os
 import zipfile
@@ -53,6 +54,17 @@ def center_crop_arr(img, size):
     return arr[top: top + size, left: left + size]
 
 
+def read_image(path, source, verify=False):
+    """An image file as an RGB PIL image (verify=True: only checked, without decoding). A file PIL cannot read is
+    one ValueError naming where it came from (`source`: the flag or argument) and the file; fid.py reads through
+    this too."""
+    try:
+        with Image.open(path) as img:
+            return img.verify() if verify else img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:                      # PIL's ways of saying "not an image"
+        raise ValueError(f"{source}: cannot decode {path} ({e})") from None
+
+
 class ImageFolder:
     """ImageNet layout, root/<class>/<image>; data[indices] decodes one batch (in a DataLoader worker)."""
     def __init__(self, root, size, upscale=True):
@@ -70,12 +82,8 @@ class ImageFolder:
         return len(self.files)
 
     def load(self, path, verify=False):
-        """The image's pixels; verify=True: only a check of what PIL reads without decoding (cheap)."""
-        try:
-            with Image.open(path) as img:
-                img = img.verify() if verify else img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:                  # PIL's ways of saying "not an image"
-            raise ValueError(f"--data: cannot decode {path} ({e})") from None
+        """The image's pixels, cropped; verify=True: only a check of what PIL reads without decoding (cheap)."""
+        img = read_image(path, "--data", verify)
         if verify:
             return None
         if not self.upscale and min(img.size) < self.size:

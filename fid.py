@@ -27,13 +27,11 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from data import IMAGE_EXTS, read_image
 from inception import WEIGHTS_NAME, load_inception
-
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 #################################################################################
 #                        Images -> features and statistics                      #
@@ -49,8 +47,10 @@ def stack_images(images, names):
 
 
 class ImageFolder:
-    """A folder's images in sorted order, read lazily: folder[i:j] is a uint8 (j-i, H, W, 3) array."""
-    def __init__(self, path):
+    """A folder's images in sorted order, read lazily: folder[i:j] is a uint8 (j-i, H, W, 3) array. name: the
+    argument it came from (SAMPLES or REF), named in errors."""
+    def __init__(self, path, name='images'):
+        self.name = name
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
         if not self.files:
             raise ValueError(f"{path}: no images found (looked for {'/'.join(IMAGE_EXTS)})")
@@ -60,15 +60,7 @@ class ImageFolder:
 
     def __getitem__(self, index):
         files = self.files[index]
-        return stack_images([self.read(f) for f in files], files)
-
-    @staticmethod
-    def read(path):
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert('RGB'))
-        except (OSError, SyntaxError, ValueError) as e:                    # PIL's ways of saying "not an image"
-            raise ValueError(f"{path}: cannot decode this image ({e})") from None
+        return stack_images([np.asarray(read_image(f, self.name)) for f in files], files)
 
 
 def to_float_images(x):
@@ -173,7 +165,7 @@ def inception_score(logits, splits=10):
 def load_input(path, name):
     """('stats', (mu, sigma)) for a statistics .npz, else ('images', a sliceable image set)."""
     if os.path.isdir(path):
-        return 'images', ImageFolder(path)
+        return 'images', ImageFolder(path, name)
     if not os.path.isfile(path):
         raise ValueError(f"{name} {path}: no such file or folder")
     if not path.endswith('.npz'):

@@ -280,7 +280,7 @@ def test_an_image_that_cannot_be_decoded_is_named(tmp_path, weights_path):
     folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
     (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
     msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
-    assert msg.startswith(f"fid.py: error: {folder / 'broken.png'}: cannot decode this image")
+    assert msg.startswith(f"fid.py: error: SAMPLES: cannot decode {folder / 'broken.png'} (")
     assert '\n' not in msg and not (tmp_path / 's.npz').exists()
 
 
