@@ -65,18 +65,41 @@ def read_image(path, source, verify=False):
         raise ValueError(f"{source}: cannot decode {path} ({e})") from None
 
 
+def list_classes(root):
+    """An ImageNet-layout folder, root/<class>/<image> -> ([(path, class index)], number of classes); classes
+    are the sub-folders in sorted order."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
+    return files, len(classes)
+
+
+def read_labels(path, source):
+    """The labels (N,) of a dataset: an .npz's y, or the class of each image in an image folder."""
+    if os.path.isdir(path):
+        labels = [k for _, k in list_classes(path)[0]]
+    elif zipfile.is_zipfile(path):
+        with np.load(path) as f:
+            labels = f["y"] if "y" in f.files else []
+    else:
+        raise ValueError(f"{source} {path}: neither an image folder nor an .npz file (with labels y)")
+    labels = np.asarray(labels)
+    if not len(labels) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError(f"{source} {path}: holds no labels (an .npz needs y, integers >= 0; a folder one "
+                         f"sub-folder of images per class)")
+    return labels
+
+
 class ImageFolder:
     """ImageNet layout, root/<class>/<image>; data[indices] decodes one batch (in a DataLoader worker)."""
     def __init__(self, root, size, upscale=True):
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
-                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
+        self.files, num_classes = list_classes(root)
         if not self.files:
             raise ValueError(f"--data {root}: no images found (looked for {'/'.join(IMAGE_EXTS)} in one sub-folder "
                              f"per class)")
         for path, _ in tqdm(self.files, f"checking {root}", disable=len(self.files) < 10_000, leave=False):
             self.load(path, verify=True)                 # a broken file fails here, named, not later in a worker
-        self.size, self.upscale, self.num_classes = size, upscale, len(classes)
+        self.size, self.upscale, self.num_classes = size, upscale, num_classes
 
     def __len__(self):
         return len(self.files)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from data import read_labels
 from models import (ModelConfig, agree, at_least, autocast, cleanup_distributed, create_model, fill, load_model,
                     read_checkpoint, setup_distributed, time_ms)
 from sprint import SIZES
@@ -132,7 +133,8 @@ LATENT_SCALE = 0.18215      # SD-VAE latents are multiplied by this for training
 ARCH = dict(model=ModelConfig.model, size=ModelConfig.size, patch_size=ModelConfig.patch_size, image_size=256,
             in_channels=ModelConfig.in_channels, num_classes=ModelConfig.num_classes)
 # the settings that decide the samples: a re-run continues an earlier run's shards only if they all agree
-RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "seed",
+RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "labels_from",
+            "seed",
             "per_proc_batch_size", "num_samples", "precision", "latent_scale", "vae")
 
 
@@ -147,6 +149,16 @@ def sample_inputs(indices, seed, classes, num_classes, shape, device):
     if classes:
         labels = [classes[i % len(classes)] for i in indices]
     return randn_per_sample(shape, gens, device), torch.tensor(labels, device=device), gens
+
+
+def labels_like(labels, n, seed):
+    """n labels in the proportions of `labels` (counts rounded by largest remainder), in an order shuffled by
+    seed: --labels-from, so that class-conditional samples have the class balance of the data."""
+    counts = np.bincount(labels)
+    share = counts / counts.sum() * n
+    k = np.floor(share).astype(int)
+    k[np.argsort(k - share, kind="stable")[: n - k.sum()]] += 1             # the largest remainders get one more
+    return np.repeat(np.arange(len(counts)), k)[np.random.default_rng(seed).permutation(n)].tolist()
 
 
 def load_vae(path, device):
@@ -212,7 +224,7 @@ def sample_shards(net, args, guidance, parts, rank, world, device, vae=None):
     batches = [range(k * B, min(k * B + B, N)) for k in todo]
     with tqdm(total=sum(map(len, batches)), unit="img", desc=f"rank 0/{world}", disable=rank != 0) as bar:
         for k, indices in zip(todo, batches):
-            z, y, gens = sample_inputs(indices, args.seed, args.classes, cfg.num_classes,
+            z, y, gens = sample_inputs(indices, args.seed, args.classes or args.labels, cfg.num_classes,
                                        (cfg.in_channels, cfg.input_size, cfg.input_size), device)
             with autocast(device, args.precision):
                 x = sample(net, z, y, args.sampler, args.steps, gens, **guidance)
@@ -334,6 +346,12 @@ def build_model(args, device):
     if any(not 0 <= c < n for c in args.classes or []):
         raise ValueError(f"--classes {' '.join(map(str, args.classes))}: class ids must lie in 0..{n - 1} "
                          f"(this model has {n} classes)")
+    args.labels = None
+    if args.labels_from:
+        args.labels = labels_like(read_labels(args.labels_from, "--labels-from"), args.num_samples, args.seed)
+        if max(args.labels) >= n:
+            raise ValueError(f"--labels-from {args.labels_from}: its labels reach {max(args.labels)}, but this "
+                             f"model has {n} classes")
     return model.to(device).eval(), scale
 
 
@@ -349,6 +367,8 @@ def output_path(args, model, vae):
                     f"seed{args.seed}", f"n{args.num_samples}"]
         settings += [f"classes{classes if len(classes) < 40 else hashlib.sha1(classes.encode()).hexdigest()[:8]}"] \
             if classes else []
+        settings += [f"labels-{os.path.splitext(os.path.basename(args.labels_from.rstrip('/')))[0]}"] \
+            if args.labels_from else []
         settings += ([f"interval{lo:g}_{hi:g}"] if (lo, hi) != (0, 1) else []) + ([] if args.ema else ["raw"])
         args.out = os.path.join("samples", "-".join(settings) + ".png")
     path = os.path.splitext(args.out)[0] + ".latents.npz" if model.cfg.in_channels == 4 and vae is None else args.out
@@ -423,7 +443,10 @@ def parse_args(argv=None):
     p.add_argument("--pdg", action="store_true", help="path-drop guidance: the unconditional pass skips the middle")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
                    help="guide only for t in [LOW, HIGH] (t = 1 is noise)")
-    p.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples (default: random)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples (default: random)")
+    labels.add_argument("--labels-from", metavar="DATA", help="labels in the proportions of DATA's (an .npz with "
+                        "y, or an image folder with a sub-folder per class), shuffled by --seed")
     p.add_argument("--num-samples", type=int, help="default: 16 (or one per --classes) for a grid, 50000 for .npz")
     p.add_argument("--seed", type=int, default=0, help="sample i draws its label and noise from seed + i")
     p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per forward pass in each process "
