@@ -1,18 +1,23 @@
 """
-Sampling from SiT / SPRINT / SparseDiT models: SDE, Euler and Heun samplers, classifier-free guidance (CFG)
-and path-drop guidance (PDG, SPRINT Sec. 3.4), image grids, FID batches on many GPUs, and a speed benchmark.
+Sampling from DiT / SPRINT / SparseDiT: SDE, Euler and Heun samplers, classifier-free guidance
+(CFG) and path-drop guidance (PDG, SPRINT Sec. 3.4), grids, FID batches on many GPUs, and a speed
+benchmark.
 
-    python sample.py --pdg                                  # a grid from the newest SPRINT checkpoint in results/
-    python sample.py --ckpt ckpt.pt --classes 207 360 387 974 --cfg-scale 4 --sampler heun --steps 50
-    torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 1.5 --num-samples 50000 --out samples.npz
-    python sample.py --ckpt sprint.safetensors --model sprint --size XL --vae stabilityai/sd-vae-ft-ema  # official
-    python sample.py --model sprint --size XL --benchmark --compile  # time one guided step; no checkpoint needed
+    # a grid from the newest SPRINT checkpoint in results/
+    python sample.py --pdg
+    python sample.py --ckpt ckpt.pt --classes 207 360 387 974 --sampler heun --steps 50
+    torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 3 --num-samples 50000 \\
+        --seed 888 --out samples.npz --vae stabilityai/sd-vae-ft-ema     # the papers' evaluation
+    python sample.py --ckpt sprint.safetensors --model sprint --size XL       # official weights
+    # one guided step, no checkpoint
+    python sample.py --model sprint --size XL --benchmark --compile
 
-The model predicts the velocity v = eps - x of the linear path x_t = (1 - t) x + t eps; sampling integrates
-from t = 1 (noise) to t = 0 (data). Guidance mixes a conditional and an unconditional velocity, v_u + w (v_c - v_u).
-With CFG v_u is the same network with the null label; with PDG it is the network with the null label *and its deep
-sparse path skipped* (mask tokens in its place), which costs only the dense encoder and decoder blocks.
-Samples depend on their seed only, not on the number of GPUs; an .npz is in ADM's layout, which fid.py reads.
+The model predicts the velocity v = eps - x of the linear path x_t = (1 - t) x + t eps; sampling
+integrates from t = 1 (noise) to t = 0 (data). Guidance mixes a conditional and an unconditional
+velocity, v_u + w (v_c - v_u). With CFG v_u is the same network with the null label; with PDG it is
+the network with the null label *and its deep sparse path skipped* (mask tokens in its place), which
+costs only the dense encoder and decoder blocks. Samples depend on their seed only, not on the
+number of GPUs; an .npz is in ADM's layout, which fid.py reads.
 """
 import argparse
 import glob
@@ -30,45 +35,47 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import read_labels
-from models import (ModelConfig, agree, at_least, autocast, cleanup_distributed, create_model, fill, load_model,
-                    read_checkpoint, setup_distributed, time_ms)
-from sprint import SIZES
+from devices import autocast, cleanup_distributed, setup_distributed, time_ms
+from flags import agree, at_least, fill
+from models import MODELS, create_model, load_model, read_checkpoint
+from sprint import SIZES, ModelConfig
 
 
 #################################################################################
-#           Guided velocity (CFG and path-drop guidance) and samplers           #
+#         Guided velocity (CFG and path-drop guidance) and the samplers          #
 #################################################################################
 
 def guided(t, cfg_scale, interval):
-    """Whether the step at time t is guided: a scale other than 1 and t inside the guidance interval."""
+    """Whether the step at time t is guided: a scale other than 1 and t inside the guidance
+    interval."""
     return cfg_scale != 1.0 and interval[0] <= t <= interval[1]
 
 
 def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
-    """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,), guided for t in `interval`.
+    """Velocity at the shared time t (a float) for x (B, C, H, W) and labels y (B,), guided for t
+    in `interval`.
 
-    Outside it, or at scale 1, one conditional pass. CFG: one forward of 2B (the conditional and null-label halves);
-    PDG: the full model on the conditional half, the model without its middle blocks (skip_middle) on the null.
+    Outside it, or at scale 1, one conditional pass. CFG: one forward of 2B (the conditional and
+    null-label halves); PDG: the full model on the conditional half, the model without its middle
+    blocks (skip_middle) on the null-label half.
     """
     tt = torch.full((x.shape[0],), t, device=x.device)
-    kw = model.sampling_kwargs(t)                                         # SparseDiT: this t's grid side
+    kw = model.sampling_kwargs(t)                                 # SparseDiT: this t's grid side
     if not guided(t, cfg_scale, interval):
         return model(x, tt, y, **kw)
     null = torch.full_like(y, model.cfg.num_classes)
     if pdg:
-        v_cond, v_uncond = model(x, tt, y, **kw), model(x, tt, null, skip_middle=True, **kw)
+        v_cond = model(x, tt, y, **kw)
+        v_uncond = model(x, tt, null, skip_middle=True, **kw)
     else:
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), **kw).chunk(2)
+        both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), **kw)
+        v_cond, v_uncond = both.chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def guided_passes(t, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
-    """The forward passes one step costs per image: [(t, skip_middle), ...] (for FLOPs accounting)."""
-    return [(t, False), (t, pdg)] if guided(t, cfg_scale, interval) else [(t, False)]
-
-
 def time_grid(sampler, steps):
-    """The times the sampler visits, from 1 to 0. SDE: linspace(1, 0.04, steps) then a last step to 0."""
+    """The times the sampler visits, from 1 to 0. SDE: linspace(1, 0.04, steps) then a last step
+    to 0."""
     if sampler not in ("sde", "euler", "heun"):
         raise ValueError(f"--sampler {sampler!r}: choose sde, euler or heun")
     if sampler == "sde":
@@ -77,8 +84,10 @@ def time_grid(sampler, steps):
 
 
 def randn_per_sample(shape, generators, device):
-    """(len(generators), *shape) standard normal noise, one generator per sample: batching-independent."""
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in generators]).to(device)
+    """(len(generators), *shape) standard normal noise, one generator per sample: independent of
+    the batching."""
+    noise = [torch.randn(shape, generator=g, dtype=torch.float64) for g in generators]
+    return torch.stack(noise).to(device)
 
 
 @torch.no_grad()
@@ -86,8 +95,8 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
     """Integrate from noise z (B, C, H, W) at t = 1 to data at t = 0 -> (B, C, H, W) float32.
 
     sde: the official Euler-Maruyama sampler (as in SiT/REPA/SPRINT): diffusion w(t) = 2t, drift
-         v - w/2 * score with the score from the velocity, score = -(x + (1 - t) v) / t; the last step
-         (0.04 -> 0) is the deterministic mean. `generators` (one per sample) draw its noise.
+         v - w/2 * score with the score from the velocity, score = -(x + (1 - t) v) / t; the last
+         step (0.04 -> 0) is the deterministic mean. `generators` (one per sample) draw its noise.
     euler / heun: the probability-flow ODE dx/dt = v on linspace(1, 0, steps + 1).
     The state is kept in float64, the model runs in float32 (bf16 under autocast on CUDA).
     """
@@ -97,52 +106,224 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
     ts = time_grid(sampler, steps)
     x = z.double()
     for t, t_next in zip(ts[:-1], ts[1:]):
-        dt = t_next - t                                                   # < 0
+        dt = t_next - t                                           # < 0
         v = velocity(x, t)
         if sampler == "sde":
             score = -(x + (1 - t) * v) / t
-            x = x + (v - t * score) * dt                                   # w/2 * score with w = 2t
-            if t_next > 0:                                                 # no noise on the last step, to 0
-                noise = randn_per_sample(x.shape[1:], generators, x.device) if generators else torch.randn_like(x)
+            x = x + (v - t * score) * dt                          # w/2 * score with w = 2t
+            if t_next > 0:                                        # no noise on the last step, to 0
+                if generators:
+                    noise = randn_per_sample(x.shape[1:], generators, x.device)
+                else:
+                    noise = torch.randn_like(x)
                 x = x + math.sqrt(2 * t * -dt) * noise
         elif sampler == "heun":
-            x = x + 0.5 * (v + velocity(x + v * dt, t_next)) * dt          # mean of v here and at the Euler end
+            # the mean of v here and at the Euler step's end
+            x = x + 0.5 * (v + velocity(x + v * dt, t_next)) * dt
         else:
             x = x + v * dt
     return x.float()
 
 
+#### Cost: the forward passes a step and a whole run make, and their FLOPs ####
+
+def guided_passes(t, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
+    """The forward passes one step costs per image: [(t, skip_middle), ...]."""
+    if guided(t, cfg_scale, interval):
+        return [(t, False), (t, pdg)]
+    return [(t, False)]
+
+
 def trajectory_passes(sampler="sde", steps=250, **guidance):
     """Every forward pass one image costs in a whole sampling run: [(t, skip_middle), ...]."""
     ts = time_grid(sampler, steps)
-    evals = ts[:-1] + (ts[1:] if sampler == "heun" else [])              # Heun also evaluates each step's end
+    # Heun also evaluates each step's end
+    evals = ts[:-1] + (ts[1:] if sampler == "heun" else [])
     return [p for t in evals for p in guided_passes(t, **guidance)]
 
 
 def trajectory_flops(model, sampler="sde", steps=250, **guidance):
     """Forward FLOPs per image of one whole sampling run (every model pass the sampler makes)."""
-    return sum(model.pass_flops(t, skip) for t, skip in trajectory_passes(sampler, steps, **guidance))
+    passes = trajectory_passes(sampler, steps, **guidance)
+    return sum(model.pass_flops(t, skip) for t, skip in passes)
 
 
 #################################################################################
-#    Sampling runs: processes, per-sample seeds, VAE decoding, shards, grids    #
+#                  Flags, and the model they ask to sample from                 #
 #################################################################################
 
-LATENT_SCALE = 0.18215      # SD-VAE latents are multiplied by this for training (LDM); undone before decoding
-# the architecture flags left out, for --benchmark and files without a config (official SPRINT-XL/2 at 256 px)
-ARCH = dict(model=ModelConfig.model, size=ModelConfig.size, patch_size=ModelConfig.patch_size, image_size=256,
-            in_channels=ModelConfig.in_channels, num_classes=ModelConfig.num_classes)
-# the settings that decide the samples: a re-run continues an earlier run's shards only if they all agree
-RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes", "labels_from",
-            "seed",
-            "per_proc_batch_size", "num_samples", "precision", "latent_scale", "vae")
+# SD-VAE latents are multiplied by this for training (LDM); undone to decode
+LATENT_SCALE = 0.18215
+# the architecture flags left out, for --benchmark and files without a config (official
+# SPRINT-XL/2 at 256 px)
+ARCH = dict(model=ModelConfig.model, size=ModelConfig.size, patch_size=ModelConfig.patch_size,
+            image_size=256, in_channels=ModelConfig.in_channels,
+            num_classes=ModelConfig.num_classes)
+
+
+def parse_args(argv=None):
+    """The command line; the architecture flags stay None until a checkpoint or ARCH fills them."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--ckpt", help="train.py's .pt or an official .safetensors (default: the newest "
+                   "in --results-dir of --model; with --pdg and no --model, of sprint)")
+    p.add_argument("--results-dir", default="results", help="where train.py wrote its run folders "
+                   "(default results)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="sample with "
+                   "the EMA weights where present (--no-ema: the raw ones)")
+    p.add_argument("--model", choices=list(MODELS), help=f"default {ARCH['model']}; these "
+                   "architecture flags build --benchmark models and files without a config "
+                   "(official SPRINT ones); with a config they may be left out, and must agree "
+                   "with it")
+    p.add_argument("--size", choices=list(SIZES), help=f"default {ARCH['size']}")
+    p.add_argument("--patch-size", type=int, help=f"default {ARCH['patch_size']}")
+    p.add_argument("--image-size", type=int, help=f"in pixels (default {ARCH['image_size']}); a "
+                   "latent model sees image-size / 8")
+    p.add_argument("--in-channels", type=int, help="4: SD-VAE latents (default), 3: pixels")
+    p.add_argument("--num-classes", type=int, help=f"default {ARCH['num_classes']}")
+    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde",
+                   help="default sde (the official)")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale w; 1: no guidance")
+    p.add_argument("--pdg", action="store_true", help="path-drop guidance: the unconditional pass "
+                   "skips the middle blocks")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0],
+                   metavar=("LOW", "HIGH"), help="guide only for t in [LOW, HIGH] (t = 1 is noise)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples "
+                        "(default: random)")
+    labels.add_argument("--labels-from", metavar="DATA", help="labels in the proportions of DATA's "
+                        "(an .npz with y, or an image folder with a sub-folder per class), "
+                        "shuffled by --seed")
+    p.add_argument("--num-samples", type=int, help="default: 16 (or one per --classes) for a "
+                   "grid, 50000 for .npz")
+    p.add_argument("--seed", type=int, default=0, help="sample i draws its label and noise from "
+                   "seed + i")
+    p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per forward pass "
+                   "in each process (default 64; keep it to resume)")
+    p.add_argument("--out", help="a grid (.png) or an ADM .npz for fid.py (default: "
+                   "samples/<ckpt>-<settings>.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--vae", help="diffusers AutoencoderKL (folder or hub id) for latent models; "
+                   "without: save latents")
+    p.add_argument("--latent-scale", type=float, help=f"default: the checkpoint's, else "
+                   f"{LATENT_SCALE}")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on CUDA, "
+                   "fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--benchmark", action="store_true", help="time one guided step instead (no "
+                   "checkpoint needed)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""
+    at_least(args, 1, "steps", "per_proc_batch_size", "num_samples")
+    if args.num_samples is None:
+        grid_size = len(args.classes or []) or 16
+        args.num_samples = 50000 if str(args.out).endswith(".npz") else grid_size
+    lo, hi = args.guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--guidance-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1 (t = 1 is "
+                         f"noise, 0 data)")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise ValueError(f"--ckpt {args.ckpt}: no such file")
+    if args.out and not args.out.lower().endswith((".npz", ".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError(f"--out {args.out}: give an .npz (samples for fid.py) or a "
+                         f".png/.jpg/.webp (a grid)")
+
+
+def find_checkpoint(args):
+    """--ckpt, or the newest checkpoint of --model (--pdg: sprint; else any model) in
+    --results-dir, as an absolute path."""
+    if args.ckpt is not None:
+        return os.path.abspath(args.ckpt)
+    model_name = args.model or ("sprint" if args.pdg else "*")  # run folders: NNN-model-size-patch
+    pattern = os.path.join(args.results_dir, f"*-{model_name}-*", "checkpoints", "*.pt")
+    found = glob.glob(pattern)
+    if not found:
+        hint = " (--pdg needs a sprint model)" if args.pdg else ""
+        raise ValueError(f"no checkpoint in {pattern}{hint}: train one with train.py, or give "
+                         f"--ckpt PATH")
+    return os.path.abspath(max(found, key=os.path.getmtime))
+
+
+def sampling_model(args, device):
+    """(model in eval mode, latent scale) from the checkpoint (whose config must agree with the
+    architecture flags given), or with random weights for a bare --benchmark."""
+    ckpt = None
+    given = args.ckpt is not None
+    try:
+        if given or not args.benchmark:
+            args.ckpt = find_checkpoint(args)
+            ckpt = read_checkpoint(args.ckpt)
+            c = ckpt.get("config")
+            if c:
+                side = c["input_size"] * (8 if c["in_channels"] == 4 else 1)   # latents: 8x smaller
+                keys = ("model", "size", "patch_size", "in_channels", "num_classes")
+                stored = {k: c[k] for k in keys}
+                agree(args, {**stored, "image_size": side}, args.ckpt, "the checkpoint's")
+        fill(args, ARCH)
+        side = args.image_size // 8 if args.in_channels == 4 else args.image_size
+        cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels,
+                          args.num_classes)
+        model = create_model(cfg) if ckpt is None else load_model(args.ckpt, cfg, args.ema, ckpt)
+    except ValueError as e:
+        raise ValueError(f"--ckpt {e}" if given else str(e)) from None
+    stored_scale = (ckpt or {}).get("args", {}).get("latent_scale")
+    scale = args.latent_scale or stored_scale or LATENT_SCALE
+    if args.pdg and not model.has_sparse_path:
+        raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT); this "
+                         f"{model.cfg.model} model has none: guide it with CFG (--cfg-scale "
+                         f"without --pdg)")
+    n = model.cfg.num_classes
+    if any(not 0 <= c < n for c in args.classes or []):
+        raise ValueError(f"--classes {' '.join(map(str, args.classes))}: class ids must lie in "
+                         f"0..{n - 1} (this model has {n} classes)")
+    return model.to(device).eval(), scale
+
+
+#################################################################################
+#        A sampling run: per-sample labels and noise, shards, the output        #
+#################################################################################
+
+# the settings that decide the samples: a re-run continues an earlier run's shards only if they
+# all agree
+RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes",
+            "labels_from", "seed", "per_proc_batch_size", "num_samples", "precision",
+            "latent_scale", "vae")
+
+
+def labels_like(labels, n, seed):
+    """n labels in the proportions of `labels` (counts rounded by largest remainder), in an order
+    shuffled by seed: --labels-from, so that class-conditional samples have the data's class
+    balance."""
+    counts = np.bincount(labels)
+    share = counts / counts.sum() * n
+    k = np.floor(share).astype(int)
+    k[np.argsort(k - share, kind="stable")[: n - k.sum()]] += 1     # largest remainders: one more
+    order = np.random.default_rng(seed).permutation(n)
+    return np.repeat(np.arange(len(counts)), k)[order].tolist()
+
+
+def sample_labels(args, num_classes):
+    """The labels to cycle over the samples: --classes, n in --labels-from's proportions, or None
+    (each sample draws its own)."""
+    if not args.labels_from:
+        return args.classes
+    labels = labels_like(read_labels(args.labels_from, "--labels-from"), args.num_samples,
+                         args.seed)
+    if max(labels) >= num_classes:
+        raise ValueError(f"--labels-from {args.labels_from}: its labels reach {max(labels)}, but "
+                         f"this model has {num_classes} classes")
+    return labels
 
 
 def sample_inputs(indices, seed, classes, num_classes, shape, device):
     """Noise (B, *shape), labels (B,) and generators of the samples with these global indices.
 
-    Sample i draws its label, its initial noise, then its SDE noise from a generator seeded seed + i, so it comes
-    out the same in any batch on any rank (the label is drawn even with --classes: the noise does not depend on it).
+    Sample i draws its label, its initial noise, then its SDE noise from a generator seeded
+    seed + i, so it comes out the same in any batch on any rank (the label is drawn even with
+    --classes: the noise does not depend on it).
     """
     gens = [torch.Generator().manual_seed(seed + i) for i in indices]
     labels = [int(torch.randint(num_classes, (1,), generator=g)) for g in gens]
@@ -151,14 +332,38 @@ def sample_inputs(indices, seed, classes, num_classes, shape, device):
     return randn_per_sample(shape, gens, device), torch.tensor(labels, device=device), gens
 
 
-def labels_like(labels, n, seed):
-    """n labels in the proportions of `labels` (counts rounded by largest remainder), in an order shuffled by
-    seed: --labels-from, so that class-conditional samples have the class balance of the data."""
-    counts = np.bincount(labels)
-    share = counts / counts.sum() * n
-    k = np.floor(share).astype(int)
-    k[np.argsort(k - share, kind="stable")[: n - k.sum()]] += 1             # the largest remainders get one more
-    return np.repeat(np.arange(len(counts)), k)[np.random.default_rng(seed).permutation(n)].tolist()
+def output_path(args, model, vae):
+    """--out (default samples/<checkpoint>-<settings>.png, every setting that changes the grid in
+    its name); latents without a VAE go to <out>.latents.npz."""
+    if args.out is None:
+        folder, name = os.path.split(os.path.splitext(args.ckpt)[0])
+        # results/NNN-model-size-patch/checkpoints
+        if os.path.basename(folder) == "checkpoints":
+            name = f"{os.path.basename(os.path.dirname(folder))}-{name}"
+        lo, hi = args.guidance_interval
+        settings = [name, f"{args.sampler}{args.steps}",
+                    f"{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}", f"seed{args.seed}",
+                    f"n{args.num_samples}"]
+        if args.classes:
+            classes = "_".join(map(str, args.classes))
+            if len(classes) >= 40:
+                classes = hashlib.sha1(classes.encode()).hexdigest()[:8]
+            settings.append(f"classes{classes}")
+        if args.labels_from:
+            data_name = os.path.splitext(os.path.basename(args.labels_from.rstrip("/")))[0]
+            settings.append(f"labels-{data_name}")
+        if (lo, hi) != (0, 1):
+            settings.append(f"interval{lo:g}_{hi:g}")
+        if not args.ema:
+            settings.append("raw")
+        args.out = os.path.join("samples", "-".join(settings) + ".png")
+    path = args.out
+    if model.cfg.in_channels == 4 and vae is None:
+        path = os.path.splitext(args.out)[0] + ".latents.npz"
+    if os.path.exists(path) and not args.overwrite:
+        raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another "
+                         f"--out")
+    return path
 
 
 def load_vae(path, device):
@@ -166,25 +371,31 @@ def load_vae(path, device):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ValueError("--vae needs the optional diffusers package: pip install diffusers") from None
+        message = "--vae needs the optional diffusers package: pip install diffusers"
+        raise ValueError(message) from None
     try:
         return AutoencoderKL.from_pretrained(path).to(device).eval()
     except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
-        raise ValueError(f"--vae {path}: could not load an AutoencoderKL ({e}); give a local diffusers folder "
-                         f"or a Hugging Face id such as stabilityai/sd-vae-ft-ema") from None
+        raise ValueError(f"--vae {path}: could not load an AutoencoderKL ({e}); give a local "
+                         f"diffusers folder or a Hugging Face id such as "
+                         f"stabilityai/sd-vae-ft-ema") from None
 
 
 def to_uint8(x):
     """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy (the ADM .npz layout)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
 def finish(x, vae=None, latent_scale=LATENT_SCALE):
-    """Sampler output -> what is stored: {"arr_0": uint8 images}, or {"latents": ...} for latents without a VAE."""
-    if x.shape[1] != 4:                                  # pixel space: the output is the image in [-1, 1]
+    """Sampler output -> what is stored: {"arr_0": uint8 images}, or {"latents": ...} for latents
+    without a VAE."""
+    # pixel space: the output is the image in [-1, 1]
+    if x.shape[1] != 4:
         return {"arr_0": to_uint8(x)}
-    z = x.float() / latent_scale                         # 4 channels: SD-VAE latents, (B, 4, H/8, W/8)
+    # 4 channels: SD-VAE latents, (B, 4, H/8, W/8)
+    z = x.float() / latent_scale
     if vae is None:
         return {"latents": z.cpu().numpy()}
     with torch.autocast(x.device.type, enabled=False):   # decode in float32, as DiT does
@@ -197,8 +408,10 @@ def shard_path(parts, k):
 
 
 def open_parts(path, run, rank, world):
-    """The shard folder PATH.parts/, created with the run's settings, or checked against them on a re-run."""
-    parts, meta = path + ".parts", os.path.join(path + ".parts", "run.json")
+    """The shard folder PATH.parts/, created with the run's settings, or checked against them on a
+    re-run."""
+    parts = path + ".parts"
+    meta = os.path.join(parts, "run.json")
     if rank == 0 and not os.path.exists(meta):
         os.makedirs(parts, exist_ok=True)
         with open(meta, "w") as f:
@@ -208,47 +421,58 @@ def open_parts(path, run, rank, world):
     with open(meta) as f:
         changed = [k for k, v in json.load(f).items() if run.get(k) != v]
     if changed:
-        raise ValueError(f"{parts} holds the shards of a run with other settings ({', '.join(changed)}): "
-                         f"delete it to start afresh, or give the same settings to continue it")
+        raise ValueError(f"{parts} holds the shards of a run with other settings "
+                         f"({', '.join(changed)}): delete it to start afresh, or give the same "
+                         f"settings to continue it")
     return parts
 
 
-def sample_shards(net, args, guidance, parts, rank, world, device, vae=None):
-    """Sample this rank's missing batches into shard files; returns how many images it sampled.
+def sample_shards(net, args, labels, guidance, parts, rank, world, device, vae=None):
+    """Sample this rank's missing batches into shard files -> how many images it sampled.
 
-    Batch k holds the samples [kB, (k+1)B) and goes to rank k % world, so every batch is computed the same
-    whatever the number of GPUs. A shard is renamed into place only once complete: a re-run skips it safely.
+    Batch k holds the samples [kB, (k+1)B) and goes to rank k % world, so every batch is computed
+    the same whatever the number of GPUs. A shard is renamed into place only once complete: a re-run
+    skips it safely.
     """
-    B, N, cfg = args.per_proc_batch_size, args.num_samples, net.cfg
-    todo = [k for k in range(rank, math.ceil(N / B), world) if not os.path.exists(shard_path(parts, k))]
+    B = args.per_proc_batch_size
+    N = args.num_samples
+    cfg = net.cfg
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    todo = [k for k in range(rank, math.ceil(N / B), world)
+            if not os.path.exists(shard_path(parts, k))]
     batches = [range(k * B, min(k * B + B, N)) for k in todo]
-    with tqdm(total=sum(map(len, batches)), unit="img", desc=f"rank 0/{world}", disable=rank != 0) as bar:
+    total = sum(map(len, batches))
+    with tqdm(total=total, unit="img", desc=f"rank 0/{world}", disable=rank != 0) as bar:
         for k, indices in zip(todo, batches):
-            z, y, gens = sample_inputs(indices, args.seed, args.classes or args.labels, cfg.num_classes,
-                                       (cfg.in_channels, cfg.input_size, cfg.input_size), device)
+            z, y, gens = sample_inputs(indices, args.seed, labels, cfg.num_classes, shape, device)
             with autocast(device, args.precision):
                 x = sample(net, z, y, args.sampler, args.steps, gens, **guidance)
             with open(shard_path(parts, k) + ".tmp", "wb") as f:
                 np.savez(f, **finish(x, vae, args.latent_scale), arr_1=y.cpu().numpy())
             os.replace(shard_path(parts, k) + ".tmp", shard_path(parts, k))
             bar.update(len(indices))
-    return sum(map(len, batches))
+    return total
 
 
 def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one image file, nrow per row (default: square)."""
+    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one image file, nrow per row
+    (default: square), 2 px white borders."""
     imgs = to_uint8(x) if torch.is_tensor(x) else x
     B, H, W, C = imgs.shape
     nrow = nrow or math.ceil(math.sqrt(B))
-    grid = np.full((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
+    rows = math.ceil(B / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
     for i, img in enumerate(imgs):
         r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+        top = 2 + r * (H + 2)
+        left = 2 + c * (W + 2)
+        grid[top: top + H, left: left + W] = img
     Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(path)
 
 
 def write_output(path, arrays, nrow=None):
-    """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of arr_0."""
+    """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of
+    arr_0."""
     if path.endswith(".npz"):
         np.savez(path, **arrays)
     else:
@@ -256,209 +480,136 @@ def write_output(path, arrays, nrow=None):
 
 
 def merge_shards(parts, num_batches, path, nrow=None):
-    """Concatenate the shards in order into `path` (.npz or grid image, nrow per row), then remove the shards."""
+    """Concatenate the shards in order into `path` (.npz or grid image, nrow per row), then remove
+    the shards."""
     shards = [np.load(shard_path(parts, k)) for k in range(num_batches)]
-    write_output(path, {key: np.concatenate([s[key] for s in shards]) for key in shards[0].files}, nrow)
+    arrays = {key: np.concatenate([s[key] for s in shards]) for key in shards[0].files}
+    write_output(path, arrays, nrow)
     shutil.rmtree(parts)
 
 
-#################################################################################
-#                      Benchmark: the cost of a guided step                     #
-#################################################################################
-
-@torch.no_grad()
-def benchmark(model, net, args, device):
-    """Time one guided sampling step with CFG, and PDG where the model has a sparse path -> {mode: ms}.
-
-    A model whose cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged over
-    them, i.e. over its schedule. img/s is for a whole --sampler/--steps run, guided at every step.
-    """
-    cfg, B = model.cfg, args.per_proc_batch_size
-    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randint(cfg.num_classes, (B,), device=device)
-    ts = [(k + 0.5) / 8 for k in range(8)]
-    ts = ts if len({model.pass_flops(t) for t in ts}) > 1 else [0.5]
-    evals = len(trajectory_passes(args.sampler, args.steps))     # unguided: one pass per step
-    print(f"benchmark: {cfg.model}-{cfg.size}/{cfg.patch_size}, {model.num_params() / 1e6:.1f}M parameters, "
-          f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, batch {B}, {args.precision}"
-          f"{', compiled' if args.compile else ''}, {device}{f', mean over {len(ts)} t' if len(ts) > 1 else ''}\n"
-          f"{'guidance':<10}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}")
-    ms, flops = {}, {}
-    for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
-        g = dict(cfg_scale=4.0, pdg=mode == "pdg")       # any scale but 1: its value does not change the cost
-        with autocast(device, args.precision):
-            ms[mode] = sum(time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts) / len(ts)
-        flops[mode] = B * sum(model.pass_flops(t, skip) for t in ts for _, skip in guided_passes(t, **g)) / len(ts)
-        print(f"{mode:<10}{ms[mode]:>10.2f}{B * 1e3 / (ms[mode] * evals):>10.3g}{flops[mode] / ms[mode] / 1e9:>10.3g}")
-    if "pdg" in ms:
-        print(f"PDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x "
-              f"(FLOPs allow {flops['cfg'] / flops['pdg']:.2f}x)")
-    return ms
+def decode_latents(latents, out, vae, device="cuda", batch=64):
+    """Saved latents (<out>.latents.npz of a run without --vae) -> images at `out` (.npz or a
+    grid), decoded with the SD VAE (`vae`: a diffusers folder or hub id)."""
+    saved = np.load(latents)
+    decoder = load_vae(vae, device)
+    z = torch.from_numpy(saved["latents"]).split(batch)
+    images = [finish(b.to(device), decoder, latent_scale=1.0)["arr_0"] for b in z]
+    write_output(out, {"arr_0": np.concatenate(images), "arr_1": saved["arr_1"]})
 
 
 #################################################################################
-#                                      CLI                                      #
+#                                 The sampling run                              #
 #################################################################################
-
-def check_args(args):
-    """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""
-    at_least(args, 1, "steps", "per_proc_batch_size", "num_samples")
-    args.num_samples = args.num_samples or (50000 if str(args.out).endswith(".npz") else len(args.classes or []) or 16)
-    lo, hi = args.guidance_interval
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"--guidance-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1 (t = 1 is noise, 0 data)")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        raise ValueError(f"--ckpt {args.ckpt}: no such file")
-    if args.out and not args.out.lower().endswith((".npz", ".png", ".jpg", ".jpeg", ".webp")):
-        raise ValueError(f"--out {args.out}: give an .npz (samples for fid.py) or a .png/.jpg/.webp (a grid)")
-
-
-def build_model(args, device):
-    """(model, latent scale): --ckpt, or the newest checkpoint of --model (--pdg: sprint; else any) in --results-dir,
-    whose config must agree with the architecture flags given; random weights for a bare --benchmark."""
-    ckpt, given = None, args.ckpt is not None
-    try:
-        if given or not args.benchmark:
-            model_name = args.model or ("sprint" if args.pdg else "*")     # run folders are NNN-model-size-patch
-            pattern = os.path.join(args.results_dir, f"*-{model_name}-*", "checkpoints", "*.pt")
-            found = [args.ckpt] if given else glob.glob(pattern)
-            if not found:
-                raise ValueError(f"no checkpoint in {pattern}{' (--pdg needs a sprint model)' if args.pdg else ''}: "
-                                 f"train one with train.py, or give --ckpt PATH")
-            args.ckpt = os.path.abspath(max(found, key=os.path.getmtime))
-            ckpt = read_checkpoint(args.ckpt)
-            c = ckpt.get("config")
-            if c:
-                side = c["input_size"] * (8 if c["in_channels"] == 4 else 1)   # latents: 8x smaller than pixels
-                stored = {k: c[k] for k in ("model", "size", "patch_size", "in_channels", "num_classes")}
-                agree(args, {**stored, "image_size": side}, args.ckpt, "the checkpoint's")
-        fill(args, ARCH)
-        side = args.image_size // 8 if args.in_channels == 4 else args.image_size   # SD-VAE latents: 8x smaller
-        cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels, args.num_classes)
-        model = create_model(cfg) if ckpt is None else load_model(args.ckpt, cfg, args.ema, ckpt)
-    except ValueError as e:
-        raise ValueError(f"--ckpt {e}" if given else str(e)) from None
-    scale = args.latent_scale or (ckpt or {}).get("args", {}).get("latent_scale") or LATENT_SCALE
-    if args.pdg and not model.has_sparse_path:
-        raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT); this {model.cfg.model} model "
-                         f"has none: guide it with CFG (--cfg-scale without --pdg)")
-    n = model.cfg.num_classes
-    if any(not 0 <= c < n for c in args.classes or []):
-        raise ValueError(f"--classes {' '.join(map(str, args.classes))}: class ids must lie in 0..{n - 1} "
-                         f"(this model has {n} classes)")
-    args.labels = None
-    if args.labels_from:
-        args.labels = labels_like(read_labels(args.labels_from, "--labels-from"), args.num_samples, args.seed)
-        if max(args.labels) >= n:
-            raise ValueError(f"--labels-from {args.labels_from}: its labels reach {max(args.labels)}, but this "
-                             f"model has {n} classes")
-    return model.to(device).eval(), scale
-
-
-def output_path(args, model, vae):
-    """--out (default samples/<checkpoint>-<settings>.png, every setting that changes the grid in its name);
-    latents without a VAE go to <out>.latents.npz."""
-    if args.out is None:
-        folder, name = os.path.split(os.path.splitext(args.ckpt)[0])
-        if os.path.basename(folder) == "checkpoints":                    # results/NNN-model-size-patch/checkpoints
-            name = f"{os.path.basename(os.path.dirname(folder))}-{name}"
-        lo, hi, classes = *args.guidance_interval, "_".join(map(str, args.classes or []))
-        settings = [name, f"{args.sampler}{args.steps}", f"{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}",
-                    f"seed{args.seed}", f"n{args.num_samples}"]
-        settings += [f"classes{classes if len(classes) < 40 else hashlib.sha1(classes.encode()).hexdigest()[:8]}"] \
-            if classes else []
-        settings += [f"labels-{os.path.splitext(os.path.basename(args.labels_from.rstrip('/')))[0]}"] \
-            if args.labels_from else []
-        settings += ([f"interval{lo:g}_{hi:g}"] if (lo, hi) != (0, 1) else []) + ([] if args.ema else ["raw"])
-        args.out = os.path.join("samples", "-".join(settings) + ".png")
-    path = os.path.splitext(args.out)[0] + ".latents.npz" if model.cfg.in_channels == 4 and vae is None else args.out
-    if os.path.exists(path) and not args.overwrite:
-        raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another --out")
-    return path
-
 
 def main(argv=None):
+    """Sample as the flags say: a grid or an .npz (rank 0 merges every rank's shards)."""
     args = parse_args(argv)
     rank, world, device = setup_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    say = print if rank == 0 else (lambda *a, **k: None)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
-    torch.manual_seed(args.seed)                         # used only by a randomly initialised --benchmark model
+    # used only by a randomly initialised --benchmark model
+    torch.manual_seed(args.seed)
     try:
         check_args(args)
-        model, args.latent_scale = build_model(args, device)
-        vae = load_vae(args.vae, device) if args.vae and model.cfg.in_channels == 4 else None
+        model, args.latent_scale = sampling_model(args, device)
+        vae = None
+        if args.vae and model.cfg.in_channels == 4:
+            vae = load_vae(args.vae, device)
         if not args.benchmark:
+            labels = sample_labels(args, model.cfg.num_classes)
             path = output_path(args, model, vae)
-            parts = open_parts(path, json.loads(json.dumps({k: getattr(args, k) for k in RUN_KEYS})), rank, world)
+            run = json.loads(json.dumps({k: getattr(args, k) for k in RUN_KEYS}))
+            parts = open_parts(path, run, rank, world)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sample.py: error: {e}")
     net = torch.compile(model, dynamic=False) if args.compile else model
     if args.benchmark:
         return benchmark(model, net, args, device)
-    cfg, passes = model.cfg, trajectory_passes(args.sampler, args.steps, **guidance)
-    flops, cfg_flops = (trajectory_flops(model, args.sampler, args.steps, **{**guidance, "pdg": pdg})
-                        for pdg in (args.pdg, False))
-    guide = f"{'PDG' if args.pdg else 'CFG'} {args.cfg_scale:g} for t in {list(guidance['interval'])}"
-    saving = f" (CFG: {cfg_flops / 1e12:.4g}, PDG saves {1 - flops / cfg_flops:.0%})" if args.pdg else ""
-    log(f"{args.ckpt}: {cfg.model}-{cfg.size}/{cfg.patch_size}, {'EMA' if args.ema else 'raw'} weights; "
-        f"{args.sampler}-{args.steps}, {guide if args.cfg_scale != 1 else 'no guidance'}")
-    log(f"cost per image: {len(passes)} model passes ({sum(skip for _, skip in passes)} with the path dropped), "
+
+    cfg = model.cfg
+    passes = trajectory_passes(args.sampler, args.steps, **guidance)
+    flops = trajectory_flops(model, args.sampler, args.steps, **guidance)
+    weights = "EMA" if args.ema else "raw"
+    guide = "no guidance"
+    if args.cfg_scale != 1:
+        kind = "PDG" if args.pdg else "CFG"
+        guide = f"{kind} {args.cfg_scale:g} for t in {list(guidance['interval'])}"
+    say(f"{args.ckpt}: {cfg.model}-{cfg.size}/{cfg.patch_size}, {weights} weights; "
+        f"{args.sampler}-{args.steps}, {guide}")
+    saving = ""
+    if args.pdg:
+        cfg_flops = trajectory_flops(model, args.sampler, args.steps, **{**guidance, "pdg": False})
+        saving = f" (CFG: {cfg_flops / 1e12:.4g}, PDG saves {1 - flops / cfg_flops:.0%})"
+    dropped = sum(skip for _, skip in passes)
+    say(f"cost per image: {len(passes)} model passes ({dropped} with the path dropped), "
         f"{flops / 1e12:.4g} forward TFLOPs{saving}")
+
     start = time.perf_counter()
-    count = torch.tensor(sample_shards(net, args, guidance, parts, rank, world, device, vae), device=device)
+    count = sample_shards(net, args, labels, guidance, parts, rank, world, device, vae)
+    count = torch.tensor(count, device=device)
     if world > 1:
-        dist.all_reduce(count)                           # also waits for every rank's shards before the merge
+        # also waits for every rank's shards before the merge
+        dist.all_reduce(count)
     if rank == 0:
         batches = math.ceil(args.num_samples / args.per_proc_batch_size)
         merge_shards(parts, batches, path, len(args.classes or []) or None)
-        secs, n = time.perf_counter() - start, int(count)
-        log(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
+        secs = time.perf_counter() - start
+        n = int(count)
+        say(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
             f"{n * flops / secs / 1e12:.3g} forward TFLOP/s; wrote {path}")
-    if path.endswith(".latents.npz"):                    # never silently: say what was saved and how to decode it
-        log(f"this latent model had no --vae: {path} holds latents, not images; decode them with the SD VAE "
-            f"(pip install diffusers) as README.md shows under 'Decoding saved latents'")
+    # never silently: say what was saved and how to decode
+    if path.endswith(".latents.npz"):
+        say(f"this latent model had no --vae: {path} holds latents, not images; decode them with "
+            f"sample.decode_latents (pip install diffusers), as README.md shows")
     cleanup_distributed(world)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample from SiT / SPRINT / SparseDiT: grids, FID batches, a benchmark.")
-    p.add_argument("--ckpt", help="train.py's .pt or an official .safetensors (default: the newest in --results-dir "
-                   "of --model; with --pdg and no --model, of sprint)")
-    p.add_argument("--results-dir", default="results", help="where train.py wrote its run folders (default results)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="sample with the EMA weights "
-                   "where present (--no-ema: the raw ones); train.py's --ema-decay sets the decay")
-    p.add_argument("--model", choices=["dit", "sprint", "sparsedit"], help=f"default {ARCH['model']}; these "
-                   "architecture flags build --benchmark models and files without a config (official SPRINT ones); "
-                   "with a config they may be left out, and must agree with it")
-    p.add_argument("--size", choices=list(SIZES), help=f"default {ARCH['size']}")
-    p.add_argument("--patch-size", type=int, help=f"default {ARCH['patch_size']}")
-    p.add_argument("--image-size", type=int, help=f"in pixels (default {ARCH['image_size']}); a latent model sees "
-                   "image-size / 8")
-    p.add_argument("--in-channels", type=int, help="4: SD-VAE latents (default), 3: pixels")
-    p.add_argument("--num-classes", type=int, help=f"default {ARCH['num_classes']}")
-    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde", help="default sde (the official)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale w; 1: no guidance")
-    p.add_argument("--pdg", action="store_true", help="path-drop guidance: the unconditional pass skips the middle")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
-                   help="guide only for t in [LOW, HIGH] (t = 1 is noise)")
-    labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples (default: random)")
-    labels.add_argument("--labels-from", metavar="DATA", help="labels in the proportions of DATA's (an .npz with "
-                        "y, or an image folder with a sub-folder per class), shuffled by --seed")
-    p.add_argument("--num-samples", type=int, help="default: 16 (or one per --classes) for a grid, 50000 for .npz")
-    p.add_argument("--seed", type=int, default=0, help="sample i draws its label and noise from seed + i")
-    p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per forward pass in each process "
-                   "(default 64; keep it to resume)")
-    p.add_argument("--out", help="a grid (.png) or an ADM .npz for fid.py (default: samples/<ckpt>-<settings>.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--vae", help="diffusers AutoencoderKL (folder or hub id) for latent models; without: save latents")
-    p.add_argument("--latent-scale", type=float, help=f"default: the checkpoint's, else {LATENT_SCALE}")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--benchmark", action="store_true", help="time one guided step instead (no checkpoint needed)")
-    return p.parse_args(argv)
+#################################################################################
+#                  Benchmark: the cost of one guided sampling step              #
+#################################################################################
+
+@torch.no_grad()
+def benchmark(model, net, args, device):
+    """Time one guided sampling step with CFG, and PDG where the model has a sparse path ->
+    {mode: ms}.
+
+    A model whose cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and
+    averaged over them, i.e. over its schedule. img/s is for a whole --sampler/--steps run, guided
+    at every step.
+    """
+    cfg = model.cfg
+    B = args.per_proc_batch_size
+    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(cfg.num_classes, (B,), device=device)
+    ts = [(k + 0.5) / 8 for k in range(8)]
+    # a cost that does not follow t: one t will do
+    if len({model.pass_flops(t) for t in ts}) == 1:
+        ts = [0.5]
+    evals = len(trajectory_passes(args.sampler, args.steps))     # unguided: one pass per step
+    compiled = ", compiled" if args.compile else ""
+    over_t = f", mean over {len(ts)} t" if len(ts) > 1 else ""
+    print(f"benchmark: {cfg.model}-{cfg.size}/{cfg.patch_size}, {model.num_params() / 1e6:.1f}M "
+          f"parameters, input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, batch {B}, "
+          f"{args.precision}{compiled}, {device}{over_t}")
+    print(f"{'guidance':<10}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}")
+    ms = {}
+    flops = {}
+    for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
+        # any scale but 1 guides; its value does not change the cost
+        g = dict(cfg_scale=4.0, pdg=mode == "pdg")
+        with autocast(device, args.precision):
+            times = [time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts]
+        ms[mode] = sum(times) / len(ts)
+        per_t = [model.pass_flops(t, skip) for t in ts for _, skip in guided_passes(t, **g)]
+        flops[mode] = B * sum(per_t) / len(ts)
+        img_s = B * 1e3 / (ms[mode] * evals)
+        print(f"{mode:<10}{ms[mode]:>10.2f}{img_s:>10.3g}{flops[mode] / ms[mode] / 1e9:>10.3g}")
+    if "pdg" in ms:
+        print(f"PDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x "
+              f"(FLOPs allow {flops['cfg'] / flops['pdg']:.2f}x)")
+    return ms
 
 
 if __name__ == "__main__":

@@ -1,35 +1,43 @@
 """
-SparseDiT: token sparsification across layers and timesteps, on the SiT backbone of sprint.py.
+SparseDiT: token sparsification across layers and timesteps, on the backbone of sprint.py.
 
-SparseDiT ("SparseDiT: Token Sparsification for Efficient Diffusion Transformer", NeurIPS 2025, arXiv 2412.06028;
-first titled FlexDiT) cuts a DiT's depth into three segments, its tri-segment architecture:
+SparseDiT ("SparseDiT: Token Sparsification for Efficient Diffusion Transformer", NeurIPS 2025,
+arXiv 2412.06028; first titled FlexDiT) cuts a DiT's depth into three segments, its tri-segment
+architecture:
 
-    Poolingformers   bottom: attention without Q and K, every token gets W_o · mean_j(W_v · x_j), O(N)
-    SDTMs            middle: pool the N tokens to s x s sparse tokens X_s, run blocks on X_s, recover the dense grid
+    Poolingformers   bottom: attention without Q and K, every token gets W_o · mean_j(W_v · x_j)
+    SDTMs            middle: pool the N tokens to s x s sparse tokens X_s, run blocks on X_s,
+                     recover the dense grid
     dense blocks     top: all N tokens, for high-frequency detail
 
-and lets the sparse grid grow as denoising proceeds: s = 6 for t in [0.75, 1] (the noisiest quarter), then growing
-linearly to s = 10 at t = 0, for a 16 x 16 token grid. Layouts [P Poolingformers, S SDTMs, K sparse blocks per
-SDTM, T dense top blocks], each SDTM = 1 sparse-generation + K sparse + 1 recovery + 1 dense block:
+and lets the sparse grid grow as denoising proceeds: s = 6 for t in [0.75, 1] (the noisiest
+quarter), then growing linearly to s = 10 at t = 0, for a 16 x 16 token grid. Layouts
+[P Poolingformers, S SDTMs, K sparse blocks per SDTM, T dense top blocks], each SDTM =
+1 sparse-generation + K sparse + 1 recovery + 1 dense block:
 
-    XL (depth 28): [2, 4, 3, 2], the paper's    L (24): [2, 4, 2, 2]    S/B (12): [1, 2, 2, 1]
+    XL (depth 28): [2, 4, 3, 2], the paper's    L (24): [2, 4, 2, 2]    mini/S/B (12): [1, 2, 2, 1]
 
-L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense top) and at least 2 SDTMs
-(one collapses in the paper's ablation); B's layout lands at 13.8 GFLOPs against the paper's 14.3.
-Mixed timesteps in one batch are exact and sync-free: every sample is pooled to its own grid, padded to the largest
-side of the schedule, and padded sparse tokens are masked out as keys and never upsampled (see `sparse_grid`).
-Trained by fine-tuning a dense DiT of the same size (`from_dit`). References: DiT (Peebles & Xie, 2023), SiT.
+L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense top) and at least
+2 SDTMs (one collapses in the paper's ablation); B's layout lands at 13.8 GFLOPs against the paper's
+14.3. Mixed timesteps in one batch are exact and sync-free: every sample is pooled to its own
+grid, padded to the largest side of the schedule, and padded sparse tokens are masked out as keys
+and never upsampled (see `sparse_grid`). Trained by fine-tuning a dense DiT of the same size
+(`from_dit`).
+References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024).
 
 Where this differs from the paper, and why:
-- The backbone is SiT as in sprint.py (flow matching, 2D RoPE, q/k RMSNorm), not the paper's DDPM DiT (noise
-  prediction with learned variance, fixed sinusoidal position table): one loop and one sampler serve all three
-  models, and SparseDiT compares with SPRINT like for like. Hence the official DiT-XL/2 checkpoints (8 output
-  channels, no q/k norm, a position table) cannot initialise it; `from_dit` takes a DiT trained by train.py.
-- The paper adds sinusoidal position encodings to the tokens at every sparse/dense transition. Here positions live
-  in attention (RoPE), so pooled tokens are rotated at the centres of their cells (`pooled_grid`) and dense tokens
-  at their own cells: the same positional information, in the form the backbone already uses.
-- The paper keeps the lowest density for the first T/4 of its DDPM sampling steps (t from T, noise, down to 0).
-  Flow matching runs t from 1 (noise) to 0, so that first quarter is t in [0.75, 1] (SPARSEST_FROM).
+- The backbone is sprint.py's (a DiT trained with flow matching as SiT, 2D RoPE, q/k RMSNorm),
+  not the paper's DDPM DiT (noise prediction with learned variance, a fixed sinusoidal position
+  table): one loop and one sampler serve all three models, and SparseDiT compares with SPRINT like
+  for like. Hence the official DiT-XL/2 checkpoints (8 output channels, no q/k norm, a position
+  table) cannot initialise it; `from_dit` takes a DiT trained by train.py.
+- The paper adds sinusoidal position encodings to the tokens at every sparse/dense transition. Here
+  positions live in attention (RoPE), so pooled tokens are rotated at the centres of their cells
+  (`pooled_grid`) and dense tokens at their own cells: the same positional information, in the form
+  the backbone already uses.
+- The paper keeps the lowest density for the first T/4 of its DDPM sampling steps (t from T, noise,
+  down to 0). Flow matching runs t from 1 (noise) to 0, so that first quarter is t in [0.75, 1]
+  (SPARSEST_FROM).
 """
 from typing import NamedTuple
 
@@ -37,63 +45,70 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sprint import Attention, Block, SiT, block_macs, modulate, rope
+from sprint import Attention, Backbone, Block, block_macs, modulate, rope
 
 
 #################################################################################
-#     Layouts (the tri-segment architecture) and the timestep-adaptive density    #
+#   Layouts (the tri-segment architecture) and the timestep-adaptive density    #
 #################################################################################
 
-# total depth: [Poolingformers, SDTMs, sparse blocks per SDTM, dense top blocks]; P + S * (K + 3) + T = depth
-# depth 4 is train.py's embedded-data toy model: one SDTM, which the paper finds collapses at scale
+# total depth: [Poolingformers, SDTMs, sparse blocks per SDTM, dense top blocks], with
+# P + S * (K + 3) + T = depth. Depth 4 is train.py's toy model for the embedded data: one SDTM,
+# which the paper finds collapses at scale.
 LAYOUTS = {4: (1, 1, 0, 0), 12: (1, 2, 2, 1), 24: (2, 4, 2, 2), 28: (2, 4, 3, 2)}
-DENSITY = (6, 10)        # sparse grid sides for a 16 x 16 token grid (256 px, patch 2), scaled for other grids
+# sparse grid sides for a 16 x 16 token grid (256 px, patch 2), scaled for other grids
+DENSITY = (6, 10)
 SPARSEST_FROM = 0.75       # t in [0.75, 1] (the first quarter of sampling) uses the smallest grid
 
 
 def parse_layout(cfg):
-    """cfg.extra["layout"] (or the default for the depth) as (P, S, K, T), checked against the depth."""
+    """cfg.extra["layout"] (or the default for the depth) as (P, S, K, T), checked against the
+    depth."""
     depth = sum(cfg.depths)
     if "layout" not in cfg.extra and depth not in LAYOUTS:
-        raise ValueError(f"--layout: no default layout for depth {depth}; give --layout P,S,K,T with "
-                         f"P + S*(K+3) + T = {depth}")
+        raise ValueError(f"--layout: no default layout for depth {depth}; give --layout P,S,K,T "
+                         f"with P + S*(K+3) + T = {depth}")
     layout = tuple(int(n) for n in cfg.extra.get("layout", LAYOUTS.get(depth)))
     if len(layout) != 4 or min(layout) < 0 or layout[1] < 1:
         raise ValueError(f"--layout {layout}: give four counts P,S,K,T >= 0 with at least one SDTM")
     P, S, K, T = layout
     if P + S * (K + 3) + T != depth:
-        raise ValueError(f"--layout {P},{S},{K},{T} has depth {P + S * (K + 3) + T} (P + S*(K+3) + T) but "
-                         f"--size {cfg.size} has depth {depth}")
+        raise ValueError(f"--layout {P},{S},{K},{T} has depth {P + S * (K + 3) + T} "
+                         f"(P + S*(K+3) + T) but --size {cfg.size} has depth {depth}")
     return layout
 
 
 def parse_density(cfg):
-    """cfg.extra["density"] (or 6 -> 10 scaled to the token grid) as (min_side, max_side), checked."""
+    """cfg.extra["density"] (or 6 -> 10 scaled to the token grid) as (min_side, max_side),
+    checked."""
     g = cfg.grid
     lo, hi = cfg.extra.get("density", [max(1, round(s * g / 16)) for s in DENSITY])
     if not 1 <= lo <= hi <= g:
-        raise ValueError(f"--density {lo} {hi}: sparse grid sides must satisfy 1 <= MIN <= MAX <= {g} "
-                         f"(the token grid side)")
+        raise ValueError(f"--density {lo} {hi}: sparse grid sides must satisfy "
+                         f"1 <= MIN <= MAX <= {g} (the token grid side)")
     return int(lo), int(hi)
 
 
 def density_schedule(t, min_side, max_side):
-    """Sparse grid side for times t (tensor): min_side on [0.75, 1], growing linearly to max_side at t = 0 (the
-    paper's timestep-adaptive token density: fewest tokens while the input is noisiest)."""
-    frac = (t.float() / SPARSEST_FROM).clamp(0, 1)                          # 1 while noisiest, 0 at the data
+    """Sparse grid side for times t (tensor): min_side on [0.75, 1], growing linearly to max_side at
+    t = 0 (the paper's timestep-adaptive token density: fewest tokens while the input is
+    noisiest)."""
+    frac = (t.float() / SPARSEST_FROM).clamp(0, 1)                 # 1 while noisiest, 0 at the data
     return torch.round(max_side - (max_side - min_side) * frac).long()
 
 
 def pooled_grid(grid, side):
     """Adaptive average pooling of a grid x grid token grid to side x side, as tensors.
 
-    -> pool (side², grid²) averaging matrix, pos (side², 2) cell centres (fractional: pooled tokens sit at the
-    centres of their cells for RoPE), up (grid²,) the cell each dense token takes in nearest upsampling.
-    Cells are those of F.adaptive_avg_pool2d: [floor(i g / s), ceil((i + 1) g / s)), overlapping if s does not
-    divide g; nearest upsampling (F.interpolate) reads cell floor(r s / g), which contains row r.
+    -> pool (side², grid²) averaging matrix, pos (side², 2) cell centres (fractional: pooled
+    tokens sit at the centres of their cells for RoPE), up (grid²,) the cell each dense token takes
+    in nearest upsampling. Cells are those of F.adaptive_avg_pool2d: [floor(i g / s),
+    ceil((i + 1) g / s)), overlapping if s does not divide g; nearest upsampling (F.interpolate)
+    reads cell floor(r s / g), which contains row r.
     """
     i = torch.arange(side)
-    start, end = (i * grid) // side, -((-(i + 1) * grid) // side)
+    start = (i * grid) // side
+    end = -((-(i + 1) * grid) // side)
     r = torch.arange(grid)
     inside = (r >= start[:, None]) & (r < end[:, None])                   # (side, grid)
     avg = inside / (end - start)[:, None]
@@ -104,7 +119,8 @@ def pooled_grid(grid, side):
 
 
 class SparseGrid(NamedTuple):
-    """The sparse tokens' pooling, upsampling, RoPE and padding mask for one forward (per sample or shared)."""
+    """The sparse tokens' pooling, upsampling, RoPE and padding mask for one forward (per sample or
+    shared)."""
     pool: torch.Tensor       # (B, S, N) or (S, N): X_s = pool @ X
     up: torch.Tensor         # (B, N, 1): sparse token read by each dense token
     rope: tuple              # (cos, sin) at the cell centres
@@ -112,20 +128,21 @@ class SparseGrid(NamedTuple):
 
 
 #################################################################################
-#       Poolingformer and the Sparse-Dense Token Module (SDTM) of the paper       #
+#     Poolingformer and the Sparse-Dense Token Module (SDTM) of the paper       #
 #################################################################################
 
 class PoolingAttention(nn.Module):
-    """The paper's Poolingformer attention: self-attention with Q and K removed (the bottom layers' attention maps
-    are near uniform), so every token gets W_o · mean_j(W_v · x_j)."""
+    """The paper's Poolingformer attention: self-attention with Q and K removed (the bottom layers'
+    attention maps are near uniform), so every token gets W_o · mean_j(W_v · x_j)."""
     def __init__(self, dim):
         super().__init__()
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope=None, mask=None):
-        # W_v is linear, so mean_j(W_v x_j) = W_v mean_j(x_j): O(N D + D²), never an N x N matrix
-        return self.proj(self.v(x.mean(dim=1, keepdim=True)))              # (B, 1, D), broadcast to all tokens
+        # W_v is linear, so mean_j(W_v x_j) = W_v mean_j(x_j): O(N D + D²), never an N x N matrix;
+        # the (B, 1, D) result broadcasts to all tokens
+        return self.proj(self.v(x.mean(dim=1, keepdim=True)))
 
 
 class Poolingformer(Block):
@@ -139,7 +156,7 @@ class CrossAttention(Attention):
     """Queries from x, keys and values from ctx, each sequence with its own RoPE positions."""
     def __init__(self, dim, num_heads):
         super().__init__(dim, num_heads)
-        del self.qkv                                                       # q and kv see different sequences
+        del self.qkv                                           # q and kv see different sequences
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
 
@@ -150,39 +167,45 @@ class CrossAttention(Attention):
 
 
 class CrossBlock(Block):
-    """A Block attending from x to ctx (both through this block's LayerNorm and adaLN): generation and recovery."""
+    """A Block attending from x to ctx (both through this block's LayerNorm and adaLN): sparse
+    token generation and recovery."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__(dim, num_heads, mlp_ratio)
         self.attn = CrossAttention(dim, num_heads)
 
     def forward(self, x, ctx, c, rope, ctx_rope, mask=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
-        ctx = modulate(self.norm1(ctx), shift_msa, scale_msa)              # what the DiT's K, V slices were fed
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx, rope, ctx_rope, mask)
+        modulation = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        # what the DiT's K, V slices were fed: the modulated, normalised context
+        ctx = modulate(self.norm1(ctx), shift_msa, scale_msa)
+        query = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa * self.attn(query, ctx, rope, ctx_rope, mask)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class SDTM(nn.Module):
-    """The paper's Sparse-Dense Token Module: sparse token generation (X_s = AvgPool(X) attends to X) -> K sparse
-    transformer blocks -> sparse-dense token recovery (X_m = Up(X_s) W1 + X W2 attends to X_s) -> one dense block."""
+    """The paper's Sparse-Dense Token Module: sparse token generation (X_s = AvgPool(X) attends to
+    X) -> K sparse transformer blocks -> sparse-dense token recovery (X_m = Up(X_s) W1 + X W2
+    attends to X_s) -> one dense block."""
     def __init__(self, dim, num_heads, mlp_ratio, n_sparse):
         super().__init__()
         self.generation = CrossBlock(dim, num_heads, mlp_ratio)
         self.sparse = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(n_sparse))
         self.recovery = CrossBlock(dim, num_heads, mlp_ratio)
-        self.W1 = nn.Parameter(torch.zeros(dim, dim))                      # X_m = Up(X_s) W1 + X W2: the module
-        self.W2 = nn.Parameter(torch.eye(dim))                             # starts as the identity on X
+        # X_m = Up(X_s) W1 + X W2 with W1 = 0, W2 = I: the module starts as the identity on X
+        self.W1 = nn.Parameter(torch.zeros(dim, dim))
+        self.W2 = nn.Parameter(torch.eye(dim))
         self.dense = Block(dim, num_heads, mlp_ratio)
 
     def forward(self, x, c, rope, grid: SparseGrid):
-        xs = grid.pool @ x                                                 # X_s = AvgPool(X): (B, S, D)
-        xs = self.generation(xs, x, c, grid.rope, rope)                    # Q = X_s, K = V = X
+        xs = grid.pool @ x                                         # X_s = AvgPool(X): (B, S, D)
+        xs = self.generation(xs, x, c, grid.rope, rope)            # Q = X_s, K = V = X
         for block in self.sparse:
-            xs = block(xs, c, grid.rope, grid.mask)                        # padded sparse tokens are no keys
-        up = torch.take_along_dim(xs, grid.up, dim=1)                      # Up(X_s), nearest: (B, N, D)
-        xm = up @ self.W1 + x @ self.W2                                    # X_m
-        x = self.recovery(xm, xs, c, rope, grid.rope, grid.mask)           # Q = X_m, K = V = X_s
+            # padded sparse tokens are no keys
+            xs = block(xs, c, grid.rope, grid.mask)
+        up = torch.take_along_dim(xs, grid.up, dim=1)              # Up(X_s), nearest: (B, N, D)
+        xm = up @ self.W1 + x @ self.W2                            # X_m
+        x = self.recovery(xm, xs, c, rope, grid.rope, grid.mask)   # Q = X_m, K = V = X_s
         return self.dense(x, c, rope)
 
 
@@ -190,7 +213,7 @@ class SDTM(nn.Module):
 #                               The SparseDiT model                             #
 #################################################################################
 
-class SparseDiT(SiT):
+class SparseDiT(Backbone):
     """Poolingformers -> SDTMs -> dense top blocks, with a sparse grid side that follows t."""
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -200,15 +223,18 @@ class SparseDiT(SiT):
         self.poolingformers = nn.ModuleList(Poolingformer(D, H, r) for _ in range(P))
         self.sdtms = nn.ModuleList(SDTM(D, H, r, K) for _ in range(S))
         self.top = nn.ModuleList(Block(D, H, r) for _ in range(T))
-        # every side of the schedule, stacked and padded to the largest (S_max = max_side² sparse tokens)
-        pools, positions, ups = zip(*(pooled_grid(cfg.grid, s) for s in range(self.min_side, self.max_side + 1)))
+        # every side of the schedule, stacked and padded to the largest (S_max = max_side² tokens)
+        sides = range(self.min_side, self.max_side + 1)
+        pools, positions, ups = zip(*(pooled_grid(cfg.grid, s) for s in sides))
         n = self.max_side**2
-        pool, pos = (torch.stack([F.pad(a, (0, 0, 0, n - len(a))) for a in x]) for x in (pools, positions))
+        pool = torch.stack([F.pad(a, (0, 0, 0, n - len(a))) for a in pools])
+        pos = torch.stack([F.pad(a, (0, 0, 0, n - len(a))) for a in positions])
         real = torch.arange(n) < torch.tensor([len(p) for p in positions])[:, None]
-        self.register_buffer("grid_pool", pool, persistent=False)                 # (sides, S_max, N)
-        self.register_buffer("grid_pos", pos, persistent=False)                   # (sides, S_max, 2)
-        self.register_buffer("grid_up", torch.stack(ups), persistent=False)       # (sides, N)
-        self.register_buffer("grid_real", real, persistent=False)                 # (sides, S_max): not padding
+        self.register_buffer("grid_pool", pool, persistent=False)         # (sides, S_max, N)
+        self.register_buffer("grid_pos", pos, persistent=False)           # (sides, S_max, 2)
+        self.register_buffer("grid_up", torch.stack(ups), persistent=False)   # (sides, N)
+        # (sides, S_max): True for real sparse tokens, False for padding
+        self.register_buffer("grid_real", real, persistent=False)
         self.initialize_weights()
 
     def grid_side(self, t):
@@ -220,27 +246,37 @@ class SparseDiT(SiT):
         return {"side": int(self.grid_side(torch.tensor([t])))}
 
     def sparse_grid(self, t, side=None):
-        """Each sample's own grid from its t, padded to the largest side; or one unpadded `side` for the batch.
+        """Each sample's own grid from its t, padded to the largest side; or one unpadded `side` for
+        the batch.
 
-        Padding keeps shapes static (no host sync, one compiled graph) and is exact: padded sparse tokens are
-        masked out as keys and no dense token reads them. It costs the largest grid's work in the sparse
-        blocks whatever t is; flops() counts the schedule (what per-side batches do), and a sampler, whose
-        batch shares one t, can pass side=grid_side(t) to run the small grid itself.
+        Padding keeps shapes static (no host sync, one compiled graph) and is exact: padded sparse
+        tokens are masked out as keys and no dense token reads them. It costs the largest grid's
+        work in the sparse blocks whatever t is; flops() counts the schedule (what per-side batches
+        do), and a sampler, whose batch shares one t, can pass side=grid_side(t) to run the small
+        grid itself.
         """
         if side is None:
-            k = self.grid_side(t) - self.min_side                          # (B,) index into the stacked grids
-            pool, pos, up = self.grid_pool[k], self.grid_pos[k], self.grid_up[k]
-            mask = self.grid_real[k][:, None, None, :] if self.max_side > self.min_side else None
+            k = self.grid_side(t) - self.min_side              # (B,) index into the stacked grids
+            pool = self.grid_pool[k]
+            pos = self.grid_pos[k]
+            up = self.grid_up[k]
+            mask = None
+            if self.max_side > self.min_side:
+                mask = self.grid_real[k][:, None, None, :]
         else:
             if not self.min_side <= side <= self.max_side:
-                raise ValueError(f"side {side}: outside the --density range {self.min_side}..{self.max_side}")
-            k, n = side - self.min_side, side * side
-            pool, pos, mask = self.grid_pool[k, :n], self.grid_pos[k, :n], None
+                raise ValueError(f"side {side}: outside the --density range "
+                                 f"{self.min_side}..{self.max_side}")
+            k = side - self.min_side
+            pool = self.grid_pool[k, :side * side]
+            pos = self.grid_pos[k, :side * side]
             up = self.grid_up[k].expand(len(t), -1)
+            mask = None
         return SparseGrid(pool, up[..., None], rope(pos, self.head_dim), mask)
 
     def forward(self, x, t, y, side=None):
-        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); side: one grid side for the batch."""
+        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); side: one grid side for
+        the batch."""
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
         cos_sin = rope(self.pos, self.head_dim)
         grid = self.sparse_grid(t, side)
@@ -255,69 +291,84 @@ class SparseDiT(SiT):
     #### FLOPs ####
 
     def macs(self, side):
-        """Multiply-adds per image with a side x side sparse grid (1 per multiply-add: the paper's "FLOPs")."""
+        """Multiply-adds per image with a side x side sparse grid (1 per multiply-add: the paper's
+        "FLOPs")."""
         N, D, r = self.num_tokens, self.cfg.hidden_size, self.cfg.mlp_ratio
         P, S, K, T = self.layout
         n = side * side
 
-        def cross(q, kv):                                                  # a CrossBlock: q tokens attend to kv
-            return block_macs(q, D, r, n_kv=kv) + 2 * (kv - q) * D * D     # K, V projections run on the kv tokens
+        def cross(q, kv):
+            """A CrossBlock, q tokens attending to kv; its K, V projections run on the kv tokens."""
+            return block_macs(q, D, r, n_kv=kv) + 2 * (kv - q) * D * D
 
-        pooling = (6 * D * D                                               # adaLN D -> 6D, per image
-                   + N * D                                                 # the mean over the N tokens
-                   + 2 * D * D                                             # W_v and W_o on that one mean token
-                   + 2 * r * N * D * D)                                    # MLP D -> rD -> D, per token
-        sdtm = (N * D                                                      # AvgPool: each dense token added once
-                + cross(n, N)                                              # sparse token generation, Q = X_s
-                + K * block_macs(n, D, r)                                  # K sparse blocks on n = side² tokens
-                + 2 * N * D * D                                            # X_m = Up(X_s) W1 + X W2
-                + cross(N, n)                                              # sparse-dense recovery, Q = X_m
-                + block_macs(N, D, r))                                     # the dense block
-        return self.embed_macs() + P * pooling + S * sdtm + T * block_macs(N, D, r)   # + T dense top blocks
+        pooling = (6 * D * D                           # adaLN D -> 6D, per image
+                   + N * D                             # the mean over the N tokens
+                   + 2 * D * D                         # W_v and W_o on that one mean token
+                   + 2 * r * N * D * D)                # MLP D -> rD -> D, per token
+        sdtm = (N * D                                  # AvgPool: each dense token added once
+                + cross(n, N)                          # sparse token generation, Q = X_s
+                + K * block_macs(n, D, r)              # K sparse blocks on n = side² tokens
+                + 2 * N * D * D                        # X_m = Up(X_s) W1 + X W2
+                + cross(N, n)                          # sparse-dense recovery, Q = X_m
+                + block_macs(N, D, r))                 # the dense block
+        top = T * block_macs(N, D, r)                  # the dense top blocks
+        return self.embed_macs() + P * pooling + S * sdtm + top
 
     def pass_flops(self, t, skip_middle=False):
         return self.flops(t)
 
     def flops(self, t=None):
-        """Forward FLOPs per image (2 per multiply-add) at time t (float), or the mean over times t (1-D);
-        t=None: the mean over 1000 uniform times, i.e. over a whole sampling trajectory."""
-        cpu = torch.device("cpu")                                          # also for a model built on "meta"
-        t = torch.linspace(0, 1, 1000, device=cpu) if t is None else torch.as_tensor(t, device=cpu).float().reshape(-1)
-        sides, counts = torch.unique(density_schedule(t, self.min_side, self.max_side), return_counts=True)
-        return 2 * sum(c * self.macs(s) for s, c in zip(sides.tolist(), counts.tolist())) / len(t)
+        """Forward FLOPs per image (2 per multiply-add) at time t (float), or the mean over times t
+        (1-D); t=None: the mean over 1000 uniform times, i.e. over a whole sampling trajectory."""
+        cpu = torch.device("cpu")                      # also for a model built on "meta"
+        if t is None:
+            t = torch.linspace(0, 1, 1000, device=cpu)
+        t = torch.as_tensor(t, device=cpu).float().reshape(-1)
+        schedule = density_schedule(t, self.min_side, self.max_side)
+        sides, counts = torch.unique(schedule, return_counts=True)
+        total = sum(c * self.macs(s) for s, c in zip(sides.tolist(), counts.tolist()))
+        return 2 * total / len(t)
 
     #### Initialisation from a dense DiT ####
 
-    # parts of a DiT's fused qkv (thirds Q, K, V) that initialise the Poolingformer's and cross-attention's linears
+    # parts of a DiT's fused qkv (thirds Q, K, V) that initialise the Poolingformer's and
+    # cross-attention's linears
     QKV_PARTS = {"attn.v.": slice(2, 3), "attn.q.": slice(0, 1), "attn.kv.": slice(1, 3)}
 
     def layers(self):
-        """(name prefix, block) for the depth-many blocks in depth order: DiT block i initialises layer i."""
+        """(name prefix, block) for the depth-many blocks in depth order: DiT block i initialises
+        layer i."""
         return [(name + ".", m) for name, m in self.named_modules() if isinstance(m, Block)]
 
     def from_dit(self, dit_cfg, dit):
-        """A dense DiT's state dict mapped onto this model: blocks in order, Q/K/V slices, recovery W1 = 0, W2 = I.
-        The DiT must match this model's width, heads, patches, input and classes, and its total depth."""
+        """A dense DiT's state dict mapped onto this model: blocks in order, Q/K/V slices, recovery
+        W1 = 0, W2 = I. The DiT must match this model's width, heads, patches, input and classes,
+        and its total depth."""
         cfg = self.cfg
-        fields = ("hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes", "mlp_ratio")
+        fields = ("hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
+                  "num_classes", "mlp_ratio")
         differ = [f"{f} {getattr(dit_cfg, f)} vs {getattr(cfg, f)}" for f in fields
                   if getattr(dit_cfg, f) != getattr(cfg, f)]
         if sum(dit_cfg.depths) != sum(cfg.depths):
             differ.append(f"depth {sum(dit_cfg.depths)} vs {sum(cfg.depths)}")
         if differ:
-            raise ValueError(f"this DiT-{dit_cfg.size}/{dit_cfg.patch_size} cannot initialise SparseDiT-{cfg.size}/"
-                             f"{cfg.patch_size} (DiT vs SparseDiT: {', '.join(differ)}); use a DiT of the same "
-                             f"--size, --patch-size, --image-size and --num-classes")
-        sd = {k: v for k, v in dit.items() if not k.startswith("blocks.")}   # embedders and final layer as they are
+            raise ValueError(f"this DiT-{dit_cfg.size}/{dit_cfg.patch_size} cannot initialise "
+                             f"SparseDiT-{cfg.size}/{cfg.patch_size} (DiT vs SparseDiT: "
+                             f"{', '.join(differ)}); use a DiT of the same --size, --patch-size, "
+                             f"--image-size and --num-classes")
+        # the embedders and the final layer as they are
+        sd = {k: v for k, v in dit.items() if not k.startswith("blocks.")}
         for i, (prefix, layer) in enumerate(self.layers()):
             for key in layer.state_dict():
                 part = next((p for p in self.QKV_PARTS if key.startswith(p)), None)
                 if part is None:
                     sd[prefix + key] = dit[f"blocks.{i}.{key}"]
-                else:                                                      # e.g. attn.kv.weight <- qkv.weight[D:]
+                else:                                  # e.g. attn.kv.weight <- qkv.weight[D:]
                     qkv = dit[f"blocks.{i}.attn.qkv.{key[len(part):]}"]
-                    sd[prefix + key] = qkv.unflatten(0, (3, -1))[self.QKV_PARTS[part]].flatten(0, 1)
+                    thirds = qkv.unflatten(0, (3, -1))
+                    sd[prefix + key] = thirds[self.QKV_PARTS[part]].flatten(0, 1)
         D = cfg.hidden_size
         for j in range(len(self.sdtms)):
-            sd[f"sdtms.{j}.W1"], sd[f"sdtms.{j}.W2"] = torch.zeros(D, D), torch.eye(D)
+            sd[f"sdtms.{j}.W1"] = torch.zeros(D, D)
+            sd[f"sdtms.{j}.W2"] = torch.eye(D)
         return sd

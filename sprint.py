@@ -1,21 +1,26 @@
 """
-SiT backbone, the dense DiT baseline, and SPRINT (sparse-dense residual fusion), in one file.
+The backbone, the dense DiT baseline, and SPRINT (sparse-dense residual fusion), in one file.
 
-SPRINT ("Sparse-Dense Residual Fusion for Efficient Diffusion Transformers", ICLR 2026, arXiv 2510.21986)
-splits a diffusion transformer into a dense encoder f, a sparse middle g and a dense decoder h:
+SPRINT ("Sparse-Dense Residual Fusion for Efficient Diffusion Transformers", ICLR 2026,
+arXiv 2510.21986) splits a diffusion transformer into a dense encoder f, a sparse middle g and a
+dense decoder h:
 
     h_f = f(x)                                  all N tokens, shallow
-    g   = g(keep(h_f))                          only M = (1 - drop)·N tokens, deep (most of the FLOPs)
+    g   = g(keep(h_f))                          M = (1 - drop)·N tokens, deep: most of the FLOPs
     out = h(fuse([pad(g, mask_token), h_f]))    all N tokens again; fuse is one Linear 2D -> D
 
-Training drops 75% of the tokens in g (structured: one kept token per 2x2 group), and 10% of the samples drop
-g altogether (path drop), which makes path-drop guidance (PDG) possible at sampling time: the unconditional
-branch skips g. The backbone is SiT (flow matching) with 2D RoPE and q/k RMSNorm, numerically equal to the
-official SPRINT code (tests/test_sprint.py checks the official fixtures). References: DiT (Peebles & Xie, 2023),
-SiT (Ma et al., 2024), the official code snap-research/Sprint.
+Training drops 75% of the tokens in g (structured: one kept token per 2x2 group), and 10% of the
+samples drop g altogether (path drop), which makes path-drop guidance (PDG) possible at sampling
+time: the unconditional branch skips g.
+
+The backbone every model here shares is a DiT trained with flow matching, as SiT, with 2D RoPE and
+q/k RMSNorm; it is numerically equal to the official SPRINT code (tests/test_sprint.py checks the
+official fixtures). The dense baseline built on it is called DiT throughout (`--model dit`).
+References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), the official code
+snap-research/Sprint.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -23,12 +28,12 @@ import torch.nn.functional as F
 
 
 #################################################################################
-#                                  Model sizes                                  #
+#                         Model sizes and configuration                         #
 #################################################################################
 
-# name: (hidden size D, attention heads, (encoder, middle, decoder) depths) -- the SiT/DiT sizes, SPRINT splits;
-# mini is B's 2/8/2 split at hidden 128, sized for README's CPU miniature (16 px images, patch 2).
-# A model is built from a models.ModelConfig (size, patch, input side, channels, classes), which reads this table.
+# name: (hidden size D, attention heads, (encoder, middle, decoder) depths): the SiT/DiT sizes with
+# SPRINT's splits (XL: 2/24/2, B: 2/8/2); mini is B's split at hidden 128, sized for the CPU
+# miniature of RESULTS.md (16 px images, patch 2).
 SIZES = {
     "mini": (128, 4, (2, 8, 2)),
     "S": (384, 6, (2, 8, 2)),
@@ -36,6 +41,45 @@ SIZES = {
     "L": (1024, 16, (2, 20, 2)),
     "XL": (1152, 16, (2, 24, 2)),
 }
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint. Fields left at 0 or () come
+    from `size`; models.MODELS maps `model` to its class."""
+    model: str = "sprint"            # dit | sprint | sparsedit
+    size: str = "B"                  # a key of SIZES
+    patch_size: int = 2
+    input_size: int = 32             # side of the (latent) image, e.g. 32 for 256 px SD-VAE latents
+    in_channels: int = 4
+    num_classes: int = 1000
+    hidden_size: int = 0             # 0: from size
+    num_heads: int = 0               # 0: from size
+    depths: tuple = ()               # (encoder, middle, decoder); a DiT runs sum(depths) blocks
+    mlp_ratio: float = 4.0
+    extra: dict = field(default_factory=dict)   # SparseDiT's layout and density (sparsedit.py)
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
+        hidden_size, num_heads, depths = SIZES[self.size]
+        self.hidden_size = self.hidden_size or hidden_size
+        self.num_heads = self.num_heads or num_heads
+        self.depths = tuple(self.depths or depths)
+        if self.input_size % self.patch_size:
+            raise ValueError(f"--patch-size {self.patch_size} does not divide the input side "
+                             f"{self.input_size}")
+        if self.hidden_size % (4 * self.num_heads):
+            raise ValueError("2D RoPE needs a head dimension divisible by 4")
+        if len(self.depths) != 3 or min(self.depths) < 0 or sum(self.depths) < 1:
+            depths = " ".join(map(str, self.depths))
+            raise ValueError(f"--depths {depths}: give three block counts >= 0 (encoder, middle, "
+                             f"decoder), at least one block in all")
+
+    @property
+    def grid(self):
+        """Token grid side: N = grid**2 tokens."""
+        return self.input_size // self.patch_size
 
 
 #################################################################################
@@ -77,17 +121,24 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        steps = torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(10000) * steps / half)
         args = t.float()[:, None] * freqs                                  # (B, 128)
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)   # (B, 256)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
-    """Class table with one extra row: label num_classes is the null label of classifier-free guidance."""
+    """Class table with one extra row: label num_classes is the null label of classifier-free
+    guidance."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
@@ -97,15 +148,17 @@ class LabelEmbedder(nn.Module):
 
 
 def rope(pos, head_dim, theta=10000.0):
-    """2D RoPE angles for positions pos (..., 2) -> (cos, sin), each (..., 1, n, head_dim/2).
+    """2D RoPE angles for positions pos (..., n, 2) -> (cos, sin), each (..., 1, n, head_dim/2).
 
-    The first half of each head rotates with the row, the second half with the column (official layout);
-    within a half of size h, channel pair i turns by pos * theta^(-2i/h). Positions may be fractional
-    (SparseDiT's pooled tokens sit at the centres of their cells). The extra axis broadcasts over heads.
+    The first half of each head rotates with the row, the second half with the column (official
+    layout); within a half of size h, channel pair i turns by pos * theta^(-2i/h). Positions may be
+    fractional (SparseDiT's pooled tokens sit at the centres of their cells). The extra axis
+    broadcasts over heads.
     """
     h = head_dim // 2
-    freqs = theta ** (-torch.arange(0, h, 2, device=pos.device, dtype=torch.float32) / h)   # (h/2,)
-    angles = torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)              # (..., n, d/2)
+    exponents = torch.arange(0, h, 2, device=pos.device, dtype=torch.float32) / h
+    freqs = theta ** -exponents                                             # (h/2,)
+    angles = torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)   # (..., n, d/2)
     angles = angles.unsqueeze(-3)
     return angles.cos(), angles.sin()
 
@@ -114,7 +167,8 @@ def apply_rope(x, cos_sin):
     """Rotate channel pairs (2i, 2i+1) of x (B, H, n, d) as complex numbers; computed in float32."""
     cos, sin = cos_sin
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)                    # (B, H, n, d/2) each
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+    rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -126,7 +180,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -141,10 +196,12 @@ class Attention(nn.Module):
 
     def heads(self, x, chunks):
         """(B, n, chunks*D) -> `chunks` tensors (B, H, n, d), e.g. q, k, v from the fused qkv."""
-        return x.unflatten(-1, (-1, self.num_heads, x.shape[-1] // chunks // self.num_heads)).permute(2, 0, 3, 1, 4)
+        head_dim = x.shape[-1] // chunks // self.num_heads
+        return x.unflatten(-1, (-1, self.num_heads, head_dim)).permute(2, 0, 3, 1, 4)
 
     def attend(self, q, k, v, q_rope, k_rope, mask=None):
-        """Normalise and rotate q/k, attend (mask: (B, 1, 1, n_kv), False = a padded key), merge heads."""
+        """Normalise and rotate q/k, attend (mask: (B, 1, 1, n_kv), False = a padded key), merge
+        heads."""
         q = apply_rope(self.q_norm(q), q_rope)
         k = apply_rope(self.k_norm(k), k_rope)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)       # (B, H, n, d)
@@ -168,7 +225,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """SiT block with adaLN-Zero conditioning: x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
+    """A transformer block with adaLN-Zero conditioning:
+    x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -179,8 +237,8 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope, mask=None):
         # c: (B, D) -> six (B, 1, D): shift, scale, gate for attention, then for the MLP
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        modulation = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, mask)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -201,19 +259,19 @@ class FinalLayer(nn.Module):
 def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
     """Multiply-adds of one Block on n tokens (attending to n_kv keys; default n)."""
     n_kv = n if n_kv is None else n_kv
-    adaln = 6 * dim**2                                                    # Linear D -> 6D, once per image
-    linears = n * (3 + 1 + 2 * mlp_ratio) * dim**2                        # qkv, output proj, MLP D -> rD -> D
-    attention = 2 * n * n_kv * dim                                        # QK^T and AV over all heads
+    adaln = 6 * dim**2                                      # Linear D -> 6D, once per image
+    linears = n * (3 + 1 + 2 * mlp_ratio) * dim**2          # qkv, output proj, MLP D -> rD -> D
+    attention = 2 * n * n_kv * dim                          # QK^T and AV over all heads
     return adaln + linears + attention
 
 
 #################################################################################
-#                      The SiT backbone and the dense DiT                       #
+#                       The shared backbone and the dense DiT                   #
 #################################################################################
 
-class SiT(nn.Module):
-    """What every model here shares: patch/time/label embedding, the RoPE grid, the final layer, init.
-    cfg is a models.ModelConfig (sizes resolved from SIZES; cfg.grid = input side / patch side)."""
+class Backbone(nn.Module):
+    """What every model here shares: patch, time and label embedding, the RoPE grid, the final
+    layer, DiT's initialisation, and the cost accounting. cfg is a ModelConfig."""
     has_sparse_path = False          # SPRINT's deep path, which path drop and PDG skip
 
     def __init__(self, cfg):
@@ -226,11 +284,13 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         self.final_layer = FinalLayer(D, p, C)
-        r = torch.arange(cfg.grid, dtype=torch.float32)                 # (row, col) of each token, row-major
-        self.register_buffer("pos", torch.cartesian_prod(r, r), persistent=False)   # (N, 2)
+        r = torch.arange(cfg.grid, dtype=torch.float32)
+        # (row, col) of each token, row-major: (N, 2)
+        self.register_buffer("pos", torch.cartesian_prod(r, r), persistent=False)
 
     def initialize_weights(self):
-        """DiT's init: xavier linears, N(0, .02) label table and timestep MLP, zero adaLN and final layer."""
+        """DiT's init: xavier linears, N(0, .02) label table and timestep MLP, zero adaLN and final
+        layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -238,7 +298,8 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in self.modules():                     # adaLN-Zero: every residual branch starts closed
+        # adaLN-Zero: every residual branch starts closed
+        for m in self.modules():
             if hasattr(m, "adaLN_modulation"):
                 nn.init.zeros_(m.adaLN_modulation[-1].weight)
                 nn.init.zeros_(m.adaLN_modulation[-1].bias)
@@ -256,46 +317,52 @@ class SiT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def embed_macs(self):
-        """Multiply-adds outside the blocks: patch embed, timestep MLP, final layer (per image)."""
-        D, N, pc = self.cfg.hidden_size, self.num_tokens, self.cfg.patch_size**2 * self.cfg.in_channels
-        patch_embed = N * pc * D                                          # Linear p*p*C -> D per token
-        t_mlp = 256 * D + D * D                                           # frequencies -> D -> D, per image
-        final = 2 * D * D + N * D * pc                                    # adaLN D -> 2D per image, Linear per token
-        return patch_embed + t_mlp + final
-
     def training_kwargs(self, batch_size, token_drop, device):
-        """Per-step random inputs of a training forward; a dense model has none (and no sparse path)."""
+        """Per-step random inputs of a training forward; a dense model has none (and no sparse
+        path)."""
         if token_drop.ratio or token_drop.path_drop_prob:
-            raise ValueError(f"--model {self.cfg.model} has no sparse path: use --drop 0 --path-drop 0")
+            raise ValueError(f"--model {self.cfg.model} has no sparse path: use --drop 0 "
+                             f"--path-drop 0")
         return {}
 
     def sampling_kwargs(self, t):
-        """Forward inputs for a sampling batch that shares the time t (a float); SparseDiT's grid side."""
+        """Forward inputs for a sampling batch that shares the time t (a float); SparseDiT's grid
+        side."""
         return {}
 
-    #### Cost: each model's flops() counts its own forward; these hooks price a training or sampling pass ####
+    #### Cost: each model's flops() counts its own forward; these price a pass of each kind ####
+
+    def embed_macs(self):
+        """Multiply-adds outside the blocks: patch embed, timestep MLP, final layer (per image)."""
+        D, N = self.cfg.hidden_size, self.num_tokens
+        pc = self.cfg.patch_size**2 * self.cfg.in_channels
+        patch_embed = N * pc * D                        # Linear p*p*C -> D per token
+        t_mlp = 256 * D + D * D                         # frequencies -> D -> D, per image
+        final = 2 * D * D + N * D * pc                  # adaLN D -> 2D per image, Linear per token
+        return patch_embed + t_mlp + final
 
     def training_flops(self, token_drop):
         """Forward FLOPs per image of a training forward (a training step costs about three)."""
         return self.flops()
 
     def pass_flops(self, t, skip_middle=False):
-        """Forward FLOPs per image of one sampling pass at time t (skip_middle: PDG's unconditional pass)."""
+        """Forward FLOPs per image of one sampling pass at time t (skip_middle: PDG's unconditional
+        pass)."""
         return self.flops()
 
     def estimate_mfu(self, flops_per_s, peak):
-        """Model FLOPs utilisation, as nanoGPT's estimate_mfu: achieved FLOP/s (from flops()) over a matmul peak
-        measured on this device (models.matmul_peak), not a datasheet figure."""
+        """Model FLOPs utilisation, as nanoGPT's estimate_mfu: achieved FLOP/s (from flops()) over a
+        matmul peak measured on this device (devices.matmul_peak), not a datasheet figure."""
         return flops_per_s / peak
 
 
-class DiT(SiT):
-    """The dense baseline: every block sees all N tokens (SiT-XL/2 = 28 blocks)."""
+class DiT(Backbone):
+    """The dense baseline: every block sees all N tokens (XL: 28 blocks)."""
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.blocks = nn.ModuleList(Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio)
-                                     for _ in range(sum(cfg.depths)))
+        self.blocks = nn.ModuleList(
+            Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(sum(cfg.depths))
+        )
         self.initialize_weights()
 
     def forward(self, x, t, y):
@@ -308,7 +375,8 @@ class DiT(SiT):
     def flops(self):
         """Forward FLOPs per image (2 per multiply-add)."""
         cfg = self.cfg
-        return 2 * (self.embed_macs() + len(self.blocks) * block_macs(self.num_tokens, cfg.hidden_size, cfg.mlp_ratio))
+        blocks = len(self.blocks) * block_macs(self.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
+        return 2 * (self.embed_macs() + blocks)
 
 
 #################################################################################
@@ -317,15 +385,17 @@ class DiT(SiT):
 
 @dataclass
 class TokenDrop:
-    """A training step's token drop: the share of tokens the middle blocks skip, how the kept ones are drawn
-    (structured | random), and the probability that a sample skips the middle blocks altogether (path drop)."""
+    """A training step's token drop: the share of tokens the middle blocks skip, how the kept ones
+    are drawn (structured | random), and the probability that a sample skips the middle blocks
+    altogether (path drop)."""
     ratio: float
     mask_type: str
     path_drop_prob: float
 
 
 def group_shape(drop, grid):
-    """The smallest n x n group (n < grid divides it) in which keeping k tokens drops exactly `drop` -> (n, k).
+    """The smallest n x n group (n < grid divides it) in which keeping k tokens drops exactly
+    `drop` -> (n, k).
 
     0.75 -> 2x2 keep 1, 0.5 -> 2x2 keep 2, 0.875 -> 4x4 keep 2, 0.625 -> 4x4 keep 6.
     """
@@ -333,34 +403,40 @@ def group_shape(drop, grid):
         k = (1 - drop) * n * n
         if grid % n == 0 and abs(k - round(k)) < 1e-6 and 1 <= round(k) < n * n:
             return n, round(k)
-    raise ValueError(f"--drop {drop}: no n x n group of a {grid}x{grid} token grid keeps a whole number of "
-                     f"tokens at this ratio; use e.g. 0.5, 0.75, 0.875 or --mask-type random")
+    raise ValueError(f"--drop {drop}: no n x n group of a {grid}x{grid} token grid keeps a whole "
+                     f"number of tokens at this ratio; use e.g. 0.5, 0.75, 0.875 or --mask-type "
+                     f"random")
 
 
 def num_kept(drop, num_tokens):
-    """M = (1 - drop) * N, which must be a whole number of tokens."""
+    """M = (1 - drop) * N, which must be a whole number of tokens; 0 < drop < 1 (0 drops nothing:
+    such a step passes no kept indices at all)."""
     m = (1 - drop) * num_tokens
     if not 0 < drop < 1 or abs(m - round(m)) > 1e-6:
-        raise ValueError(f"--drop {drop}: must lie in [0, 1) and keep a whole number of the {num_tokens} tokens")
+        raise ValueError(f"--drop {drop}: a token drop must lie in (0, 1) and keep a whole number "
+                         f"of the {num_tokens} tokens")
     return round(m)
 
 
 def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None, generator=None):
     """Kept token indices (B, M), row-major over the grid, drawn per sample on `device`.
 
-    structured: cut the grid into n x n groups and keep k uniformly random tokens in each (the paper's
-    choice: kept tokens stay spread over the image). random: M uniformly random tokens (the ablation).
-    Shapes depend only on the arguments, never on random values: no host sync, one compiled graph.
+    structured: cut the grid into n x n groups and keep k uniformly random tokens in each (the
+    paper's choice: kept tokens stay spread over the image). random: M uniformly random tokens (the
+    ablation). Shapes depend only on the arguments, never on random values: no host sync, one
+    compiled graph.
     """
     if mask_type == "random":
         M = num_kept(drop, grid * grid)
-        return torch.rand(batch_size, grid * grid, device=device, generator=generator).argsort(dim=1)[:, :M]
+        scores = torch.rand(batch_size, grid * grid, device=device, generator=generator)
+        return scores.argsort(dim=1)[:, :M]
     if mask_type != "structured":
         raise ValueError(f"--mask-type {mask_type!r}: choose structured or random")
     num_kept(drop, grid * grid)
     n, k = group_shape(drop, grid)
     g = grid // n                                                          # groups per side
-    pick = torch.rand(batch_size, g * g, n * n, device=device, generator=generator).argsort(-1)[..., :k]
+    scores = torch.rand(batch_size, g * g, n * n, device=device, generator=generator)
+    pick = scores.argsort(-1)[..., :k]                                     # (B, G, k) within-group
     group = torch.arange(g * g, device=device)[:, None]                    # (G, 1)
     row = (group // g) * n + pick // n                                     # (B, G, k)
     col = (group % g) * n + pick % n
@@ -371,18 +447,25 @@ def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None,
 #                 SPRINT: sparse-dense residual fusion (Sec. 3)                 #
 #################################################################################
 
-class SPRINT(SiT):
-    """Dense encoder f -> sparse middle g on the kept tokens -> fuse [g padded, f's output] -> dense decoder h."""
+class SPRINT(Backbone):
+    """Dense encoder f -> sparse middle g on the kept tokens -> fuse [g padded, f's output] ->
+    dense decoder h."""
     has_sparse_path = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        if min(cfg.depths) < 1:
+            depths = " ".join(map(str, cfg.depths))
+            raise ValueError(f"--depths {depths}: SPRINT needs at least one encoder, one middle "
+                             f"and one decoder block")
         D, (n_enc, n_mid, n_dec) = cfg.hidden_size, cfg.depths
         self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_enc))
         self.middle = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_mid))
         self.decoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_dec))
-        self.fuse = nn.Linear(2 * D, D)                        # sparse-dense residual fusion, ~0.3% parameters
-        self.register_buffer("mask_token", torch.zeros(1, 1, D))    # fills dropped positions; a buffer: not trained
+        # sparse-dense residual fusion: ~0.3% of the parameters at XL
+        self.fuse = nn.Linear(2 * D, D)
+        # fills the dropped positions; a buffer, so it is never trained
+        self.register_buffer("mask_token", torch.zeros(1, 1, D))
         self.initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -390,21 +473,24 @@ class SPRINT(SiT):
         """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,).
 
         ids_keep: (B, M) kept token indices for the middle blocks (None: all tokens).
-        path_drop: (B,) bool, True replaces that sample's middle output by mask tokens (training's 10%).
-        skip_middle: the whole batch skips the middle blocks, mask tokens in their place (PDG's unconditional pass).
+        path_drop: (B,) bool, True replaces that sample's middle output by mask tokens (training's
+            10%).
+        skip_middle: the whole batch skips the middle blocks, mask tokens in their place (PDG's
+            unconditional pass).
         """
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
         cos_sin = rope(self.pos, self.head_dim)
         for block in self.encoder:
             h = block(h, c, cos_sin)                                       # h_f: (B, N, D)
-        g = self.deep_path(h, c, cos_sin, ids_keep, path_drop, skip_middle)  # (B, N, D)
+        g = self.deep_path(h, c, cos_sin, ids_keep, path_drop, skip_middle)   # (B, N, D)
         h = self.fuse(torch.cat([g, h], dim=-1))                           # (B, N, 2D) -> (B, N, D)
         for block in self.decoder:
             h = block(h, c, cos_sin)
         return self.unembed(h, c)
 
     def deep_path(self, h, c, cos_sin, ids_keep, path_drop, skip_middle):
-        """The middle blocks on the kept tokens, scattered back to the grid with mask tokens elsewhere."""
+        """The middle blocks on the kept tokens, scattered back to the grid with mask tokens
+        elsewhere."""
         B, N, D = h.shape
         mask = self.mask_token.to(h.dtype).expand(B, N, D)
         if skip_middle:                                                    # g does no work at all
@@ -413,24 +499,27 @@ class SPRINT(SiT):
         if ids_keep is not None:
             index = ids_keep.unsqueeze(-1).expand(-1, -1, D)               # (B, M, D)
             g = h.gather(1, index)                                         # (B, M, D)
-            cos_sin = rope(self.pos[ids_keep], self.head_dim)              # kept tokens keep their positions
+            # kept tokens keep their positions
+            cos_sin = rope(self.pos[ids_keep], self.head_dim)
         for block in self.middle:
             g = block(g, c, cos_sin)
         if ids_keep is not None:
             g = mask.scatter(1, index, g)                                  # (B, N, D)
         if path_drop is not None:
-            # static shapes: the dropped samples' rows ran through g too, their result is discarded here
+            # static shapes: the dropped samples' rows ran through g too; their result is discarded
             g = torch.where(path_drop[:, None, None], mask, g)
         return g
 
     def training_kwargs(self, batch_size, token_drop, device):
-        """Per-step random inputs of a training forward: kept tokens and path-drop flags, drawn on device."""
+        """Per-step random inputs of a training forward: kept tokens and path-drop flags, drawn on
+        the device."""
         kwargs = {}
         if token_drop.ratio:
-            kwargs["ids_keep"] = sample_ids_keep(batch_size, self.cfg.grid, token_drop.ratio, token_drop.mask_type,
-                                                 device)
+            kwargs["ids_keep"] = sample_ids_keep(batch_size, self.cfg.grid, token_drop.ratio,
+                                                 token_drop.mask_type, device)
         if token_drop.path_drop_prob:
-            kwargs["path_drop"] = torch.rand(batch_size, device=device) < token_drop.path_drop_prob
+            flags = torch.rand(batch_size, device=device)
+            kwargs["path_drop"] = flags < token_drop.path_drop_prob
         return kwargs
 
     def training_flops(self, token_drop):
@@ -440,11 +529,15 @@ class SPRINT(SiT):
         return self.flops(skip_middle=skip_middle)
 
     def flops(self, drop=0.0, skip_middle=False):
-        """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; skip_middle: g skipped."""
+        """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; skip_middle: g
+        skipped."""
         cfg, N = self.cfg, self.num_tokens
         n_enc, n_mid, n_dec = cfg.depths
         D = cfg.hidden_size
-        macs = self.embed_macs() + (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio) + N * 2 * D * D   # + fuse 2D -> D
+        dense = (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio)
+        # Linear 2D -> D per token
+        fuse = N * 2 * D * D
+        macs = self.embed_macs() + dense + fuse
         if not skip_middle:
             macs += n_mid * block_macs(round((1 - drop) * N), D, cfg.mlp_ratio)
         return 2 * macs

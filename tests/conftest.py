@@ -1,16 +1,28 @@
-"""Fixtures shared by the test files, and the import path: any test file runs alone (pytest tests/test_X.py)."""
+"""Fixtures shared by the test files, and the import path: any test file runs alone
+(pytest tests/test_X.py)."""
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))           # the repository root: sprint, train, ...
+# the repository root: sprint, train, ...
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Checkpoints of a tiny SPRINT and a tiny DiT with random weights, in train.py's layout."""
+    from tiny import sampling_model, save_ckpt
+
+    d = tmp_path_factory.mktemp("ckpts")
+    return {name: save_ckpt(d / f"{name}.pt", sampling_model(name)) for name in ("sprint", "dit")}
 
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU extra threads spin: use one."""
+    """Tiny models gain nothing from a second thread, and on a busy shared CPU extra threads spin:
+    use one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,23 +1,35 @@
-"""SparseDiT (arXiv 2412.06028) as a specification: Poolingformer, SDTM, timestep-adaptive density, DiT init, FLOPs."""
+"""SparseDiT (arXiv 2412.06028) as a specification: Poolingformer, SDTM, timestep-adaptive density,
+initialisation from a DiT, FLOPs against the paper."""
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ModelConfig, create_model, init_from
-from sprint import Block, DiT, rope
-from sparsedit import SparseDiT, Poolingformer, pooled_grid
+from models import create_model, init_from
+from sparsedit import Poolingformer, SparseDiT, pooled_grid
+from sprint import Block, DiT, ModelConfig, rope
 
 
 def tiny(**extra):
-    """8 x 8 tokens, depth 12 -> layout [1, 2, 2, 1], density 3 -> 5 (6 -> 10 scaled to the grid)."""
-    return ModelConfig(model="sparsedit", input_size=16, patch_size=2, in_channels=4, hidden_size=64, num_heads=4,
-                       num_classes=10, depths=(2, 8, 2), extra=extra)
+    """8 x 8 tokens, depth 12 -> layout [1, 2, 2, 1], density 3 -> 5 (6 -> 10 scaled to the
+    grid)."""
+    return ModelConfig(
+        model="sparsedit",
+        input_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=64,
+        num_heads=4,
+        num_classes=10,
+        depths=(2, 8, 2),
+        extra=extra,
+    )
 
 
 def randomize(model, keep=()):
-    """Random weights everywhere (adaLN gates too) except parameters whose name contains one of `keep`."""
+    """Random weights everywhere (adaLN gates too) except parameters whose name contains one of
+    `keep`."""
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -36,7 +48,8 @@ def test_poolingformer_equals_attention_with_all_weights_equal():
     block = Block(64, 4)
     sd = {k: v for k, v in pool.state_dict().items() if not k.startswith("attn.v.")}
     D = 64
-    sd["attn.qkv.weight"] = torch.cat([torch.zeros(2 * D, D), pool.attn.v.weight])   # q = k = 0: uniform softmax
+    # q = k = 0: uniform softmax
+    sd["attn.qkv.weight"] = torch.cat([torch.zeros(2 * D, D), pool.attn.v.weight])
     sd["attn.qkv.bias"] = torch.cat([torch.zeros(2 * D), pool.attn.v.bias])
     sd["attn.q_norm.weight"] = sd["attn.k_norm.weight"] = torch.ones(D // 4)
     block.load_state_dict(sd)
@@ -52,8 +65,11 @@ def test_sparse_tokens_are_adaptive_average_pooling_at_cell_centres():
         xs = pool @ x.flatten(2).transpose(1, 2)                           # (B, s², C)
         ref = F.adaptive_avg_pool2d(x, side)
         torch.testing.assert_close(xs, ref.flatten(2).transpose(1, 2))
-        torch.testing.assert_close(xs[:, up].transpose(1, 2).reshape(2, 3, 8, 8), F.interpolate(ref, size=8))
-    _, pos, _ = pooled_grid(8, 4)                                          # 2 x 2 cells: centres at .5, 2.5, ...
+        torch.testing.assert_close(
+            xs[:, up].transpose(1, 2).reshape(2, 3, 8, 8), F.interpolate(ref, size=8)
+        )
+    # 2 x 2 cells: centres at .5, 2.5, ...
+    _, pos, _ = pooled_grid(8, 4)
     assert pos[:2].tolist() == [[0.5, 0.5], [0.5, 2.5]]
 
 
@@ -73,16 +89,20 @@ def test_a_mixed_t_batch_equals_each_sample_alone_on_its_own_grid():
     assert sides == [3, 3, 4, 4, 5, 5]
     x, t, y = inputs(t)
     with torch.no_grad():
-        out = model(x, t, y)                                               # padded to 5 x 5, masked per sample
+        # padded to 5 x 5, masked per sample
+        out = model(x, t, y)
         for i, side in enumerate(sides):
-            alone = model(x[i:i + 1], t[i:i + 1], y[i:i + 1], side=side)  # unpadded side x side grid
+            # unpadded side x side grid
+            alone = model(x[i:i + 1], t[i:i + 1], y[i:i + 1], side=side)
             torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-        other = model(x[:1], t[:1], y[:1], side=5)                         # the grid does change the output
+        # the grid does change the output
+        other = model(x[:1], t[:1], y[:1], side=5)
         assert (other - out[:1]).abs().max() > 1e-3
 
 
 def test_forward_has_static_shapes_and_no_host_sync():
-    with torch.device("meta"):                                             # .item() or nonzero() would fail here
+    # .item() or nonzero() would fail here
+    with torch.device("meta"):
         model = SparseDiT(tiny())
         x, t, y = torch.randn(4, 4, 16, 16), torch.rand(4), torch.zeros(4, dtype=torch.long)
         assert model(x, t, y).shape == x.shape
@@ -95,10 +115,14 @@ def test_init_from_dit_maps_blocks_in_order_and_slices_qkv(tmp_path):
         for p in ema.parameters():
             p.add_(1.0)
     path = tmp_path / "dit.pt"
-    torch.save({"model": dit.state_dict(), "ema": ema.state_dict(), "config": dataclasses.asdict(dit_cfg)}, path)
+    torch.save(
+        {"model": dit.state_dict(), "ema": ema.state_dict(), "config": dataclasses.asdict(dit_cfg)},
+        path,
+    )
     model = init_from(randomize(SparseDiT(tiny())), path)                   # EMA weights by default
     D, blocks = 64, ema.blocks
-    pf, sdtm = model.poolingformers[0], model.sdtms[1]                     # layer 0; SDTM 1 starts at layer 6
+    # layer 0; SDTM 1 starts at layer 6
+    pf, sdtm = model.poolingformers[0], model.sdtms[1]
     assert torch.equal(pf.attn.v.weight, blocks[0].attn.qkv.weight[2 * D:])
     assert torch.equal(pf.attn.proj.weight, blocks[0].attn.proj.weight)
     assert torch.equal(pf.mlp.fc1.weight, blocks[0].mlp.fc1.weight)
@@ -119,28 +143,20 @@ def test_init_from_dit_maps_blocks_in_order_and_slices_qkv(tmp_path):
         init_from(model, path)
 
 
-def test_layout_and_density_flags_are_validated():
-    with pytest.raises(ValueError, match="--layout 2,4,3,2 has depth 28 .* --size B has depth 12"):
-        SparseDiT(tiny(layout=[2, 4, 3, 2]))
-    with pytest.raises(ValueError, match="--density 3 9: .*<= 8"):
-        SparseDiT(tiny(density=[3, 9]))
-    with pytest.raises(ValueError, match="--density 5 3"):
-        SparseDiT(tiny(density=[5, 3]))
-    fixed = SparseDiT(tiny(layout=[2, 2, 1, 2], density=[4, 4]))          # a fixed 4 x 4 grid, 2 SDTMs of 4
-    assert fixed.grid_side(torch.tensor([0.0, 1.0])).tolist() == [4, 4] and len(fixed.sdtms) == 2
-
-
 def paper_gflops(model):
-    """GFLOPs as the DiT/SparseDiT papers count them (fvcore: 1 per multiply-add; DiT-XL/2 at 256 px = 118.6)."""
+    """GFLOPs as the DiT/SparseDiT papers count them (fvcore: 1 per multiply-add; DiT-XL/2 at
+    256 px = 118.6)."""
     return model.flops() / 2 / 1e9
 
 
 def test_flops_fall_as_the_grid_shrinks_and_match_the_paper():
-    """Counted the paper's way (fvcore: 1 FLOP per multiply-add), 256 px = 16 x 16 tokens, t uniform on [0, 1].
+    """Counted the paper's way (fvcore: 1 FLOP per multiply-add), 256 px = 16 x 16 tokens, t
+    uniform on [0, 1].
 
-    Measured: SparseDiT-XL 65.3 G vs the paper's 68.1 (DiT-XL/2 118.6), SparseDiT-B 13.8 G vs 14.3 (DiT-B 23.0).
-    The 4% gap: our Poolingformer averages before W_v and W_o (one token instead of N: 1.4 G less at XL), and how
-    the paper rounds its schedule to whole grid sides is not published.
+    Measured: SparseDiT-XL 65.3 G vs the paper's 68.1 (DiT-XL/2 118.6), SparseDiT-B 13.8 G vs
+    14.3 (DiT-B 23.0). The 4% gap: our Poolingformer averages before W_v and W_o (one token instead
+    of N: 1.4 G less at XL), and how the paper rounds its schedule to whole grid sides is not
+    published.
     """
     model = SparseDiT(tiny())
     per_side = [model.macs(s) for s in range(3, 6)]
@@ -153,5 +169,5 @@ def test_flops_fall_as_the_grid_shrinks_and_match_the_paper():
             dit = DiT(ModelConfig(model="dit", size=size, input_size=32))
         print(f"\nSparseDiT-{size}/2 {paper_gflops(sparse):.1f} GFLOPs (paper {paper}), "
               f"DiT-{size}/2 {paper_gflops(dit):.1f} (paper {dense})")
-        assert abs(paper_gflops(dit) / dense - 1) < 0.01
-        assert abs(paper_gflops(sparse) / paper - 1) < 0.10
+        assert abs(paper_gflops(dit) / dense - 1) < 0.005           # measured: 0.0% (XL), 0.2% (B)
+        assert abs(paper_gflops(sparse) / paper - 1) < 0.05         # measured: 4.1% (XL), 3.5% (B)

@@ -1,0 +1,122 @@
+"""Tiny models, runs and data that several test files share: train.py runs of a 16-token model on
+the embedded data, checkpoints in train.py's layout, image folders."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import models
+import sample
+import sprint
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
+# a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to skip
+TINY = ("--hidden-size 32 --num-heads 2 --depths 1 1 1 --patch-size 4 --global-batch-size 8 "
+        "--num-workers 0 --log-every 1 --lr 2e-3").split()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # subprocesses use one thread (conftest.one_thread)
+
+
+#################################################################################
+#                              train.py runs                                    #
+#################################################################################
+
+def run(tmp_path, *flags):
+    """train.main in this process on the tiny model and the embedded data at 16 px -> the run
+    folder."""
+    args = ["--image-size", "16", "--eval-every", "0", "--sample-every", "0", *flags]
+    argv = [*TINY, "--results-dir", str(tmp_path / "results"), *args]
+    return Path(train.main(train.parse_args(argv)))
+
+
+def cli(cwd, *flags, launcher=(sys.executable,)):
+    """train.py as a user runs it, in a subprocess -> its CompletedProcess."""
+    return subprocess.run([*launcher, TRAIN, *TINY, *flags], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def records(run_dir):
+    """A run's log.jsonl, one dict per line."""
+    return [json.loads(line) for line in open(run_dir / "log.jsonl")]
+
+
+def assert_same_training_state(a, b):
+    """Two checkpoints hold the same step, data position, weights, EMA and optimizer state."""
+    a = torch.load(a, weights_only=True)
+    b = torch.load(b, weights_only=True)
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+
+
+def image_folder(root, classes=2, per_class=10, size=(24, 20)):
+    """An ImageNet-layout folder of random PNGs (width x height = size) -> root."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(root / f"class{c}")
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+#################################################################################
+#                    Models, and checkpoints to sample from                     #
+#################################################################################
+
+def tiny_model(model="sprint", **kw):
+    """An 8 x 8 latent, 16-token model with 1/2/1 blocks of width 32 and 10 classes."""
+    cfg = dict(model=model, input_size=8, patch_size=2, in_channels=4, hidden_size=32, num_heads=2,
+               depths=(1, 2, 1), num_classes=10)
+    return models.create_model(sprint.ModelConfig(**{**cfg, **kw}))
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere (adaLN-Zero makes a fresh model's blocks inert)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def sampling_model(model="sprint", in_channels=3, seed=0):
+    """An 8 x 8, 4-class model with random weights everywhere (adaLN-Zero and the zero final layer
+    would output 0)."""
+    cfg = sprint.ModelConfig(model=model, input_size=8, patch_size=2, in_channels=in_channels,
+                             hidden_size=32, num_heads=2, depths=(1, 1, 1), num_classes=4)
+    m = models.create_model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def save_ckpt(path, model, **extra):
+    """A checkpoint in train.py's layout -> its path as a string."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    ckpt = {"model": sd, "ema": sd, "config": asdict(model.cfg), "args": {}, "step": 1, **extra}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def run_sample(*argv):
+    """sample.py's main in this process."""
+    return sample.main([str(a) for a in argv])
+
+
+def npz(path):
+    """An .npz's arrays as a dict."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
