@@ -1,18 +1,30 @@
 """
-The Inception-v3 of FID, in plain PyTorch (no torchvision), and its released weights; fid.py computes the scores.
+The 2015 Inception graph that ADM's evaluator (and so both papers) scores with, in plain PyTorch: its input
+preprocessing, the Inception-v3 network, and the released weights; fid.py computes the scores.
 
-    model = load_inception()            # pt_inception-2015-12-05-6726825d.pth: --weights, $FID_WEIGHTS or hub cache
-    pool3, logits = model(images)       # images (N, 3, H, W) in [0, 1] -> (N, 2048), (N, 1008)
+    model = load_inception()          # pt_inception-2015-12-05-6726825d.pth: --weights, $FID_WEIGHTS or hub cache
+    x = preprocess(images)            # uint8 (N, H, W, 3) -> the graph's input (N, 3, 299, 299)
+    pool3, spatial = model(x)         # (N, 2048) for FID, IS, precision and recall; (N, 2023) for sFID
+    logits = model.logits(pool3)      # (N, 1008), what the evaluator's Inception Score reads
 
-The network is the Inception-v3 of the original TensorFlow FID graph (inception-2015-12-05) as ported by
-pytorch-fid, with the key names of its weight file, so that file loads as is. It differs from torchvision's
-Inception-v3 in three places: average pools do not count padding, the last block (Mixed_7c) max-pools in its
-pool branch, and the classifier has 1008 outputs (the 2015 TF graph's layout: the 1000 ImageNet classes
-plus extra, unused ones).
+The graph (inception-2015-12-05, classify_image_graph_def.pb) takes images of any size in 0..255, resizes them
+inside itself with TF1's ResizeBilinear and maps them with (x - 128) / 128; `preprocess` does exactly that
+(bit-exact on tests/fixtures/adm_evaluator_ops.npz, computed with TensorFlow's own ops). pytorch-fid resizes with
+F.interpolate and maps with x / 127.5 - 1 instead, which moves the input by up to 0.25 at 256 px (more for small
+images), so it is not used here.
+
+The network is the graph's Inception-v3 as ported by pytorch-fid, with the key names of its weight file, so that
+file loads as is. It differs from torchvision's Inception-v3 in three places: average pools do not count padding,
+the last block (Mixed_7c) max-pools in its pool branch, and the classifier has 1008 outputs (the 2015 graph's
+layout: the 1000 ImageNet classes plus extra, unused ones).
 
 References:
 - Szegedy et al., "Rethinking the Inception Architecture for Computer Vision" (CVPR 2016, arXiv 1512.00567).
+- Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (NeurIPS 2021, arXiv 2105.05233):
+  guided-diffusion's evaluations/evaluator.py reads pool_3:0 and mixed_6/conv:0 of this graph.
 - pytorch-fid (github.com/mseitzer/pytorch-fid): the weight file and the FID-specific blocks.
+- torch-fidelity (github.com/toshas/torch-fidelity): utils/util_convert_inception_weights.py names which graph
+  node becomes which module (mixed_6/conv -> Mixed_6d.branch1x1), the basis of the sFID mapping below.
 """
 import os
 import re
@@ -24,6 +36,37 @@ import torch.nn.functional as F
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
+SIZE = 299                                                  # the graph's input resolution
+
+#################################################################################
+#             The graph's input: TF1 bilinear resize, then (x - 128) / 128      #
+#################################################################################
+
+def resize_bilinear_tf1(x, size=SIZE):
+    """TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False) of x (N, C, H, W) to size × size."""
+    def taps(n_in):
+        # Output pixel i reads source coordinate i * n_in / size, with no half-pixel shift (F.interpolate's
+        # align_corners=False shifts by half a pixel), in float32 as TensorFlow computes it.
+        scale = torch.tensor(n_in, dtype=torch.float32, device=x.device) / size
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale
+        frac = src - src.floor()
+        low = src.long()                                                 # floor: src is not negative
+        return low, (low + 1).clamp(max=n_in - 1), frac
+    y0, y1, fy = taps(x.shape[2])
+    x0, x1, fx = taps(x.shape[3])
+    top = x[:, :, y0]                                                    # (N, C, size, W)
+    bottom = x[:, :, y1]
+    # TensorFlow's order of operations: along a row first, then between the two rows
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx              # (N, C, size, size)
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
+    return top + (bottom - top) * fy[:, None]
+
+
+def preprocess(images):
+    """Images (N, H, W, 3), uint8 or float in 0..255, any size -> the graph's input (N, 3, 299, 299) float32."""
+    x = images.permute(0, 3, 1, 2).float()                               # (N, 3, H, W) in 0..255
+    x = resize_bilinear_tf1(x)                                           # (N, 3, 299, 299)
+    return (x - 128) / 128                                               # the graph's Sub and Mul nodes
 
 #################################################################################
 #                        Inception-v3 (FID variant)                             #
@@ -154,7 +197,7 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images in [0, 1] -> (pool3 features (N, 2048), logits (N, 1008))."""
+    """The graph's input (N, 3, 299, 299) -> (pool3 features (N, 2048), spatial features (N, 2023))."""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -176,18 +219,27 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x):
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-        x = 2 * x - 1                                                       # (N, 3, 299, 299) in [-1, 1]
         x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # (N, 64, 147, 147)
         x = F.max_pool2d(x, 3, stride=2)                                    # (N, 64, 73, 73)
         x = chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)                # (N, 192, 71, 71)
         x = F.max_pool2d(x, 3, stride=2)                                    # (N, 192, 35, 35)
         x = chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)           # (N, 288, 35, 35)
-        x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)  # (N, 768, 17, 17)
-        x = chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)           # (N, 2048, 8, 8)
-        pool3 = x.mean(dim=(2, 3))                                          # (N, 2048)
-        return pool3, self.fc(pool3)                                        # (N, 2048), (N, 1008)
+        x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)  # (N, 768, 17, 17)
+        # sFID reads the graph's mixed_6/conv:0, first 7 channels. The graph names its blocks mixed, mixed_1,
+        # mixed_2 (Mixed_5b-d), mixed_3 (6a), ..., mixed_6 (6d), and a block's "conv" is its 1x1 branch: its
+        # weights mixed_6/conv/{conv2d_params,batchnorm} are Mixed_6d.branch1x1's (torch-fidelity's weight
+        # conversion), and the tensor mixed_6/conv is that unit's output after batch norm and ReLU. Mixed_6d
+        # concatenates branch1x1 first, so its channels 0-6 are those 7. The graph is channels-last (NHWC), and
+        # the evaluator flattens (17, 17, 7): row, column, channel.
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                  # (N, 17 * 17 * 7 = 2023)
+        x = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (N, 2048, 8, 8)
+        pool3 = x.mean(dim=(2, 3))                                          # (N, 2048): pool_3:0
+        return pool3, spatial
+
+    def logits(self, pool3):
+        """The graph's softmax/logits/MatMul, pool3 @ W (N, 1008): the evaluator's Inception Score takes its
+        softmax without the bias the graph adds next (fc.bias is loaded but only fc(pool3) would use it)."""
+        return pool3 @ self.fc.weight.T
 
 #################################################################################
 #                     The released weights, found and checked                   #
