@@ -1,38 +1,41 @@
 """
-The papers' evaluator in PyTorch: FID, sFID, Inception Score, precision and recall of generated images, each
-computed as ADM's evaluator computes it (guided-diffusion's evaluations/evaluator.py: TensorFlow and the 2015
-Inception graph), which both SPRINT and SparseDiT score with.
+The papers' evaluator in PyTorch: FID, sFID, Inception Score, precision and recall, each computed as
+ADM's evaluator computes it (guided-diffusion's evaluations/evaluator.py, TensorFlow and the 2015
+Inception graph), the scorer of both SPRINT and SparseDiT.
 
-    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz          # FID, sFID, IS, precision, recall
-    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --json   # the same, as one JSON object
-    python fid.py samples.npz ref.npz --fid-only                       # FID alone: pool3 statistics only
-    python fid.py REF_IMAGES --save-stats ref.npz                      # cache a reference once
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz         # the five numbers
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --json  # as one JSON object
+    python fid.py samples.npz ref.npz --fid-only                      # FID alone, fast
+    python fid.py REF_IMAGES --save-stats ref.npz                     # cache a reference once
 
-SAMPLES and REF are each a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as sample.py writes), an
-ADM reference batch (arr_0 plus precomputed mu, sigma, mu_s, sigma_s) or a statistics .npz from --save-stats
-(mu, sigma, mu_s, sigma_s and the pool3 features). As in the evaluator, statistics a file holds win over its
-images; the report says which were used.
+SAMPLES and REF are each a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as
+sample.py writes), an ADM reference batch (arr_0 and precomputed mu, sigma, mu_s, sigma_s) or a
+statistics .npz from --save-stats (mu, sigma, mu_s, sigma_s and the pool3 features). As in the
+evaluator, statistics a file holds win over its images; the report says which were used.
 
 Where the evaluator's operations live:
-- the graph's input, TF1 bilinear resize to 299 and (x - 128) / 128, and the network: inception.py;
-- FID and sFID: `feature_statistics` + `frechet_distance` on pool3 (2048) and on the spatial features (2023);
+- the graph's input (TF1 bilinear resize to 299, then (x - 128) / 128), the network: inception.py;
+- FID and sFID: `feature_statistics` and `frechet_distance` of pool3 (2048 values an image) and of
+  the spatial features (2023);
 - IS: `inception_score` of the graph's logits without their bias, in splits of 5,000 samples;
-- precision and recall: `precision_recall`, k = 3 nearest-neighbour balls in pool3 space, with the evaluator's
-  float16 distances (`pairwise_distances`).
-`python fid.py` agrees with pytorch-fid's network to 1e-4 on the same input, but not with pytorch-fid's scores:
-pytorch-fid preprocesses differently (see inception.py) and has no sFID, precision or recall.
+- precision and recall: `precision_recall`, k = 3 nearest-neighbour balls in pool3 space, with the
+  evaluator's float16 distances (`pairwise_distances`).
+The network agrees with pytorch-fid's to 1e-4 on the same input; the scores do not, as pytorch-fid
+preprocesses differently (inception.py). It has no sFID, precision or recall either.
 
 References:
 - Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"
-  (NeurIPS 2017, arXiv 1706.08500): FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) on pool3 features.
-- Nash et al., "Generating Images with Sparse Representations" (ICML 2021, arXiv 2103.03841): sFID, the same
-  distance on the first 7 channels of an intermediate (mixed_6/conv) feature map.
+  (NeurIPS 2017, arXiv 1706.08500): FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+- Nash et al., "Generating Images with Sparse Representations" (ICML 2021, arXiv 2103.03841): sFID,
+  the same distance on the first 7 channels of an intermediate feature map (mixed_6/conv).
 - Salimans et al., "Improved Techniques for Training GANs" (NeurIPS 2016, arXiv 1606.03498):
   IS = exp(E_x KL(p(y|x) || p(y))).
-- Kynkäänniemi et al., "Improved Precision and Recall Metric for Assessing Generative Models" (NeurIPS 2019,
-  arXiv 1904.06991): each set's manifold is the union of balls reaching every point's k-th nearest neighbour.
-- Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (NeurIPS 2021, arXiv 2105.05233): the
-  evaluator (github.com/openai/guided-diffusion, evaluations/evaluator.py) and its reference batches.
+- Kynkäänniemi et al., "Improved Precision and Recall Metric for Assessing Generative Models"
+  (NeurIPS 2019, arXiv 1904.06991): a set's manifold is the union of balls that reach from each
+  point to its k-th nearest neighbour.
+- Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (NeurIPS 2021, arXiv
+  2105.05233): the evaluator (github.com/openai/guided-diffusion, evaluations/evaluator.py) and its
+  reference batches.
 """
 import argparse
 import json
@@ -50,9 +53,9 @@ from tqdm import tqdm
 import inception
 from data import IMAGE_EXTS, read_image
 
-NEIGHBOURS = 3         # k of the evaluator's ManifoldEstimator (nhood_sizes=(3,))
-DISTANCE_BLOCK = 10000  # rows and columns per block of distances (its row_batch_size and col_batch_size)
-IS_SPLIT = 5000        # samples per Inception Score split (its split_size): 50,000 samples give 10 splits
+NEIGHBOURS = 3          # k of the evaluator's ManifoldEstimator (nhood_sizes=(3,))
+DISTANCE_BLOCK = 10000  # rows and columns per block of distances (its row/col_batch_size)
+IS_SPLIT = 5000         # samples per Inception Score split (its split_size): 50,000 give 10 splits
 
 #################################################################################
 #                        Images -> Inception features                           #
@@ -62,14 +65,14 @@ def stack_images(images, names):
     """Stack same-sized (H, W, 3) images, or say which two differ."""
     for name, im in zip(names, images):
         if im.shape != images[0].shape:
-            raise ValueError(f"images of mixed sizes in one batch: {names[0]} is {images[0].shape} but "
-                             f"{name} is {im.shape}; resize them to one size first")
+            raise ValueError(f"images of mixed sizes in one batch: {names[0]} is {images[0].shape} "
+                             f"but {name} is {im.shape}; resize them to one size first")
     return np.stack(images)
 
 
 class ImageFiles:
-    """A flat folder's images in sorted order, read lazily: files[i:j] is a uint8 (j-i, H, W, 3) array. name: the
-    argument it came from (SAMPLES or REF), named in errors."""
+    """A flat folder's images in sorted order, read lazily: files[i:j] is a uint8 (j-i, H, W, 3)
+    array. name: the argument it came from (SAMPLES or REF), named in errors."""
     def __init__(self, path, name='images'):
         self.name = name
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
@@ -88,19 +91,20 @@ class ImageFiles:
 def as_uint8_batch(batch):
     """A batch as the evaluator reads arr_0: a uint8 (N, H, W, 3) array, or a clear error."""
     if isinstance(batch, (list, tuple)):
-        batch = stack_images([np.asarray(im) for im in batch], [f"image {i}" for i in range(len(batch))])
+        names = [f"image {i}" for i in range(len(batch))]
+        batch = stack_images([np.asarray(im) for im in batch], names)
     batch = np.asarray(batch)
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), as in ADM's arr_0, got {batch.dtype} "
-                         f"{batch.shape}")
+        raise ValueError(f"expected uint8 images (N, H, W, 3), as in ADM's arr_0, got "
+                         f"{batch.dtype} {batch.shape}")
     return batch
 
 
 @torch.inference_mode()
 def inception_outputs(images, model, batch_size=50, device=None, progress=False, desc='inception'):
-    """pool3 features (N, 2048) and spatial features (N, 2023) of images, float32 numpy, as the evaluator reads
-    them. images: a sliceable set (uint8 (N, H, W, 3) array, ImageFiles, list of (H, W, 3) arrays) or any other
-    iterable yielding such batches (e.g. a sampler's generator)."""
+    """pool3 features (N, 2048) and spatial features (N, 2023) of images, float32 numpy, as the
+    evaluator reads them. images: a sliceable set (uint8 (N, H, W, 3) array, ImageFiles, list of
+    (H, W, 3) arrays) or any other iterable yielding such batches (e.g. a sampler's generator)."""
     device = device or next(model.parameters()).device
     if hasattr(images, '__len__') and hasattr(images, '__getitem__'):
         batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
@@ -110,9 +114,9 @@ def inception_outputs(images, model, batch_size=50, device=None, progress=False,
         total = None
     pool3 = []
     spatial = []
-    # full float32 convolutions: TF32, cuDNN's default on recent GPUs, would move pool3 by about 1e-3
-    with tqdm(total=total, disable=not progress, unit='img', desc=desc) as bar, \
-            torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    bar = tqdm(total=total, disable=not progress, unit='img', desc=desc)
+    # full float32 convolutions: TF32, cuDNN's default on recent GPUs, moves pool3 by about 1e-3
+    with bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for batch in batches:
             batch = as_uint8_batch(batch)
             p, s = model(inception.preprocess(torch.from_numpy(batch).to(device)))
@@ -128,8 +132,8 @@ def inception_outputs(images, model, batch_size=50, device=None, progress=False,
 #################################################################################
 
 def feature_statistics(feats):
-    """Mean (D,) and covariance (D, D) of features (N, D) as the evaluator takes them: np.mean in the features'
-    own precision (float32 for the network's outputs), np.cov in float64."""
+    """Mean (D,) and covariance (D, D) of features (N, D) as the evaluator takes them: np.mean in
+    the features' own precision (float32 for the network's), np.cov in float64."""
     if len(feats) < 2:
         raise ValueError(f"need at least 2 images to estimate a covariance, got {len(feats)}")
     feats = np.asarray(feats)
@@ -137,13 +141,14 @@ def feature_statistics(feats):
 
 
 def compute_statistics(images, model, batch_size=50, device=None, progress=False):
-    """FID statistics (mu (2048,), sigma (2048, 2048)) of images; see inception_outputs for the formats."""
+    """FID statistics (mu (2048,), sigma (2048, 2048)) of images; formats as inception_outputs."""
     pool3, _ = inception_outputs(images, model, batch_size, device, progress)
     return feature_statistics(pool3)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians, in float64."""
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians, in
+    float64."""
     mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -155,29 +160,32 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        # Near-singular product (e.g. fewer samples than dimensions): regularise both covariances slightly.
+        # Near-singular product (e.g. fewer samples than dimensions): regularise both slightly.
         offset = np.eye(d) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
-        # S1 S2 has real non-negative eigenvalues in exact arithmetic; rounding may leave tiny imaginary parts.
-        imag = np.abs(np.diagonal(covmean).imag).max()  # only the trace enters the distance
+        # S1 S2 has real non-negative eigenvalues in exact arithmetic; rounding may leave tiny
+        # imaginary parts. Only the trace enters the distance.
+        imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3:
-            raise ValueError(f"the square root of sigma1 @ sigma2 has an imaginary part up to {imag:.3g}: "
-                             "the statistics are not valid covariances (or far too few samples)")
+            raise ValueError(f"the square root of sigma1 @ sigma2 has an imaginary part up to "
+                             f"{imag:.3g}: the statistics are not valid covariances (or far too "
+                             f"few samples)")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def inception_score(logits, split_size=IS_SPLIT):
-    """ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))) in each run of split_size consecutive samples (the
-    last may be shorter), averaged over the runs; p(y|x) = softmax of the logits (N, 1008)."""
+    """ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))) in each run of split_size consecutive
+    samples (the last may be shorter), averaged over the runs; p(y|x) = softmax of the logits
+    (N, 1008)."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
     scores = []
     for part in torch.split(logits, split_size):
-        # in log space and float64: the evaluator's float32 p * log(p) gives nan where a p underflows to 0
-        log_p = F.log_softmax(part, dim=1)                               # log p(y|x), (n, 1008)
-        log_py = torch.logsumexp(log_p, dim=0) - math.log(len(part))    # log p(y) = log mean_x p(y|x)
-        kl = (log_p.exp() * (log_p - log_py)).sum(dim=1)                 # KL(p(y|x) || p(y)), (n,)
+        # log space and float64: the evaluator's float32 p * log(p) is nan where p underflows to 0
+        log_p = F.log_softmax(part, dim=1)                              # log p(y|x), (n, 1008)
+        log_py = torch.logsumexp(log_p, dim=0) - math.log(len(part))   # log p(y), (1008,)
+        kl = (log_p.exp() * (log_p - log_py)).sum(dim=1)                # KL(p(y|x) || p(y)), (n,)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores))
 
@@ -185,30 +193,31 @@ def inception_score(logits, split_size=IS_SPLIT):
 #          Precision and recall, with the evaluator's float16 distances         #
 #################################################################################
 
-# The evaluator casts features to float16 and computes |u|^2 - 2 u.v + |v|^2 with TensorFlow's float16 ops on
-# the CPU, where every operation rounds its result to float16. Its radii are therefore float16 numbers, and
-# exact distances reproduce none of them (tests/test_fid.py). The order in which TensorFlow (Eigen) sums the
-# squares matters at this precision; the constants below are Eigen's, and reproduce the evaluator's radii
-# on tests/fixtures/adm_evaluator_ops.npz exactly.
-PACKET = 8   # float16 lanes of one vector register (Eigen's Packet8h, AVX)
-LEAF = 200   # Eigen's LeafSize<half>: a row longer than PACKET * LEAF values is summed as two halves
+# The evaluator casts the features to float16 and computes |u|^2 - 2 u.v + |v|^2 with TensorFlow's
+# float16 ops on the CPU, each of which rounds its result to float16. Its radii are therefore
+# float16 numbers, which exact distances do not reproduce (tests/test_fid.py), and the order in
+# which TensorFlow (Eigen) sums the squares matters. The constants below are Eigen's; with them, the
+# evaluator's radii on tests/fixtures/adm_evaluator_ops.npz are reproduced bit for bit.
+PACKET = 8   # float16 lanes of one vector register (Eigen's Packet8h on AVX)
+LEAF = 200   # Eigen's LeafSize<half>: a row longer than PACKET * LEAF is summed as two halves
 
 
 def to_half(x):
-    """x (float32) rounded to the nearest float16 value, kept in float32: one float16 operation's result."""
+    """x (float32) rounded to the nearest float16, kept in float32: a float16 operation's result."""
     return x.half().float()
 
 
 def leaf_sum(x):
-    """Row sums (R,) of float16 values x (R, n), n <= PACKET * LEAF, in Eigen's vectorised order: four
-    accumulators of PACKET lanes take successive packets in turn, then add up (1, 2, 3 into 0); leftover packets
-    join accumulator 0, leftover values a scalar sum; the lanes are added in float32 and rounded once."""
+    """Row sums (R,) of float16 values x (R, n), n <= PACKET * LEAF, in Eigen's vectorised order:
+    four accumulators of PACKET lanes take successive packets in turn, then add up (1, 2 and 3 into
+    0); leftover packets go to accumulator 0, leftover values to a scalar; at the end the lanes are
+    added in float32 and rounded once, and the scalar is added."""
     rows, n = x.shape
     acc = x.new_zeros(rows, PACKET)
     start = 0
     if n >= 4 * PACKET:
         start = n // (4 * PACKET) * (4 * PACKET)
-        quads = x[:, :start].reshape(rows, -1, 4, PACKET)               # (R, steps, 4 accumulators, lanes)
+        quads = x[:, :start].reshape(rows, -1, 4, PACKET)      # (R, steps, accumulator, lane)
         accs = x.new_zeros(rows, 4, PACKET)
         for step in range(quads.shape[1]):
             accs = to_half(accs + quads[:, step])
@@ -221,25 +230,26 @@ def leaf_sum(x):
     scalar = x.new_zeros(rows)
     for j in range(start, n):
         scalar = to_half(scalar + x[:, j])
-    # half values summed in float32 are exact unless their exponents differ by more than 13, so the lanes'
-    # order does not matter
+    # float16 values added in float32 are exact unless their exponents lie more than 13 apart, so
+    # the order of the lanes does not matter
     return to_half(scalar + to_half(acc.sum(dim=1)))
 
 
 def tree_sum(x, first=0):
-    """Row sums (R,) of float16 values x (R, n) as Eigen's tree reduction takes them; first: where the rows start
-    in the flattened tensor, modulo PACKET (the split point is a packet boundary of that tensor)."""
+    """Row sums (R,) of float16 values x (R, n) as Eigen's tree reduction takes them. first: where
+    the rows start in the flattened tensor, modulo PACKET (the split is at a packet boundary)."""
     n = x.shape[1]
     if n <= PACKET * LEAF:
         return leaf_sum(x)
-    left = PACKET * math.ceil((first + math.ceil(n / 2)) / PACKET) - first   # 2048 values: 1024 + 1024
+    left = PACKET * math.ceil((first + math.ceil(n / 2)) / PACKET) - first   # 2048: 1024 + 1024
     return to_half(tree_sum(x[:, :left], first) + tree_sum(x[:, left:]))
 
 
 def float16_squared_norms(u):
-    """tf.reduce_sum(tf.square(u), 1) of float16 values u (R, D), as TensorFlow computes it on a CPU."""
-    squares = to_half(u * u)                                             # tf.square rounds each square
-    # row r starts at r * D in the flattened (R, D) tensor; for D a multiple of 8 (pool3: 2048) that is 0
+    """tf.reduce_sum(tf.square(u), 1) of float16 values u (R, D), as TensorFlow computes it on a
+    CPU: (R,)."""
+    squares = to_half(u * u)                                     # tf.square rounds each square
+    # row r starts at r * D of the flattened tensor: at a packet boundary when D is a multiple of 8
     starts = torch.arange(len(u)) * u.shape[1] % PACKET
     norms = torch.empty(len(u), device=u.device)
     for first in starts.unique().tolist():
@@ -249,32 +259,33 @@ def float16_squared_norms(u):
 
 
 def pairwise_distances(u, v):
-    """Squared Euclidean distances (R, C) of features u (R, D) and v (C, D), float32 tensors on one device, as the
-    evaluator's DistanceBlock computes them: in float16 where the whole block is finite, else in float32."""
+    """Squared Euclidean distances (R, C) between features u (R, D) and v (C, D), float32 tensors on
+    one device, as the evaluator's DistanceBlock computes them: in float16 where the whole block is
+    finite, else in float32."""
     u16 = to_half(u)
     v16 = to_half(v)
-    # float16 products are exact in float32; TensorFlow's CPU MatMul accumulates them in float32 and rounds once
-    # (the fixture's radii say so; the summation order of a 2048-long dot product may still differ from
-    # TensorFlow's, which can move a distance by one float16 step in rare cases)
-    dots = to_half(u16 @ v16.T)                                          # (R, C)
+    # float16 products are exact in float32; TensorFlow's CPU MatMul adds them in float32 and rounds
+    # once (the fixture's radii say so). Its order of addition over 2048 terms may still differ from
+    # torch's, which in rare cases moves a distance by one float16 step.
+    dots = to_half(u16 @ v16.T)                                  # (R, C)
     d = to_half(float16_squared_norms(u16)[:, None] - to_half(2 * dots))
     d = to_half(d + float16_squared_norms(v16)[None]).clamp_min(0)
     if torch.isfinite(d).all():
         return d
-    # a squared norm beyond float16's 65504: the evaluator's tf.cond redoes the whole block in float32
+    # a squared norm beyond float16's 65504: the evaluator's tf.cond redoes the block in float32
     d = (u * u).sum(dim=1)[:, None] - 2 * (u @ v.T)
     return (d + (v * v).sum(dim=1)[None]).clamp_min(0)
 
 
 def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK, bar=None):
-    """Each feature's squared distance (N,) to its k-th nearest neighbour within feats (N, D), as the
-    evaluator's ManifoldEstimator: blocks of `block` rows against blocks of `block` columns. A row includes the
-    point itself (distance about 0), so the radius is the row's (k + 1)-th smallest distance."""
+    """Each feature's squared distance (N,) to its k-th nearest neighbour in feats (N, D), as the
+    evaluator's ManifoldEstimator, in blocks of `block` rows and columns. A row includes the point
+    itself (at distance about 0), so the radius is the row's (k + 1)-th smallest distance."""
     radii = []
     for rows in feats.split(block):
         nearest = []
         for cols in feats.split(block):
-            d = pairwise_distances(rows, cols)                           # (r, c)
+            d = pairwise_distances(rows, cols)                   # (r, c)
             nearest.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
             if bar is not None:
                 bar.update()
@@ -283,26 +294,31 @@ def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK, bar=None):
 
 
 @torch.inference_mode()
-def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device='cpu', progress=False):
-    """(precision, recall) of pool3 features samples (N, D) against ref (M, D), as the evaluator computes them:
-    precision = share of samples inside some reference ball, recall = share of references inside some sample
-    ball; a ball is centred on a point and reaches its k-th nearest neighbour (boundary included)."""
+def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device='cpu',
+                     progress=False):
+    """(precision, recall) of pool3 features samples (N, D) against ref (M, D), as the evaluator
+    computes them: precision = share of samples inside some reference ball, recall = share of
+    references inside some sample ball; a ball reaches from its point to the point's k-th nearest
+    neighbour in its own set, boundary included."""
     if min(len(ref), len(samples)) < k + 1:
-        raise ValueError(f"precision and recall need at least {k + 1} feature vectors per set (k = {k} "
-                         f"neighbours besides the point itself), got {len(ref)} and {len(samples)}")
+        raise ValueError(f"precision and recall need at least {k + 1} feature vectors per set "
+                         f"(k = {k} neighbours besides the point itself), got {len(ref)} and "
+                         f"{len(samples)}")
     ref = torch.as_tensor(ref, dtype=torch.float32, device=device)
     samples = torch.as_tensor(samples, dtype=torch.float32, device=device)
     nr = math.ceil(len(ref) / block)
     ns = math.ceil(len(samples) / block)
     ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=device)
     sample_inside = torch.zeros(len(samples), dtype=torch.bool, device=device)
-    blocks = nr * nr + ns * ns + nr * ns
-    with tqdm(total=blocks, disable=not progress, unit='block', desc='precision/recall') as bar:
-        ref_radii = manifold_radii(ref, k, block, bar)                   # (M,)
-        sample_radii = manifold_radii(samples, k, block, bar)            # (N,)
+    bar = tqdm(total=nr * nr + ns * ns + nr * ns, disable=not progress, unit='block',
+               desc='precision/recall')
+    with bar:
+        ref_radii = manifold_radii(ref, k, block, bar)           # (M,)
+        sample_radii = manifold_radii(samples, k, block, bar)    # (N,)
         for i in range(0, len(ref), block):
             for j in range(0, len(samples), block):
-                d = pairwise_distances(ref[i:i + block], samples[j:j + block])   # (m, n): reference rows
+                # reference rows, sample columns, as the evaluator orders them
+                d = pairwise_distances(ref[i:i + block], samples[j:j + block])    # (m, n)
                 ref_inside[i:i + block] |= (d <= sample_radii[None, j:j + block]).any(dim=1)
                 sample_inside[j:j + block] |= (d <= ref_radii[i:i + block, None]).any(dim=0)
                 bar.update()
@@ -314,13 +330,13 @@ def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device='c
 
 @dataclass
 class Source:
-    """What one argument holds: images, and what a statistics file or ADM reference batch carries."""
+    """What one argument holds: images, and what a statistics file or reference batch carries."""
     name: str                  # SAMPLES or REF, named in messages
     path: str
     images: object = None      # a sliceable uint8 image set (arr_0 or ImageFiles), or None
     fid_stats: tuple = None    # (mu, sigma) of pool3, precomputed in the file
     sfid_stats: tuple = None   # (mu_s, sigma_s) of the spatial features, precomputed in the file
-    pool3: np.ndarray = None   # pool3 features (N, 2048) saved by --save-stats
+    pool3: np.ndarray = None   # pool3 features (N, 2048), as --save-stats saves them
 
     def count(self):
         """The number of images (or of saved feature vectors) behind this input."""
@@ -330,13 +346,14 @@ class Source:
 
 
 def load_input(path, name):
-    """The Source of a folder of images or an .npz (arr_0, mu/sigma, mu_s/sigma_s, pool3)."""
+    """The Source of a folder of images or of an .npz (arr_0, mu/sigma, mu_s/sigma_s, pool3)."""
     if os.path.isdir(path):
         return Source(name, path, images=ImageFiles(path, name))
     if not os.path.isfile(path):
         raise ValueError(f"{name} {path}: no such file or folder")
     if not path.endswith('.npz'):
-        raise ValueError(f"{name} {path}: expected a folder of images or an .npz (arr_0 images, or statistics)")
+        raise ValueError(f"{name} {path}: expected a folder of images or an .npz (arr_0 images, or "
+                         f"statistics)")
     data = np.load(path)
     source = Source(name, path)
     if 'mu' in data and 'sigma' in data:
@@ -352,14 +369,14 @@ def load_input(path, name):
                              f"{images.shape}")
         source.images = images
     if source.images is None and source.fid_stats is None and source.pool3 is None:
-        raise ValueError(f"{name} {path}: found keys {list(data.keys())}; expected arr_0 (images), or mu and "
-                         f"sigma (statistics)")
+        raise ValueError(f"{name} {path}: found keys {list(data.keys())}; expected arr_0 (images), "
+                         f"or mu and sigma (statistics)")
     return source
 
 
 def needs_images(source, full):
-    """Whether the report (full: all five numbers, else FID alone) needs the network to read this input's images:
-    only for what its file does not hold, as the evaluator reads a file's own statistics."""
+    """Whether the report (full: all five numbers, else FID alone) needs the network on this input's
+    images: only for what its file does not hold, as the evaluator reads a file's own statistics."""
     if full:
         return source.fid_stats is None or source.sfid_stats is None or source.pool3 is None
     return source.fid_stats is None
@@ -367,25 +384,27 @@ def needs_images(source, full):
 
 def check_input(source, full):
     """Say, before any image is read, what this input lacks for the report."""
-    held = f"{source.name} {source.path} holds no images"
+    bare = f"{source.name} {source.path} holds no images"
     if source.fid_stats is None and source.images is None:
-        raise ValueError(f"{held} and no mu/sigma for FID")
+        raise ValueError(f"{bare} and no mu/sigma for FID")
     if full and source.sfid_stats is None and source.images is None:
-        raise ValueError(f"{held} and no mu_s/sigma_s for sFID (the spatial statistics that ADM's reference "
-                         f"batches and --save-stats files carry); give its images, or pass --fid-only")
+        raise ValueError(f"{bare} and no mu_s/sigma_s for sFID (the spatial statistics that ADM's "
+                         f"reference batches and --save-stats files carry); give its images, or "
+                         f"pass --fid-only")
     if full and source.pool3 is None and source.images is None:
-        needs = "the Inception Score, precision and recall need" if source.name == 'SAMPLES' else \
-            "precision and recall need"
-        raise ValueError(f"{held}: {needs} its images or their pool3 features (as --save-stats saves them); "
-                         f"or pass --fid-only")
+        scores = "precision and recall need"
+        if source.name == 'SAMPLES':
+            scores = "the Inception Score, precision and recall need"
+        raise ValueError(f"{bare}: {scores} its images or their pool3 features (as --save-stats "
+                         f"saves them); or pass --fid-only")
     if needs_images(source, full) and len(source.images) < 2:
-        raise ValueError(f"{source.name} {source.path}: need at least 2 images to estimate a covariance, "
-                         f"got {len(source.images)}")
+        raise ValueError(f"{source.name} {source.path}: need at least 2 images to estimate a "
+                         f"covariance, got {len(source.images)}")
 
 
 def measure(source, model, args, full):
-    """FID statistics of one input, and with full also its sFID statistics and pool3 features: the file's own
-    where it holds them, else computed from its images; plus a line saying which."""
+    """FID statistics of one input, with full also its sFID statistics and pool3 features: the
+    file's own where it holds them, else computed from its images; and a line saying which."""
     pool3 = source.pool3
     spatial = None
     if needs_images(source, full):
@@ -410,62 +429,67 @@ def measure(source, model, args, full):
 
 
 def main(argv=None):
-    """The command line: check the flags and what each input holds, measure both inputs, report."""
-    parser = argparse.ArgumentParser(description="FID, sFID, Inception Score, precision and recall as ADM's "
-                                                 "evaluator computes them.")
-    parser.add_argument('samples', metavar='SAMPLES',
-                        help="folder of images, .npz with arr_0 (uint8 N×H×W×3), or a statistics .npz")
-    parser.add_argument('ref', metavar='REF', nargs='?',
-                        help="the same kinds, e.g. ADM's VIRTUAL_imagenet256_labeled.npz; optional with "
-                             "--save-stats")
-    parser.add_argument('--fid-only', action='store_true',
-                        help="FID alone: pool3 statistics only (no spatial statistics, IS or neighbours)")
+    """The command line: check the flags and what each input holds, measure both, report."""
+    parser = argparse.ArgumentParser(description="FID, sFID, Inception Score, precision and recall "
+                                                 "as ADM's evaluator computes them.")
+    parser.add_argument('samples', metavar='SAMPLES', help="folder of images, .npz with arr_0 "
+                        "(uint8 N×H×W×3), or a statistics .npz")
+    parser.add_argument('ref', metavar='REF', nargs='?', help="the same kinds, e.g. ADM's "
+                        "VIRTUAL_imagenet256_labeled.npz; optional with --save-stats")
+    parser.add_argument('--fid-only', action='store_true', help="FID alone, from pool3 statistics "
+                        "(no spatial statistics, IS or nearest neighbours)")
     parser.add_argument('--json', action='store_true', help="print the report as one JSON object")
-    parser.add_argument('--save-stats', metavar='OUT.npz',
-                        help="write SAMPLES' mu, sigma, mu_s, sigma_s and pool3 features here")
-    parser.add_argument('--overwrite', action='store_true', help="let --save-stats replace an existing file")
-    parser.add_argument('--weights', default=None,
-                        help=f"path to {inception.WEIGHTS_NAME} (default: $FID_WEIGHTS, else torch's hub "
-                             f"cache, downloaded there on first use)")
+    parser.add_argument('--save-stats', metavar='OUT.npz', help="write SAMPLES' mu, sigma, mu_s, "
+                        "sigma_s and pool3 features here")
+    parser.add_argument('--overwrite', action='store_true',
+                        help="let --save-stats replace an existing file")
+    parser.add_argument('--weights', default=None, help=f"path to {inception.WEIGHTS_NAME} "
+                        f"(default: $FID_WEIGHTS, else torch's hub cache, downloaded on first use)")
     parser.add_argument('--batch-size', type=int, default=50,
                         help="images per Inception forward pass (default 50)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="cuda, cuda:N or cpu (default: cuda if available)")
     args = parser.parse_intermixed_args(argv)
     if args.ref is None and args.save_stats is None:
-        parser.error("give REF to score SAMPLES against, or --save-stats OUT.npz to cache SAMPLES' statistics")
+        parser.error("give REF to score SAMPLES against, or --save-stats OUT.npz to cache SAMPLES' "
+                     "statistics")
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
         if args.save_stats and os.path.exists(args.save_stats) and not args.overwrite:
-            raise ValueError(f"--save-stats {args.save_stats} exists: pass --overwrite to replace it, or "
-                             f"choose another file")
+            raise ValueError(f"--save-stats {args.save_stats} exists: pass --overwrite to replace "
+                             f"it, or choose another file")
         try:
             device = torch.device(args.device)
         except RuntimeError:
-            raise ValueError(f"--device {args.device}: not a device (cuda, cuda:N or cpu)") from None
+            raise ValueError(f"--device {args.device}: not a device (cuda, cuda:N or "
+                             f"cpu)") from None
         if device.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device "
+                             f"cpu")
 
         # what each input holds, checked before any image is read
         full = not args.fid_only
-        full_samples = full or args.save_stats is not None         # a saved file serves the full report later
+        full_samples = full or args.save_stats is not None    # a saved file serves a full report
         samples = load_input(args.samples, 'SAMPLES')
         ref = load_input(args.ref, 'REF') if args.ref else None
         if args.save_stats and samples.images is None:
-            raise ValueError(f"--save-stats: SAMPLES {args.samples} holds no images to compute statistics from")
+            raise ValueError(f"--save-stats: SAMPLES {args.samples} holds no images to compute "
+                             f"statistics from")
         check_input(samples, full_samples)
         if ref is not None:
             check_input(ref, full)
         for source in (samples, ref):
             if ref is not None and full and source.count() < NEIGHBOURS + 1:
                 raise ValueError(f"{source.name} {source.path}: precision and recall need at least "
-                                 f"{NEIGHBOURS + 1} images (each one's ball reaches its {NEIGHBOURS}rd nearest "
-                                 f"neighbour), got {source.count()}")
+                                 f"{NEIGHBOURS + 1} images (each one's ball reaches its "
+                                 f"{NEIGHBOURS}rd nearest neighbour), got {source.count()}")
 
-        # the network runs only on inputs whose file lacks what the report needs (and for the IS's logits)
+        # the network reads only the inputs whose file lacks what the report needs, and gives the
+        # Inception Score its logits
         model = None
-        if needs_images(samples, full_samples) or (ref is not None and (full or needs_images(ref, full))):
+        ref_needs_model = ref is not None and (full or needs_images(ref, full))
+        if needs_images(samples, full_samples) or ref_needs_model:
             model = inception.load_inception(args.weights, args.device)
         s = measure(samples, model, args, full_samples)
         report = {'SAMPLES': s['how']}
@@ -476,16 +500,16 @@ def main(argv=None):
         if ref is not None and full:
             report['sFID'] = frechet_distance(*s['sfid_stats'], *r['sfid_stats'])
             pool3 = torch.as_tensor(s['pool3'], dtype=torch.float32, device=args.device)
-            logits = model.logits(pool3)                                          # (N, 1008)
-            report['IS'] = inception_score(logits.cpu())
-            precision, recall = precision_recall(r['pool3'], s['pool3'], device=args.device, progress=True)
+            report['IS'] = inception_score(model.logits(pool3).cpu())   # logits (N, 1008)
+            precision, recall = precision_recall(r['pool3'], s['pool3'], device=args.device,
+                                                 progress=True)
             report['Precision'] = precision
             report['Recall'] = recall
 
         if args.save_stats:
-            with open(args.save_stats, 'wb') as f:  # a file object, so numpy appends no second .npz
-                np.savez(f, mu=s['fid_stats'][0], sigma=s['fid_stats'][1], mu_s=s['sfid_stats'][0],
-                         sigma_s=s['sfid_stats'][1], pool3=s['pool3'])
+            with open(args.save_stats, 'wb') as f:   # a file object: numpy appends no second .npz
+                np.savez(f, mu=s['fid_stats'][0], sigma=s['fid_stats'][1],
+                         mu_s=s['sfid_stats'][0], sigma_s=s['sfid_stats'][1], pool3=s['pool3'])
             print(f"saved the statistics of {args.samples} to {args.save_stats}", file=sys.stderr)
         if args.json:
             print(json.dumps(report))

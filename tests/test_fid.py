@@ -1,7 +1,8 @@
-"""fid.py and inception.py as a specification of ADM's evaluator: the network reproduces pytorch-fid's FID
-Inception-v3, the graph's preprocessing and the evaluator's precision, recall and FID reproduce what TensorFlow
-computed (tests/fixtures/adm_evaluator_ops.npz), sFID reads the right features in the right order, and the Fréchet
-distance and Inception Score obey their definitions. The CLI is tested in test_fid_cli.py."""
+"""fid.py and inception.py as a specification of ADM's evaluator: the network is pytorch-fid's
+FID Inception-v3; the graph's preprocessing and the evaluator's radii, precision, recall and FID
+are what TensorFlow computed (tests/fixtures/adm_evaluator_ops.npz); sFID reads the right features
+in the right order; the Fréchet distance and Inception Score obey their definitions. The command
+line is tested in test_fid_cli.py."""
 import json
 import math
 from pathlib import Path
@@ -15,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 import fid
 import inception
 
-FIXTURE = np.load(ROOT / 'tests' / 'fixtures' / 'fid_inception_io.npz')      # pytorch-fid's network outputs
-ADM = np.load(ROOT / 'tests' / 'fixtures' / 'adm_evaluator_ops.npz')        # the evaluator's, from TensorFlow
+FIXTURES = ROOT / 'tests' / 'fixtures'
+FIXTURE = np.load(FIXTURES / 'fid_inception_io.npz')     # pytorch-fid's network, fixed weights
+ADM = np.load(FIXTURES / 'adm_evaluator_ops.npz')        # the evaluator's operations, in TensorFlow
 
 
 def fixture_weights():
-    """The fixture's weight rule: the k-th key of sorted(keys) is drawn from a Generator seeded k."""
+    """The fixture's weight rule: the k-th key of sorted(keys) is drawn from a Generator seeded
+    k."""
     shapes = json.loads(str(FIXTURE['shapes']))
     state = {}
     for k, key in enumerate(sorted(map(str, FIXTURE['keys']))):
@@ -42,7 +45,7 @@ def fixture_weights():
 def fixture_model():
     """The FID Inception-v3 with the fixture's weights, in eval mode."""
     model = inception.FIDInceptionV3()
-    model.load_state_dict(fixture_weights(), strict=False)   # the rule draws no num_batches_tracked counters
+    model.load_state_dict(fixture_weights(), strict=False)    # the rule has no BatchNorm counters
     return model.eval().requires_grad_(False)
 
 
@@ -52,19 +55,21 @@ def rel_err(a, b):
 
 @pytest.fixture(scope='module')
 def outputs():
-    """The network on pytorch-fid's own input for the fixture images (bilinear F.interpolate to 299, 2x - 1),
-    with Mixed_6d.branch1x1's output captured on the way: one forward pass shared by the tests below."""
+    """The network on pytorch-fid's own input for the fixture's images (F.interpolate bilinear to
+    299, then 2x - 1), capturing Mixed_6d.branch1x1's output: one forward pass for the tests
+    below."""
     model = fixture_model()
     captured = {}
-    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: captured.update(branch1x1=out))
-    x = torch.from_numpy(FIXTURE['images'])                                  # (3, 3, 64, 64) in [0, 1]
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, out: captured.update(branch1x1=out))
+    x = torch.from_numpy(FIXTURE['images'])                      # (3, 3, 64, 64) in [0, 1]
     x = 2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1
     with torch.inference_mode():
         pool3, spatial = model(x)
     hook.remove()
     return dict(model=model, pool3=pool3, spatial=spatial, branch1x1=captured['branch1x1'])
 
-#### The network matches pytorch-fid's FID Inception-v3 on the same input ####
+#### The network is pytorch-fid's FID Inception-v3 ####
 
 def test_state_dict_has_the_released_weight_files_keys_and_shapes():
     shapes = json.loads(str(FIXTURE['shapes']))
@@ -73,39 +78,40 @@ def test_state_dict_has_the_released_weight_files_keys_and_shapes():
     assert ours == shapes and len(ours) == 472
 
 
-def test_reproduces_pytorch_fids_pool3_and_logits(outputs):
+def test_reproduces_pytorch_fids_pool3_and_logits_on_the_same_input(outputs):
     assert outputs['pool3'].shape == (3, 2048)
-    assert rel_err(outputs['pool3'], FIXTURE['pool3']) < 1e-4                    # measured 2e-6
+    assert rel_err(outputs['pool3'], FIXTURE['pool3']) < 1e-4                # measured 2e-6
     assert rel_err(outputs['model'].fc(outputs['pool3']), FIXTURE['logits']) < 1e-4
 
 
 def test_the_inception_scores_logits_are_the_matmul_without_the_bias(outputs):
     # the evaluator imports softmax/logits/MatMul: pool3 @ W, before the graph adds softmax/biases
-    logits = outputs['model'].logits(outputs['pool3'])
-    assert rel_err(logits, FIXTURE['logits'] - outputs['model'].fc.bias.numpy()) < 1e-4
+    model = outputs['model']
+    logits = model.logits(outputs['pool3'])
+    assert rel_err(logits, FIXTURE['logits'] - model.fc.bias.numpy()) < 1e-4
 
 #### sFID reads mixed_6/conv: Mixed_6d.branch1x1, first 7 channels, channels-last ####
 
-def test_spatial_features_are_the_first_7_channels_of_mixed_6d_branch1x1_channels_last(outputs):
+def test_spatial_features_are_mixed_6d_branch1x1s_first_7_channels_channels_last(outputs):
     spatial = outputs['spatial']
-    branch = outputs['branch1x1']                                            # (3, 192, 17, 17)
+    branch = outputs['branch1x1']                                # (3, 192, 17, 17)
     assert spatial.shape == (3, 17 * 17 * 7) == (3, 2023)
     assert torch.equal(spatial, branch[:, :7].permute(0, 2, 3, 1).reshape(3, -1))
-    # channels-last: the first 7 values are the 7 channels of pixel (0, 0), the next 7 those of pixel (0, 1)
+    # channels-last: the first 7 values are pixel (0, 0)'s 7 channels, the next 7 pixel (0, 1)'s
     assert torch.equal(spatial[:, :7], branch[:, :7, 0, 0])
     assert torch.equal(spatial[:, 7:14], branch[:, :7, 0, 1])
     assert torch.equal(spatial[:, 17 * 7:17 * 7 + 7], branch[:, :7, 1, 0])
-    assert (spatial >= 0).all()                                               # after the unit's ReLU
+    assert (spatial >= 0).all()                                  # after the unit's ReLU
 
 #### The graph's preprocessing, against TensorFlow's own ops ####
 
 @pytest.mark.parametrize('name', ['img256', 'img32', 'img512', 'img299', 'img100x80'])
 def test_preprocessing_is_tf1_resize_bilinear_then_x_minus_128_over_128(name):
-    rows = torch.from_numpy(ADM['pre_rows_cols'])                              # borders and middle
-    x = inception.preprocess(torch.from_numpy(ADM[name]))                    # (1, 3, 299, 299)
+    rows = torch.from_numpy(ADM['pre_rows_cols'])                # both borders and the middle
+    x = inception.preprocess(torch.from_numpy(ADM[name]))        # (1, 3, 299, 299)
     assert x.shape == (1, 3, 299, 299) and x.dtype == torch.float32
-    ours = x[:, :, rows][..., rows].permute(0, 2, 3, 1).numpy()              # (1, 60, 60, 3) as the fixture
-    assert np.abs(ours - ADM[f'{name}_pre']).max() < 1e-5                    # measured 0: bit-exact
+    ours = x[:, :, rows][..., rows].permute(0, 2, 3, 1).numpy()  # (1, 60, 60, 3), as the fixture
+    assert np.abs(ours - ADM[f'{name}_pre']).max() < 1e-5        # measured 0: bit-exact
 
 
 def test_float_images_in_0_255_preprocess_like_uint8():
@@ -114,8 +120,8 @@ def test_float_images_in_0_255_preprocess_like_uint8():
 
 
 def test_pytorch_fids_preprocessing_is_not_the_graphs():
-    # F.interpolate (half-pixel centres) and x / 127.5 - 1: the input moves by 0.254 at 256 px (the issue's
-    # measurement: 0.25, mean 0.054); our preprocessing moves it by 0 (above)
+    # F.interpolate (half-pixel centres) and x / 127.5 - 1 move the input by up to 0.2544, mean
+    # 0.0545, at 256 px (the issue measured 0.25 and 0.054); preprocess moves it by 0 (above)
     rows = torch.from_numpy(ADM['pre_rows_cols'])
     x = torch.from_numpy(ADM['img256']).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) / 127.5 - 1
@@ -127,35 +133,34 @@ def test_pytorch_fids_preprocessing_is_not_the_graphs():
 def test_radii_are_the_evaluators_float16_distances_to_the_3rd_neighbour():
     for feats, radii in [('pr_ref', 'pr_radii_ref'), ('pr_sample', 'pr_radii_sample')]:
         ours = fid.manifold_radii(torch.from_numpy(ADM[feats]))
-        assert torch.equal(ours, torch.from_numpy(ADM[radii][:, 0]))        # all 600 and 500, bit-exact
+        assert torch.equal(ours, torch.from_numpy(ADM[radii][:, 0]))   # all 1,100, bit-exact
 
 
 def test_exact_distances_reproduce_none_of_the_evaluators_radii():
-    # why pairwise_distances emulates float16: the evaluator's radii are float16 sums (149.25, 118.25, ...)
+    # why pairwise_distances emulates float16: the radii are float16 sums (149.25, 118.25, ...)
     x = torch.from_numpy(ADM['pr_ref']).double()
     exact = (torch.cdist(x, x) ** 2).kthvalue(fid.NEIGHBOURS + 1, dim=1).values
     assert (exact.float().numpy() == ADM['pr_radii_ref'][:, 0]).sum() == 0
-    assert np.abs(exact.numpy() - ADM['pr_radii_ref'][:, 0]).max() > 0.3      # measured 0.33
+    assert np.abs(exact.numpy() - ADM['pr_radii_ref'][:, 0]).max() > 0.3    # measured 0.33
 
 
 def test_precision_and_recall_are_the_evaluators_in_any_block_size():
-    for block in (fid.DISTANCE_BLOCK, 256):                                  # 1 block, and 3 × 2 blocks
+    for block in (fid.DISTANCE_BLOCK, 256):                      # 1 block; 3 × 2 blocks
         precision, recall = fid.precision_recall(ADM['pr_ref'], ADM['pr_sample'], block=block)
         assert precision == ADM['precision'] == 113 / 500
         assert recall == ADM['recall'] == 557 / 600
 
 
 def test_a_float16_row_longer_than_1600_values_is_summed_as_two_halves():
-    # Eigen's tree reduction (LeafSize<half> = 200 packets of 8): pool3's 2048 values as 1024 + 1024
+    # Eigen's tree reduction (LeafSize<half> = 200 packets of 8): pool3's 2048 as 1024 + 1024
     squares = fid.to_half(torch.rand(5, 2048) * 2)
     halves = fid.to_half(fid.leaf_sum(squares[:, :1024]) + fid.leaf_sum(squares[:, 1024:]))
     assert torch.equal(fid.tree_sum(squares), halves)
 
 
 def test_a_block_that_overflows_float16_is_computed_in_float32():
-    u = torch.tensor([[300.0, 0.0], [0.0, 1.0]])                             # |u0|^2 = 90,000 > 65,504
-    d = fid.pairwise_distances(u, u)
-    assert d.tolist() == [[0.0, 90001.0], [90001.0, 0.0]]
+    u = torch.tensor([[300.0, 0.0], [0.0, 1.0]])                 # |u0|^2 = 90,000 > 65,504
+    assert fid.pairwise_distances(u, u).tolist() == [[0.0, 90001.0], [90001.0, 0.0]]
 
 
 def test_fewer_than_k_plus_1_points_have_no_k_th_neighbour():
@@ -167,8 +172,9 @@ def test_fid_is_the_evaluators_on_the_same_features():
     # samples first, as the evaluator's sample_stats.frechet_distance(ref_stats)
     mu1, sigma1 = fid.feature_statistics(ADM['pr_sample'])
     mu2, sigma2 = fid.feature_statistics(ADM['pr_ref'])
-    assert mu1.dtype == np.float32 and sigma1.dtype == np.float64          # np.mean and np.cov, as it does
-    assert abs(fid.frechet_distance(mu1, sigma1, mu2, sigma2) - ADM['fid']) < 1e-6   # measured 1.8e-7 of 16.2
+    assert mu1.dtype == np.float32 and sigma1.dtype == np.float64     # its np.mean and np.cov
+    fd = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert abs(fd - ADM['fid']) < 1e-6                           # measured 1.8e-7 of 16.2
 
 #### Fréchet distance and Inception Score follow their definitions ####
 
@@ -179,7 +185,8 @@ def test_fid_of_a_set_with_itself_is_zero():
 
 
 def test_fid_of_a_set_with_itself_is_zero_with_fewer_samples_than_dims():
-    # rank-4 covariance: sqrtm of a singular product is exact only up to rounding relative to its trace
+    # rank-4 covariance: the square root of a singular product is exact only to rounding of its
+    # trace
     mu, sigma = fid.feature_statistics(np.random.default_rng(0).normal(size=(5, 64)))
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
 
@@ -203,14 +210,14 @@ def test_fid_between_gaussians_matches_the_closed_form():
     s2 = b @ b.T + 0.1 * np.eye(8)
     mu1, mu2 = rng.normal(size=(2, 8))
 
-    # Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)), a symmetric form computed by eigendecomposition
     def psd_sqrt(m):
         w, v = np.linalg.eigh(m)
         return v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    # Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)), a symmetric form
     r1 = psd_sqrt(s1)
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * psd_sqrt(r1 @ s2 @ r1))
     assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-8 * expected
-    # diagonal covariances: sum of (sqrt(a) - sqrt(b))^2
+    # diagonal covariances: the sum of (sqrt(a) - sqrt(b))^2
     d1, d2 = rng.uniform(0.5, 2, size=(2, 8))
     assert np.isclose(fid.frechet_distance(mu1, np.diag(d1), mu1, np.diag(d2)),
                       np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2))
@@ -228,13 +235,13 @@ def test_inception_score_of_identical_uniform_predictions_is_one():
 
 
 def test_inception_score_of_confident_balanced_predictions_is_the_class_count():
-    logits = 100 * np.eye(1008)[np.arange(100) % 5]                          # 20 of each of 5 classes
+    logits = 100 * np.eye(1008)[np.arange(100) % 5]              # 20 of each of 5 classes
     assert abs(fid.inception_score(logits) - 5) < 1e-6
 
 
 def test_inception_score_averages_runs_of_split_size_consecutive_samples():
-    # ADM: splits of 5,000 (50,000 samples -> 10), the last one shorter. Here runs of 3: classes (0, 1, 2)
-    # score 3, (0, 0, 0) scores 1, the single last sample 1; the mean is 5/3
+    # ADM's splits hold 5,000 samples (50,000 give 10), the last one fewer. In runs of 3 here:
+    # classes (0, 1, 2) score 3, (0, 0, 0) score 1, the last sample alone 1; their mean is 5/3
     logits = 100 * np.eye(1008)[[0, 1, 2, 0, 0, 0, 7]]
     assert abs(fid.inception_score(logits, split_size=3) - 5 / 3) < 1e-6
     assert fid.IS_SPLIT == 5000
