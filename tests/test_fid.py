@@ -54,10 +54,10 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope='module')
-def outputs():
+def outputs(one_thread):
     """The network on pytorch-fid's own input for the fixture's images (F.interpolate bilinear to
     299, then 2x - 1), capturing Mixed_6d.branch1x1's output: one forward pass for the tests
-    below."""
+    below (on one thread: a second one spins on a busy shared CPU and is 4x slower, measured)."""
     model = fixture_model()
     captured = {}
     hook = model.Mixed_6d.branch1x1.register_forward_hook(

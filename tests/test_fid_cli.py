@@ -16,7 +16,8 @@ from test_fid import fixture_model
 
 
 @pytest.fixture(scope='module')
-def model():
+def model(one_thread):
+    """The fixture's network, run on one thread (conftest.py: a second one spins on a busy CPU)."""
     return fixture_model()
 
 
@@ -67,6 +68,7 @@ def write_images(folder, sizes, seed=0):
 
 #### End to end ####
 
+@pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')   # 4 images: singular covariances
 def test_save_stats_then_score_against_an_adm_reference_batch(tmp_path, model, cli, capsys):
     folder = write_images(tmp_path / 'samples', [(24, 20)] * 4)  # k + 1: the fewest PR takes
     stats = tmp_path / 'samples_stats.npz'
@@ -184,6 +186,8 @@ def test_inputs_that_are_neither_images_nor_statistics(tmp_path):
     assert cli_error(missing, missing).endswith(f"SAMPLES {missing}: no such file or folder")
     text = tmp_path / 'x.txt'
     assert 'expected a folder of images or an .npz' in cli_error(text, text)
+    (tmp_path / 'cut.npz').write_bytes(b'PK\x03\x04 cut short')
+    assert 'cut.npz: not a readable .npz (' in cli_error(tmp_path / 'cut.npz', text)
     assert cli_error(tmp_path / 'other.npz', '--fid-only', tmp_path / 'other.npz').endswith(
         "found keys ['latents']; expected arr_0 (images), or mu and sigma (statistics)")
     assert cli_error(tmp_path / 'float.npz', tmp_path / 'float.npz').endswith(
