@@ -21,7 +21,7 @@ Where the evaluator's operations live:
 - precision and recall: `precision_recall`, k = 3 nearest-neighbour balls in pool3 space, with the
   evaluator's float16 distances (`pairwise_distances`).
 The network agrees with pytorch-fid's to 1e-4 on the same input; the scores do not, as pytorch-fid
-preprocesses differently (inception.py). It has no sFID, precision or recall either.
+preprocesses differently (inception.py); pytorch-fid has no sFID, precision or recall either.
 
 References:
 - Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"
@@ -120,9 +120,10 @@ def inception_outputs(images, model, batch_size=50, device=None, progress=False,
     with bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for batch in batches:
             batch = as_uint8_batch(batch)
-            p, s = model(inception.preprocess(torch.from_numpy(batch).to(device)))
-            pool3.append(p.float().cpu().numpy())
-            spatial.append(s.float().cpu().numpy())
+            x = inception.preprocess(torch.from_numpy(batch).to(device))   # (n, 3, 299, 299)
+            batch_pool3, batch_spatial = model(x)                         # (n, 2048), (n, 2023)
+            pool3.append(batch_pool3.float().cpu().numpy())
+            spatial.append(batch_spatial.float().cpu().numpy())
             bar.update(len(batch))
     if not pool3:
         raise ValueError("no images given")
@@ -497,25 +498,27 @@ def main(argv=None):
         ref_needs_model = ref is not None and (full or needs_images(ref, full))
         if needs_images(samples, full_samples) or ref_needs_model:
             model = inception.load_inception(args.weights, args.device)
-        s = measure(samples, model, args, full_samples)
-        report = {'SAMPLES': s['how']}
+        sample_stats = measure(samples, model, args, full_samples)
+        report = {'SAMPLES': sample_stats['how']}
         if ref is not None:
-            r = measure(ref, model, args, full)
-            report['REF'] = r['how']
-            report['FID'] = frechet_distance(*s['fid_stats'], *r['fid_stats'])
+            ref_stats = measure(ref, model, args, full)
+            report['REF'] = ref_stats['how']
+            report['FID'] = frechet_distance(*sample_stats['fid_stats'], *ref_stats['fid_stats'])
         if ref is not None and full:
-            report['sFID'] = frechet_distance(*s['sfid_stats'], *r['sfid_stats'])
-            pool3 = torch.as_tensor(s['pool3'], dtype=torch.float32, device=args.device)
+            report['sFID'] = frechet_distance(*sample_stats['sfid_stats'], *ref_stats['sfid_stats'])
+            pool3 = torch.as_tensor(sample_stats['pool3'], dtype=torch.float32, device=args.device)
             report['IS'] = inception_score(model.logits(pool3).cpu())   # logits (N, 1008)
-            precision, recall = precision_recall(r['pool3'], s['pool3'], device=args.device,
-                                                 progress=True)
+            precision, recall = precision_recall(ref_stats['pool3'], sample_stats['pool3'],
+                                                 device=args.device, progress=True)
             report['Precision'] = precision
             report['Recall'] = recall
 
         if args.save_stats:
+            mu, sigma = sample_stats['fid_stats']
+            mu_s, sigma_s = sample_stats['sfid_stats']
             with open(args.save_stats, 'wb') as f:   # a file object: numpy appends no second .npz
-                np.savez(f, mu=s['fid_stats'][0], sigma=s['fid_stats'][1],
-                         mu_s=s['sfid_stats'][0], sigma_s=s['sfid_stats'][1], pool3=s['pool3'])
+                np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
+                         pool3=sample_stats['pool3'])
             print(f"saved the statistics of {args.samples} to {args.save_stats}", file=sys.stderr)
         if args.json:
             print(json.dumps(report))
