@@ -1,31 +1,34 @@
-"""fid.py and inception.py as a specification: the FID Inception-v3 reproduces pytorch-fid on the fixture, FID and
-IS obey their definitions, and the CLI runs end to end and rejects bad input with messages a user can act on."""
-import hashlib
+"""fid.py and inception.py as a specification of ADM's evaluator: the network is pytorch-fid's
+FID Inception-v3; the graph's preprocessing and the evaluator's radii, precision, recall and FID
+are what TensorFlow computed (tests/fixtures/adm_evaluator_ops.npz); sFID reads the right features
+in the right order; the Fréchet distance and Inception Score obey their definitions. The command
+line is tested in test_fid_cli.py."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 import fid
 import inception
 
-FIXTURE = np.load(ROOT / 'tests' / 'fixtures' / 'fid_inception_io.npz')
+FIXTURES = ROOT / 'tests' / 'fixtures'
+FIXTURE = np.load(FIXTURES / 'fid_inception_io.npz')     # pytorch-fid's network, fixed weights
+ADM = np.load(FIXTURES / 'adm_evaluator_ops.npz')        # the evaluator's operations, in TensorFlow
 
 
 def fixture_weights():
-    """The fixture's weight rule: the k-th key of sorted(keys) is drawn from a Generator seeded k."""
+    """The fixture's weight rule: the k-th key of sorted(keys) is drawn from a Generator seeded
+    k."""
     shapes = json.loads(str(FIXTURE['shapes']))
     state = {}
     for k, key in enumerate(sorted(map(str, FIXTURE['keys']))):
-        shape, g = shapes[key], torch.Generator().manual_seed(k)
+        shape = shapes[key]
+        g = torch.Generator().manual_seed(k)
         if key.endswith('running_var'):
             state[key] = 0.5 + torch.rand(shape, generator=g)
         elif key.endswith('running_mean'):
@@ -39,36 +42,34 @@ def fixture_weights():
     return state
 
 
-@pytest.fixture(scope='module')
-def weights_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp('weights') / inception.WEIGHTS_NAME
-    torch.save(fixture_weights(), path)
-    return path
-
-
-@pytest.fixture(scope='module')
-def model(weights_path):
-    return inception.load_inception(str(weights_path))
+def fixture_model():
+    """The FID Inception-v3 with the fixture's weights, in eval mode."""
+    model = inception.FIDInceptionV3()
+    model.load_state_dict(fixture_weights(), strict=False)    # the rule has no BatchNorm counters
+    return model.eval().requires_grad_(False)
 
 
 def rel_err(a, b):
     return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
 
 
-def write_images(folder, sizes, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f'{i:03d}.png')
-    return folder
+@pytest.fixture(scope='module')
+def outputs(one_thread):
+    """The network on pytorch-fid's own input for the fixture's images (F.interpolate bilinear to
+    299, then 2x - 1), capturing Mixed_6d.branch1x1's output: one forward pass for the tests
+    below (on one thread: a second one spins on a busy shared CPU and is 4x slower, measured)."""
+    model = fixture_model()
+    captured = {}
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, out: captured.update(branch1x1=out))
+    x = torch.from_numpy(FIXTURE['images'])                      # (3, 3, 64, 64) in [0, 1]
+    x = 2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1
+    with torch.inference_mode():
+        pool3, spatial = model(x)
+    hook.remove()
+    return dict(model=model, pool3=pool3, spatial=spatial, branch1x1=captured['branch1x1'])
 
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / 'fid.py'), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, 'OMP_NUM_THREADS': '2', **(env or {})}, timeout=120)
-
-
-#### The network matches pytorch-fid's FID Inception-v3 ####
+#### The network is pytorch-fid's FID Inception-v3 ####
 
 def test_state_dict_has_the_released_weight_files_keys_and_shapes():
     shapes = json.loads(str(FIXTURE['shapes']))
@@ -77,30 +78,103 @@ def test_state_dict_has_the_released_weight_files_keys_and_shapes():
     assert ours == shapes and len(ours) == 472
 
 
-def test_reproduces_pool3_and_logits_after_bilinear_resize(model):
-    pool3, logits = fid.inception_outputs(FIXTURE['images'], model)  # 64×64 -> 299×299 inside
-    assert pool3.shape == (3, 2048) and logits.shape == (3, 1008)
-    assert rel_err(pool3, FIXTURE['pool3']) < 1e-4
-    assert rel_err(logits, FIXTURE['logits']) < 1e-4
+def test_reproduces_pytorch_fids_pool3_and_logits_on_the_same_input(outputs):
+    assert outputs['pool3'].shape == (3, 2048)
+    assert rel_err(outputs['pool3'], FIXTURE['pool3']) < 1e-4                # measured 2e-6
+    assert rel_err(outputs['model'].fc(outputs['pool3']), FIXTURE['logits']) < 1e-4
 
 
-def test_reproduces_pool3_at_native_299(model):
-    pool3, _ = fid.inception_outputs(FIXTURE['images_299'], model)
-    assert rel_err(pool3, FIXTURE['pool3_299']) < 1e-4
+def test_the_inception_scores_logits_are_the_matmul_without_the_bias(outputs):
+    # the evaluator imports softmax/logits/MatMul: pool3 @ W, before the graph adds softmax/biases
+    model = outputs['model']
+    logits = model.logits(outputs['pool3'])
+    assert rel_err(logits, FIXTURE['logits'] - model.fc.bias.numpy()) < 1e-4
+
+#### sFID reads mixed_6/conv: Mixed_6d.branch1x1, first 7 channels, channels-last ####
+
+def test_spatial_features_are_mixed_6d_branch1x1s_first_7_channels_channels_last(outputs):
+    spatial = outputs['spatial']
+    branch = outputs['branch1x1']                                # (3, 192, 17, 17)
+    assert spatial.shape == (3, 17 * 17 * 7) == (3, 2023)
+    assert torch.equal(spatial, branch[:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    # channels-last: the first 7 values are pixel (0, 0)'s 7 channels, the next 7 pixel (0, 1)'s
+    assert torch.equal(spatial[:, :7], branch[:, :7, 0, 0])
+    assert torch.equal(spatial[:, 7:14], branch[:, :7, 0, 1])
+    assert torch.equal(spatial[:, 17 * 7:17 * 7 + 7], branch[:, :7, 1, 0])
+    assert (spatial >= 0).all()                                  # after the unit's ReLU
+
+#### The graph's preprocessing, against TensorFlow's own ops ####
+
+@pytest.mark.parametrize('name', ['img256', 'img32', 'img512', 'img299', 'img100x80'])
+def test_preprocessing_is_tf1_resize_bilinear_then_x_minus_128_over_128(name):
+    rows = torch.from_numpy(ADM['pre_rows_cols'])                # both borders and the middle
+    x = inception.preprocess(torch.from_numpy(ADM[name]))        # (1, 3, 299, 299)
+    assert x.shape == (1, 3, 299, 299) and x.dtype == torch.float32
+    ours = x[:, :, rows][..., rows].permute(0, 2, 3, 1).numpy()  # (1, 60, 60, 3), as the fixture
+    assert np.abs(ours - ADM[f'{name}_pre']).max() < 1e-5        # measured 0: bit-exact
 
 
-def test_uint8_channels_last_equals_float_channels_first(model):
-    u8 = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    a, _ = fid.inception_outputs(u8, model)
-    b, _ = fid.inception_outputs(torch.from_numpy(u8).permute(0, 3, 1, 2) / 255, model, batch_size=1)
-    assert rel_err(a, b) < 1e-5
+def test_float_images_in_0_255_preprocess_like_uint8():
+    u8 = torch.from_numpy(ADM['img100x80'])
+    assert torch.equal(inception.preprocess(u8.float()), inception.preprocess(u8))
 
 
-def test_loads_files_with_num_batches_tracked(tmp_path):
-    path = tmp_path / 'with_counters.pth'
-    torch.save(inception.FIDInceptionV3().state_dict(), path)
-    assert isinstance(inception.load_inception(str(path)), inception.FIDInceptionV3)
+def test_pytorch_fids_preprocessing_is_not_the_graphs():
+    # F.interpolate (half-pixel centres) and x / 127.5 - 1 move the input by up to 0.2544, mean
+    # 0.0545, at 256 px (the issue measured 0.25 and 0.054); preprocess moves it by 0 (above)
+    rows = torch.from_numpy(ADM['pre_rows_cols'])
+    x = torch.from_numpy(ADM['img256']).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) / 127.5 - 1
+    diff = np.abs(x[:, :, rows][..., rows].permute(0, 2, 3, 1).numpy() - ADM['img256_pre'])
+    assert abs(diff.max() - 0.2544) < 1e-3 and abs(diff.mean() - 0.0545) < 1e-3
 
+#### Precision, recall and FID as the evaluator computed them ####
+
+def test_radii_are_the_evaluators_float16_distances_to_the_3rd_neighbour():
+    for feats, radii in [('pr_ref', 'pr_radii_ref'), ('pr_sample', 'pr_radii_sample')]:
+        ours = fid.manifold_radii(torch.from_numpy(ADM[feats]))
+        assert torch.equal(ours, torch.from_numpy(ADM[radii][:, 0]))   # all 1,100, bit-exact
+
+
+def test_exact_distances_reproduce_none_of_the_evaluators_radii():
+    # why pairwise_distances emulates float16: the radii are float16 sums (149.25, 118.25, ...)
+    x = torch.from_numpy(ADM['pr_ref']).double()
+    exact = (torch.cdist(x, x) ** 2).kthvalue(fid.NEIGHBOURS + 1, dim=1).values
+    assert (exact.float().numpy() == ADM['pr_radii_ref'][:, 0]).sum() == 0
+    assert np.abs(exact.numpy() - ADM['pr_radii_ref'][:, 0]).max() > 0.3    # measured 0.33
+
+
+def test_precision_and_recall_are_the_evaluators_in_any_block_size():
+    for block in (fid.DISTANCE_BLOCK, 256):                      # 1 block; 3 × 2 blocks
+        precision, recall = fid.precision_recall(ADM['pr_ref'], ADM['pr_sample'], block=block)
+        assert precision == ADM['precision'] == 113 / 500
+        assert recall == ADM['recall'] == 557 / 600
+
+
+def test_a_float16_row_longer_than_1600_values_is_summed_as_two_halves():
+    # Eigen's tree reduction (LeafSize<half> = 200 packets of 8): pool3's 2048 as 1024 + 1024
+    squares = fid.to_half(torch.rand(5, 2048) * 2)
+    halves = fid.to_half(fid.leaf_sum(squares[:, :1024]) + fid.leaf_sum(squares[:, 1024:]))
+    assert torch.equal(fid.tree_sum(squares), halves)
+
+
+def test_a_block_that_overflows_float16_is_computed_in_float32():
+    u = torch.tensor([[300.0, 0.0], [0.0, 1.0]])                 # |u0|^2 = 90,000 > 65,504
+    assert fid.pairwise_distances(u, u).tolist() == [[0.0, 90001.0], [90001.0, 0.0]]
+
+
+def test_fewer_than_k_plus_1_points_have_no_k_th_neighbour():
+    with pytest.raises(ValueError, match='at least 4 feature vectors per set'):
+        fid.precision_recall(np.zeros((3, 8)), np.zeros((10, 8)))
+
+
+def test_fid_is_the_evaluators_on_the_same_features():
+    # samples first, as the evaluator's sample_stats.frechet_distance(ref_stats)
+    mu1, sigma1 = fid.feature_statistics(ADM['pr_sample'])
+    mu2, sigma2 = fid.feature_statistics(ADM['pr_ref'])
+    assert mu1.dtype == np.float32 and sigma1.dtype == np.float64     # its np.mean and np.cov
+    fd = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert abs(fd - ADM['fid']) < 1e-6                           # measured 1.8e-7 of 16.2
 
 #### Fréchet distance and Inception Score follow their definitions ####
 
@@ -111,13 +185,16 @@ def test_fid_of_a_set_with_itself_is_zero():
 
 
 def test_fid_of_a_set_with_itself_is_zero_with_fewer_samples_than_dims():
-    # rank-4 covariance: sqrtm of a singular product is exact only up to rounding relative to its trace
+    # rank-4 covariance: the square root of a singular product is exact only to rounding of its
+    # trace
     mu, sigma = fid.feature_statistics(np.random.default_rng(0).normal(size=(5, 64)))
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
 
 
 def test_a_non_finite_square_root_is_retried_with_an_offset_diagonal(monkeypatch):
-    calls, sqrtm = [], fid.linalg.sqrtm
+    calls = []
+    sqrtm = fid.linalg.sqrtm
+
     def flaky_sqrtm(m):
         calls.append(m)
         return np.full_like(m, np.nan) if len(calls) == 1 else sqrtm(m)
@@ -129,16 +206,18 @@ def test_a_non_finite_square_root_is_retried_with_an_offset_diagonal(monkeypatch
 def test_fid_between_gaussians_matches_the_closed_form():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(2, 8, 8))
-    s1, s2 = a @ a.T + 0.1 * np.eye(8), b @ b.T + 0.1 * np.eye(8)
+    s1 = a @ a.T + 0.1 * np.eye(8)
+    s2 = b @ b.T + 0.1 * np.eye(8)
     mu1, mu2 = rng.normal(size=(2, 8))
-    # Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)), a symmetric form computed by eigendecomposition
+
     def psd_sqrt(m):
         w, v = np.linalg.eigh(m)
         return v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    # Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)), a symmetric form
     r1 = psd_sqrt(s1)
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * psd_sqrt(r1 @ s2 @ r1))
     assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-8 * expected
-    # diagonal covariances: sum of (sqrt(a) - sqrt(b))^2
+    # diagonal covariances: the sum of (sqrt(a) - sqrt(b))^2
     d1, d2 = rng.uniform(0.5, 2, size=(2, 8))
     assert np.isclose(fid.frechet_distance(mu1, np.diag(d1), mu1, np.diag(d2)),
                       np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2))
@@ -152,157 +231,17 @@ def test_fid_fails_loudly_on_invalid_covariances():
 
 
 def test_inception_score_of_identical_uniform_predictions_is_one():
-    mean, std = fid.inception_score(np.zeros((50, 1008)))
-    assert abs(mean - 1) < 1e-12 and std < 1e-12
+    assert abs(fid.inception_score(np.zeros((50, 1008))) - 1) < 1e-12
 
 
 def test_inception_score_of_confident_balanced_predictions_is_the_class_count():
-    logits = 100 * np.eye(1008)[np.arange(100) % 5]  # each split holds two of each of 5 classes
-    mean, _ = fid.inception_score(logits, splits=10)
-    assert abs(mean - 5) < 1e-6
+    logits = 100 * np.eye(1008)[np.arange(100) % 5]              # 20 of each of 5 classes
+    assert abs(fid.inception_score(logits) - 5) < 1e-6
 
 
-#### The CLI end to end ####
-
-def test_cli_saves_statistics_and_scores_samples_against_them(tmp_path, weights_path, model, monkeypatch, capsys):
-    # fid.main in this process with the fixture's network loaded once; the second run's features (from other
-    # inputs, at another batch size) are the reference for the first run's saved statistics
-    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu': model)
-    outputs, inception_outputs, frechet_distance = [], fid.inception_outputs, fid.frechet_distance
-
-    def record(*args, **kwargs):
-        outputs.append(inception_outputs(*args, **kwargs))
-        return outputs[-1]
-
-    def leading_dims(mu1, sigma1, mu2, sigma2, k=64):     # the 2048-dim square root alone takes 10-25 s on a CPU;
-        assert len(mu1) == len(mu2) == 2048                 # frechet_distance has its own tests above
-        return frechet_distance(mu1[:k], sigma1[:k, :k], mu2[:k], sigma2[:k, :k])
-    monkeypatch.setattr(fid, 'inception_outputs', record)
-    monkeypatch.setattr(fid, 'frechet_distance', leading_dims)
-    folder = write_images(tmp_path / 'ref', [(16, 16)] * 10)               # 10: the fewest the IS's splits take
-    stats = tmp_path / 'ref_stats.npz'
-    fid.main([str(folder), '--save-stats', str(stats), '--weights', str(weights_path), '--device', 'cpu',
-              '--batch-size', '4'])
-
-    # the same images as ADM-style samples (arr_0) against the cached statistics: FID ~0 and their IS
-    samples = tmp_path / 'samples.npz'
-    np.savez(samples, arr_0=fid.ImageFolder(str(folder))[:])
-    capsys.readouterr()
-    fid.main([str(samples), str(stats), '--device', 'cpu'])
-    printed = dict(line.split(': ', 1) for line in capsys.readouterr().out.splitlines())
-    feats, logits = outputs[-1]                                          # the samples' pool3 features and logits
-    mu, sigma = fid.feature_statistics(feats)
-    saved = np.load(stats)
-    assert rel_err(saved['mu'], mu) < 1e-5 and rel_err(saved['sigma'], sigma) < 1e-5
-    assert abs(float(printed['FID'])) < 1e-6 * np.trace(sigma)
-    assert abs(float(printed['IS'].split(' ± ')[0]) - fid.inception_score(logits)[0]) < 1e-4
-
-
-def test_statistics_in_an_adm_reference_batch_win_over_its_images(tmp_path):
-    path = tmp_path / 'VIRTUAL_ref.npz'
-    np.savez(path, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=np.ones(3), sigma=np.eye(3))
-    kind, (mu, sigma) = fid.load_input(str(path), 'REF')
-    assert kind == 'stats' and mu.tolist() == [1, 1, 1]
-
-
-#### Bad input fails with a message a user can act on ####
-
-def cli_error(*args):
-    with pytest.raises(SystemExit) as e:
-        fid.main([str(a) for a in args])
-    return str(e.value)
-
-
-def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.delenv('FID_WEIGHTS', raising=False)
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))  # no cached copy either
-    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{tmp_path}/offline/{inception.WEIGHTS_NAME}')   # and no network
-    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
-    for args in [(folder, folder), (folder, folder, '--weights', tmp_path / 'nope.pth')]:
-        msg = cli_error(*args)
-        assert inception.WEIGHTS_NAME in msg and inception.WEIGHTS_URL in msg and 'random' in msg
-
-
-def test_the_weights_are_downloaded_once_into_the_hub_cache_and_their_hash_checked(tmp_path, weights_path, monkeypatch,
-                                                                                 capsys):
-    monkeypatch.delenv('FID_WEIGHTS', raising=False)
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    data = weights_path.read_bytes()
-    server = tmp_path / 'server'
-    server.mkdir()
-    good = server / f'pt_inception-test-{hashlib.sha256(data).hexdigest()[:8]}.pth'  # torch.hub's name convention
-    good.write_bytes(data)
-    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{good}')
-    cached = tmp_path / 'hub' / 'checkpoints' / good.name
-    assert inception.find_weights() == str(cached) and cached.read_bytes() == data
-    assert f'downloading the FID Inception weights from file://{good}' in capsys.readouterr().err
-    good.unlink()                                                      # the second use reads the cache only
-    assert inception.find_weights() == str(cached)
-    assert inception.find_weights(str(weights_path)) == str(weights_path)   # --weights (and FID_WEIGHTS) win, offline
-
-    bad = server / 'pt_inception-test-00000000.pth'                    # a hash the content does not have
-    bad.write_bytes(data)
-    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{bad}')
-    with pytest.raises(ValueError, match=r"sha256 does not start with 00000000, so it was deleted"):
-        inception.find_weights()
-    assert sorted(os.listdir(tmp_path / 'hub' / 'checkpoints')) == [good.name]   # nothing of the bad download
-
-
-def test_weights_with_wrong_keys_or_shapes_are_rejected(tmp_path):
-    state = fixture_weights()
-    state['fc.weight'] = torch.zeros(1000, 2048)
-    state['AuxLogits.fc.weight'] = state.pop('Mixed_7c.branch_pool.conv.weight')
-    path = tmp_path / 'bad.pth'
-    torch.save(state, path)
-    with pytest.raises(ValueError) as e:
-        inception.load_inception(str(path))
-    msg = str(e.value)
-    for part in ['missing keys (1): Mixed_7c.branch_pool.conv.weight', 'unexpected keys (1): AuxLogits.fc.weight',
-                 'wrong shapes (1): fc.weight (1000, 2048) (expected (1008, 2048))']:
-        assert part in msg
-    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match='not a PyTorch state dict'):
-        inception.load_inception(str(tmp_path / 'junk.pth'))
-
-
-def test_empty_folder(tmp_path, weights_path):
-    (tmp_path / 'empty').mkdir()
-    assert 'no images found' in cli_error(tmp_path / 'empty', '--save-stats', tmp_path / 's.npz')
-
-
-def test_mixed_sizes_in_one_batch(tmp_path, weights_path):
-    folder = write_images(tmp_path / 'mixed', [(8, 8), (8, 8), (12, 8)])
-    msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
-    assert 'images of mixed sizes in one batch' in msg and '002.png' in msg
-
-
-def test_an_image_that_cannot_be_decoded_is_named(tmp_path, weights_path):
-    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
-    (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
-    msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
-    assert msg.startswith(f"fid.py: error: SAMPLES: cannot decode {folder / 'broken.png'} (")
-    assert '\n' not in msg and not (tmp_path / 's.npz').exists()
-
-
-def test_fewer_than_two_samples(tmp_path, weights_path):
-    folder = write_images(tmp_path / 'one', [(8, 8)])
-    msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', weights_path, '--device', 'cpu')
-    assert 'need at least 2 images' in msg
-
-
-def test_bad_batch_size_and_device_are_named(tmp_path, monkeypatch):
-    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
-    assert cli_error(folder, folder, '--batch-size', 0).endswith('--batch-size 0: must be at least 1')
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert cli_error(folder, folder, '--device', 'cuda').endswith(
-        '--device cuda: CUDA is not available here; use --device cpu')
-    assert cli_error(folder, folder, '--device', 'gpu').endswith('--device gpu: not a device (cuda, cuda:N or cpu)')
-
-
-def test_save_stats_never_overwrites_a_file_unasked(tmp_path):
-    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
-    (tmp_path / 'stats.npz').write_bytes(b'earlier statistics')
-    assert cli_error(folder, '--save-stats', tmp_path / 'stats.npz') == (
-        f"fid.py: error: --save-stats {tmp_path / 'stats.npz'} exists: pass --overwrite to replace it, or choose "
-        f"another file")                                                  # one line, before any image is read
-    assert (tmp_path / 'stats.npz').read_bytes() == b'earlier statistics'
+def test_inception_score_averages_runs_of_split_size_consecutive_samples():
+    # ADM's splits hold 5,000 samples (50,000 give 10), the last one fewer. In runs of 3 here:
+    # classes (0, 1, 2) score 3, (0, 0, 0) score 1, the last sample alone 1; their mean is 5/3
+    logits = 100 * np.eye(1008)[[0, 1, 2, 0, 0, 0, 7]]
+    assert abs(fid.inception_score(logits, split_size=3) - 5 / 3) < 1e-6
+    assert fid.IS_SPLIT == 5000
