@@ -9,7 +9,8 @@ ranks of a DDP run see it.
     x, y = data.to_device(*next(loader), device)
 
 Pixels stay uint8 until a batch reaches the device (Data.to_device scales them to [-1, 1]); latents
-stay float. fid.py reads its image folders with the same `read_image` and IMAGE_EXTS, and sample.py
+stay float. `encode_latents` turns an image folder into SD-VAE latents once (the papers' setting).
+fid.py reads its image folders with the same `read_image` and IMAGE_EXTS, and sample.py
 --labels-from reads a dataset's labels with `read_labels`.
 """
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -213,6 +214,27 @@ def read_labels(path, source):
         raise ValueError(f"{source} {path}: holds no labels (an .npz needs y, integers >= 0; a "
                          f"folder one sub-folder of images per class)")
     return labels
+
+
+@torch.no_grad()
+def encode_latents(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda",
+                   batch=256, workers=16):
+    """An ImageNet-layout folder -> an .npz of SD-VAE latents x (2N, 4, size/8, size/8) float16 and
+    labels y, each image with its mirror image (SiT's flip augmentation), for train.py --data with
+    --latent-scale 0.18215. Needs the optional diffusers package, imported only here."""
+    from diffusers import AutoencoderKL
+
+    images = ImageFolder(folder, size)
+    order = BatchSampler(SequentialSampler(range(len(images))), batch, drop_last=False)
+    encoder = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    xs = []
+    ys = []
+    for x, y in DataLoader(images, sampler=order, batch_size=None, num_workers=workers):
+        for view in (x, x.flip(3)):
+            pixels = view.to(device).float() / 127.5 - 1                  # (B, 3, H, W) in [-1, 1]
+            xs.append(encoder.encode(pixels).latent_dist.sample().half().cpu())
+            ys.append(y)
+    np.savez(out, x=torch.cat(xs).numpy(), y=torch.cat(ys).numpy())
 
 
 #################################################################################

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,32 @@ def test_an_npz_of_pixels_or_latents_sets_channels_size_and_classes(tmp_path, ki
     )
     # latents: channels 0-2, normalised
     assert (run_dir / "samples" / "0000002.png").is_file()
+
+
+def test_encode_latents_stores_every_image_and_its_mirror_with_its_label(tmp_path, monkeypatch):
+    """With a stand-in for diffusers' AutoencoderKL whose latent is the 8 x 8 average of the pixels
+    (and a fourth channel of zeros)."""
+    class FakeVAE(torch.nn.Module):
+        def encode(self, x):
+            z = torch.nn.functional.avg_pool2d(x, 8)                      # (B, 3, H/8, W/8)
+            z = torch.cat([z, torch.zeros_like(z[:, :1])], dim=1)         # (B, 4, H/8, W/8)
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: z))
+
+    fake = types.ModuleType("diffusers")
+    fake.AutoencoderKL = types.SimpleNamespace(from_pretrained=lambda name: FakeVAE())
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
+    data.encode_latents(folder, tmp_path / "latents.npz", size=16, device="cpu", batch=4, workers=0)
+    saved = np.load(tmp_path / "latents.npz")
+    x, y = saved["x"], saved["y"]
+    assert x.shape == (12, 4, 2, 2) and x.dtype == np.float16       # 6 images, each twice
+    assert y.tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1]       # batches of 4: images, mirrors
+    pixels = data.ImageFolder(folder, 16)[range(6)][0].float() / 127.5 - 1
+    expected = torch.nn.functional.avg_pool2d(pixels, 8).half().numpy()
+    assert np.array_equal(x[:4, :3], expected[:4])                    # the first batch of images
+    # ... then their mirror images (summed in another order: equal to float16 rounding)
+    mirrors = expected[:4, :, :, ::-1].astype(np.float32)
+    assert np.allclose(x[4:8, :3].astype(np.float32), mirrors, rtol=0, atol=1e-3)
 
 
 #################################################################################
