@@ -72,14 +72,14 @@ def real_images(path, size):
     return x, y.astype(np.int64)
 
 
-def split(labels, held_out=HELD_OUT, seed=SEED):
+def split(labels):
     """A fixed split by class -> (reference indices, held-out indices), both sorted: of a class's n
-    images, round(held_out * n), drawn with the seed, are held out."""
-    rng = np.random.default_rng(seed)
+    images, round(HELD_OUT * n), drawn with SEED, are held out."""
+    rng = np.random.default_rng(SEED)
     reference, held = [], []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
-        k = round(held_out * len(members))
+        k = round(HELD_OUT * len(members))
         held.append(members[:k])
         reference.append(members[k:])
     return np.sort(np.concatenate(reference)), np.sort(np.concatenate(held))
@@ -123,13 +123,13 @@ def to_input(images):
 
 
 @torch.no_grad()
-def features(images, classifier, batch=500):
+def features(images, classifier):
     """(features (N, 4W) float64, predicted classes (N,)) of uint8 images (N, S, S, 3): in eval mode
-    and fixed batches, so that the same images always give the same numbers."""
+    and fixed batches of 500, so that the same images always give the same numbers."""
     classifier.eval()
     feats, preds = [], []
-    for i in range(0, len(images), batch):
-        f, logits = classifier(to_input(images[i: i + batch]))
+    for i in range(0, len(images), 500):
+        f, logits = classifier(to_input(images[i: i + 500]))
         feats.append(f.double())
         preds.append(logits.argmax(1))
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
@@ -190,7 +190,7 @@ def augment(x, generator):
     return F.pad(x, (1, 1, 1, 1), mode="replicate")[:, :, dy: dy + S, dx: dx + S]
 
 
-def train_classifier(images, labels, num_classes, epochs=EPOCHS, log=print):
+def train_classifier(images, labels, num_classes, epochs):
     """A Classifier trained from a fixed seed on uint8 images (N, S, S, 3): AdamW, cross-entropy,
     the lr decayed to 0 on a cosine; its reference statistics are those of these images."""
     torch.manual_seed(SEED)
@@ -211,16 +211,16 @@ def train_classifier(images, labels, num_classes, epochs=EPOCHS, log=print):
             opt.step()
             lr_decay.step()
             total += loss.item()
-        log(f"epoch {epoch + 1}/{epochs}: training loss {total / steps:.3f}")
+        print(f"epoch {epoch + 1}/{epochs}: training loss {total / steps:.3f}")
     mu, sigma = statistics(features(images, classifier)[0])
     classifier.ref_mu.copy_(torch.from_numpy(mu))
     classifier.ref_sigma.copy_(torch.from_numpy(sigma))
     return classifier
 
 
-def uniform_noise(n, size, seed=SEED):
+def uniform_noise(n, size):
     """n images of uniform noise, uint8 (n, size, size, 3): the ceiling's samples."""
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return np.random.default_rng(SEED).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 def save_classifier(classifier, path, **info):
