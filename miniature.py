@@ -48,12 +48,11 @@ import train
 #################################################################################
 
 IMAGE_SIZE = 16
-# README's miniature: what every training run shares (each adds --data, --eval-every, --seed and
-# --results-dir)
-TRAIN = (f"--size mini --image-size {IMAGE_SIZE} --global-batch-size 64 --lr 1e-3 "
-         f"--ema-decay 0.995 --sample-every 0")
-EVAL_EVERY = 200                                 # held-out loss every N steps
-FINETUNE = "--ft-lr 1e-3 --ft-ema-decay 0.995"   # SPRINT's stage 2, + --ft-warmup FT_WARMUP
+# README's miniature: what every training run shares (scaled_flags adds --ema-decay, --eval-every)
+TRAIN = f"--size mini --image-size {IMAGE_SIZE} --global-batch-size 64 --lr 1e-3 --sample-every 0"
+EMA_DECAY = 0.995          # --ema-decay, and SPRINT's --ft-ema-decay
+EVAL_EVERY = 200           # held-out loss every N steps
+FINETUNE = "--ft-lr 1e-3"  # SPRINT's stage 2 (scaled_flags adds --ft-warmup, --ft-ema-decay)
 FT_WARMUP = 20
 # arm: (its train.py flags, stage-1 steps, fine-tuning steps, the arm it starts from)
 ARMS = {
@@ -84,6 +83,18 @@ def lengths(args, arm):
     """(stage-1 steps, fine-tuning steps) of an arm at --scale."""
     _, steps, finetune, _ = ARMS[arm]
     return scaled(steps, args.scale), scaled(finetune, args.scale) if finetune else 0
+
+
+def scaled_flags(args):
+    """The train.py flags every arm shares and SPRINT's fine-tuning flags, at --scale: the
+    evaluation interval and the warm-up scale with it, and so does the EMA's horizon
+    1 / (1 - decay), as decay^(1/scale): a short run's EMA forgets its start as a long one's."""
+    ema = f"{EMA_DECAY ** (1 / args.scale):.4g}"
+    shared = [*TRAIN.split(), "--ema-decay", ema,
+              "--eval-every", str(scaled(EVAL_EVERY, args.scale))]
+    finetune = [*FINETUNE.split(), "--ft-warmup", str(scaled(FT_WARMUP, args.scale, least=0)),
+                "--ft-ema-decay", ema]
+    return shared, finetune
 
 
 #################################################################################
@@ -135,11 +146,10 @@ def train_argv(args, seed, arm):
     """train.py's arguments for one arm and seed; --train-flags come last, so they win."""
     flags, _, _, init = ARMS[arm]
     steps, finetune = lengths(args, arm)
-    argv = [*flags.split(), *TRAIN.split(), "--data", args.data,
-            "--eval-every", str(scaled(EVAL_EVERY, args.scale)), "--steps", str(steps)]
+    shared, finetune_flags = scaled_flags(args)
+    argv = [*flags.split(), *shared, "--data", args.data, "--steps", str(steps)]
     if finetune:
-        argv += ["--finetune-steps", str(finetune), *FINETUNE.split(),
-                 "--ft-warmup", str(scaled(FT_WARMUP, args.scale, least=0))]
+        argv += ["--finetune-steps", str(finetune), *finetune_flags]
     if init:
         argv += ["--init", checkpoint(args, seed, init)]
     results = os.path.join(args.out, f"seed{seed}", arm)
@@ -404,15 +414,17 @@ def save_class_grid(images, labels, num_classes, path, per_class=4, zoom=4):
 
 class Results:
     """What the finished jobs wrote, for the report: the runs' held-out evaluations and training
-    seconds, the scores, the sampling jobs' seconds, the classifier's bounds."""
+    seconds, the scores, the jobs' seconds and the calls' (jobs.jsonl), the classifier's bounds."""
     def __init__(self, args):
-        self.args, self.seconds = args, {}
+        self.args, self.seconds, self.calls = args, {}, []
         records = os.path.join(args.out, "jobs.jsonl")
         if os.path.exists(records):
             with open(records) as f:
-                for line in f:
-                    record = json.loads(line)
-                    self.seconds[record["job"]] = record["seconds"]     # its latest run
+                for record in map(json.loads, f):
+                    if "job" in record:
+                        self.seconds[record["job"]] = record["seconds"]   # its latest run
+                    else:
+                        self.calls.append((record["seconds"], record["ran"]))
         self.info = quality.load_classifier(os.path.join(args.out, "classifier.pt")).info
         self.logs = {}
         for s in args.seeds:
@@ -683,7 +695,7 @@ def grids_section(r, figures):
     return lines
 
 
-def header_section(r, groups, wall, ran):
+def header_section(r, groups, ran):
     """The title, the call, the hardware and time, the protocol, the instrument."""
     args, info = r.args, r.info
     jobs = [job for group in groups for job in group]
@@ -695,17 +707,18 @@ def header_section(r, groups, wall, ran):
             for arm, (flags, _, finetune, init) in ARMS.items()]
     extra = f", then `{shlex.join(args.train_flags)}`" if args.train_flags else ""
     floor, ceiling = info["floor"], info["ceiling"]
+    shared, finetune = map(shlex.join, scaled_flags(args))
+    walls = ", ".join(f"{duration(wall)} for {n} jobs" for wall, n in r.calls)
     lines = ["# The CPU miniature: sample quality and cost, measured", "",
              f"Written by `{invocation(args)}`.", "",
              f"- Hardware: {hardware(args)}.",
-             f"- Wall time of this call: {duration(wall)} ({ran} jobs run, {len(jobs) - ran} "
-             f"done earlier and skipped); the jobs' own times add up to {duration(core_s)} of "
-             f"one core.", "",
-             "## Protocol", "",
+             f"- Wall time: {duration(sum(wall for wall, _ in r.calls))} over the {len(r.calls)} "
+             f"call(s) that ran jobs ({walls}); the jobs' own times add up to {duration(core_s)} "
+             f"of one core. This call ran {ran} jobs and skipped {len(jobs) - ran} done earlier.",
+             "", "## Protocol", "",
              f"Data `{args.data}` at {IMAGE_SIZE} px; seeds {', '.join(map(str, args.seeds))}; "
-             f"training lengths × {args.scale:g}. Every training run: `{TRAIN} --eval-every "
-             f"{scaled(EVAL_EVERY, args.scale)}` (SPRINT's fine-tune: `{FINETUNE} --ft-warmup "
-             f"{scaled(FT_WARMUP, args.scale, least=0)}`){extra}.", ""]
+             f"training lengths × {args.scale:g}. Every training run: `{shared}` (SPRINT's "
+             f"fine-tune: `{finetune}`){extra}.", ""]
     lines += table(["arm", "flags", "steps", "starts from"], rows)
     return lines + [
         f"Every sample set: {args.samples} images with labels in the data's proportions "
@@ -734,12 +747,12 @@ def commands_section(groups, seconds):
     return lines + ["```"]
 
 
-def write_report(args, groups, wall, ran):
+def write_report(args, groups, ran):
     """report.md and its figures, from the finished jobs' outputs -> its path."""
     figures = os.path.join(args.out, "figures")
     os.makedirs(figures, exist_ok=True)
     r = Results(args)
-    lines = (header_section(r, groups, wall, ran) + cost_section(r, figures)
+    lines = (header_section(r, groups, ran) + cost_section(r, figures)
              + finetune_section(r) + guidance_section(r, figures) + sparsedit_section(r)
              + drop_section(r) + grids_section(r, figures) + commands_section(groups, r.seconds))
     path = os.path.join(args.out, "report.md")
@@ -823,7 +836,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=SAMPLES,
                    help=f"images per sample set (default {SAMPLES})")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every training length: "
-                   "the arms' steps, evaluation interval and warm-up, the classifier's epochs")
+                   "the arms' steps, evaluation interval, warm-up and EMA horizon, the "
+                   "classifier's epochs")
     p.add_argument("--sampler-steps", type=int, default=SAMPLER_STEPS,
                    help=f"Euler steps (default {SAMPLER_STEPS})")
     p.add_argument("--jobs", type=int, default=2, help="jobs side by side, one thread each")
@@ -838,7 +852,11 @@ def main(argv=None):
     start = time.perf_counter()
     groups = plan(args)
     ran = run_jobs(groups, args)
-    path = write_report(args, groups, time.perf_counter() - start, ran)
+    if ran:                                        # the report states the wall time of every call
+        with open(os.path.join(args.out, "jobs.jsonl"), "a") as f:
+            record = {"call": invocation(args), "seconds": time.perf_counter() - start, "ran": ran}
+            f.write(json.dumps(record) + "\n")
+    path = write_report(args, groups, ran)
     print(f"wrote {path} ({duration(time.perf_counter() - start)})")
     return path
 

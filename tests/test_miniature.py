@@ -41,8 +41,9 @@ def run(tmp_path_factory):
 
 
 def records(out):
-    """jobs.jsonl: what the workers ran, in the order they finished."""
-    return [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
+    """The jobs in jobs.jsonl: what the workers ran, in the order they finished."""
+    lines = (out / "jobs.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if "job" in record]
 
 
 def printed_commands(report):
@@ -67,7 +68,8 @@ def test_the_report_has_every_table_figure_and_the_hardware(run):
         assert heading in report
     assert re.search(r"Hardware: .+, \d+ cores; torch .+; 2 jobs side by side, 1 thread each",
                      report)
-    assert "Wall time of this call: " in report and "(32 jobs run, 0 done earlier" in report
+    assert re.search(r"Wall time: .+ over the 1 call\(s\) that ran jobs \(.+ for 32 jobs\)", report)
+    assert "This call ran 32 jobs and skipped 0 done earlier." in report
     for row in ["| CFG 1.5 | 0 |", "| PDG 4 | 0 |", "| end of stage 1 | 0 |", "| random | 0 |",
                 "| DiT + 1 steps (control) | 0 |", "| SparseDiT from it, + 1 steps | 0 |"]:
         assert row in report
@@ -141,7 +143,10 @@ def test_a_second_call_skips_what_is_done_and_reruns_only_what_is_missing(run, t
     with np.load(samples / "sprint-random-cfg2.npz") as again, np.load(tmp_path / "before.npz") \
             as first:
         assert np.array_equal(again["arr_0"], first["arr_0"])
-    assert "(2 jobs run, 30 done earlier and skipped)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "This call ran 2 jobs and skipped 30 done earlier." in report
+    assert re.search(r"over the 2 call\(s\) that ran jobs \(.+ for 32 jobs, .+ for 2 jobs\)",
+                     report)
 
 
 #################################################################################
