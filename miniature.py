@@ -480,10 +480,11 @@ def seed_table(r, header, specs, settings):
         if len(by_seed) > 1:
             cells = []
             for column, spec in zip(zip(*by_seed.values()), specs):
-                numbers = [v for v in column if isinstance(v, (int, float))]
-                spread = fmt(np.ptp(numbers), spec.lstrip("+")) if numbers else ""
-                cells.append(f"{fmt(np.mean(numbers), spec)} ({spread})"
-                             if len(numbers) == len(column) else "–")
+                if all(isinstance(v, (int, float)) for v in column):       # not text, not None
+                    spread = fmt(np.ptp(column), spec.lstrip("+"))
+                    cells.append(f"{fmt(np.mean(column), spec)} ({spread})")
+                else:
+                    cells.append("–")
             rows.append([label, "mean (spread)"] + cells)
     for label, key in (("real held-out images (floor)", "floor"),
                        ("uniform noise (ceiling)", "ceiling")):
@@ -521,7 +522,7 @@ def cost_section(r, figures):
             at = float(np.interp(dit["train_s"], xs, ys))
             if dit["train_s"] > xs[-1]:
                 notes.append(f"- Seed {s}: the DiT's step {step} ({dit['train_s']:.0f} s) comes "
-                             f"after SPRINT's last evaluation ({xs[-1]:.0f} s), its last value.")
+                             f"after SPRINT's last evaluation ({xs[-1]:.0f} s): read against it.")
             return [dit["train_s"], dit["eval_loss"], at, at - dit["eval_loss"]]
         settings.append((f"DiT step {step}", values))
     lines = ["## (a) DiT vs SPRINT at equal training seconds", "",
