@@ -472,11 +472,15 @@ def save_grid(x, path, nrow=None):
 
 def write_output(path, arrays, nrow=None):
     """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of
-    arr_0."""
+    arr_0; written to a temporary file and renamed, so that a file at `path` is always whole."""
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.tmp{os.path.splitext(name)[1]}")
     if path.endswith(".npz"):
-        np.savez(path, **arrays)
+        with open(temporary, "wb") as f:               # a file object: numpy adds no second .npz
+            np.savez(f, **arrays)
     else:
-        save_grid(arrays["arr_0"], path, nrow)
+        save_grid(arrays["arr_0"], temporary, nrow)
+    os.replace(temporary, path)
 
 
 def merge_shards(parts, num_batches, path, nrow=None):
