@@ -269,13 +269,15 @@ def run_jobs(groups, args):
     (with fewer --jobs, they queue), never before an earlier group that only waits for cores;
     jobs.jsonl records every finished job. -> the number of jobs run."""
     todo = [group for group in ([job for job in g if not job.done()] for g in groups) if group]
-    total, left = sum(map(len, groups)), sum(map(len, todo))
+    total = sum(map(len, groups))
+    left = sum(map(len, todo))
     print(f"{total - left} of {total} jobs done earlier (their outputs exist): skipped; "
           f"{left} to run")
     if not todo:
         return 0
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    running, failed = {}, None
+    running = {}
+    failed = None
     spawn = multiprocessing.get_context("spawn")           # fresh interpreters: no forked threads
     pool = ProcessPoolExecutor(min(args.jobs, left), mp_context=spawn, initializer=one_thread)
     try:
@@ -298,7 +300,8 @@ def run_jobs(groups, args):
                 job, line = running.pop(future)
                 ok, seconds, message = future.result()
                 if ok and not job.done():
-                    ok, message = False, f"it ended without writing {job.output}"
+                    ok = False
+                    message = f"it ended without writing {job.output}"
                 if not ok:
                     print(f"[{clock()}] failed {job.name}: {message}", flush=True)
                     failed = failed or (job, message)
@@ -320,7 +323,10 @@ def run_jobs(groups, args):
 #             Figures: a small line plot and sample grids, with PIL             #
 #################################################################################
 
-BLUE, ORANGE, GREY, LIGHT = (31, 119, 180), (230, 120, 20), (140, 140, 140), (228, 228, 228)
+BLUE = (31, 119, 180)
+ORANGE = (230, 120, 20)
+GREY = (140, 140, 140)
+LIGHT = (228, 228, 228)    # grid lines
 FONT = ImageFont.load_default(size=13)
 
 
@@ -330,7 +336,8 @@ def ticks(lo, hi, count=5):
     rough = (hi - lo) / count if hi > lo else abs(hi) / 10 or 1
     power = 10 ** math.floor(math.log10(rough))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= rough * 0.999)
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    first = math.floor(lo / step + 1e-9)
+    last = math.ceil(hi / step - 1e-9)
     return [round(k * step, 12) for k in range(first, max(last, first + 1) + 1)]
 
 
@@ -344,7 +351,8 @@ def dashed(draw, points, colour, dash=7):
     for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
         length = math.hypot(x1 - x0, y1 - y0)
         for s in range(0, int(length), 2 * dash):
-            a, b = s / length, min(s + dash, length) / length
+            a = s / length
+            b = min(s + dash, length) / length
             draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)),
                        (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=colour, width=2)
 
@@ -357,8 +365,12 @@ def line_plot(series, title, xlabel, ylabel, width=560, height=400):
     draw = ImageDraw.Draw(img)
     xs = [x for s in series for x in s[1]]
     ys = [y for s in series for y in s[2]]
-    xt, yt = ticks(min(xs), max(xs)), ticks(min(ys), max(ys))
-    left, right, top, bottom = 70, width - 20, 30, height - 50
+    xt = ticks(min(xs), max(xs))
+    yt = ticks(min(ys), max(ys))
+    left = 70
+    right = width - 20
+    top = 30
+    bottom = height - 50
 
     def at(x, y):
         """Data coordinates -> pixels."""
@@ -378,12 +390,14 @@ def line_plot(series, title, xlabel, ylabel, width=560, height=400):
     ImageDraw.Draw(label).text((2, 0), ylabel, fill="black", font=FONT)
     img.paste(label.rotate(90, expand=True), (8, int((top + bottom - label.width) / 2)))
     for k, (name, xs, ys, colour, is_dashed) in enumerate(series):
-        line, points = dashed if is_dashed else solid, [at(x, y) for x, y in zip(xs, ys)]
+        line = dashed if is_dashed else solid
+        points = [at(x, y) for x, y in zip(xs, ys)]
         if len(points) > 1:
             line(draw, points, colour)
         for px, py in points:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        lx, ly = left + (k % 2) * (right - left) / 2, bottom + 42 + 20 * (k // 2)
+        lx = left + (k % 2) * (right - left) / 2                     # two legend entries a row
+        ly = bottom + 42 + 20 * (k // 2)
         line(draw, [(lx, ly), (lx + 28, ly)], colour)
         draw.text((lx + 34, ly), name, fill="black", font=FONT, anchor="lm")
     return img
@@ -417,7 +431,9 @@ class Results:
     """What the finished jobs wrote, for the report: the runs' held-out evaluations and training
     seconds, the scores, the jobs' seconds and the calls' (jobs.jsonl), the classifier's bounds."""
     def __init__(self, args):
-        self.args, self.seconds, self.calls = args, {}, []
+        self.args = args
+        self.seconds = {}
+        self.calls = []
         records = os.path.join(args.out, "jobs.jsonl")
         if os.path.exists(records):
             with open(records) as f:
@@ -500,7 +516,8 @@ def differences(r, label, before, after, spec=".3f"):
     on its sign; a value not measured (seconds from before jobs.jsonl) says so."""
     diff = {}
     for s in r.args.seeds:
-        a, b = before(s), after(s)
+        a = before(s)
+        b = after(s)
         if a is None or b is None:
             return f"- {label}: not measured."
         diff[s] = b - a
@@ -514,11 +531,14 @@ def differences(r, label, before, after, spec=".3f"):
 
 def cost_section(r, figures):
     """(a) DiT vs SPRINT: held-out loss at equal training seconds; the final checkpoints."""
-    seeds, notes, settings = r.args.seeds, [], []
+    seeds = r.args.seeds
+    notes = []
+    settings = []
     for step in sorted(k for k in r.evals(seeds[0], "dit") if k > 0):
         def values(s, step=step):
             """The DiT's evaluation at this step; SPRINT's held-out loss at its training second."""
-            dit, sprint = r.evals(s, "dit")[step], r.evals(s, "sprint").values()
+            dit = r.evals(s, "dit")[step]
+            sprint = r.evals(s, "sprint").values()
             xs, ys = zip(*sorted((e["train_s"], e["eval_loss"]) for e in sprint))
             at = float(np.interp(dit["train_s"], xs, ys))
             if dit["train_s"] > xs[-1]:
@@ -580,7 +600,8 @@ def finetune_section(r):
                         ["", ".4f", ".4f", "+.4f", ".3f", ".3f"],
                         [("end of stage 1", lambda s: values(s, True)),
                          ("after the fine-tune", lambda s: values(s, False))])
-    before, after = sample_name("sprint", SCALE, stage1=True), sample_name("sprint", SCALE)
+    before = sample_name("sprint", SCALE, stage1=True)
+    after = sample_name("sprint", SCALE)
     for key in ("distance", "accuracy"):
         lines.append(differences(r, f"after − before the fine-tune, {key}",
                                  lambda s: r.score(s, before)[key],
@@ -699,7 +720,8 @@ def grids_section(r, figures):
 
 def header_section(r, groups, ran):
     """The title, the call, the hardware and time, the protocol, the instrument."""
-    args, info = r.args, r.info
+    args = r.args
+    info = r.info
     jobs = [job for group in groups for job in group]
     core_s = sum(r.seconds.get(job.name, 0.0) for job in jobs)
     rows = [[arm, f"`{flags}`",
@@ -708,7 +730,8 @@ def header_section(r, groups, ran):
              f"the {init}'s final checkpoint" if init else "scratch"]
             for arm, (flags, _, finetune, init) in ARMS.items()]
     extra = f", then `{shlex.join(args.train_flags)}`" if args.train_flags else ""
-    floor, ceiling = info["floor"], info["ceiling"]
+    floor = info["floor"]
+    ceiling = info["ceiling"]
     shared, finetune = map(shlex.join, scaled_flags(args))
     walls = ", ".join(f"{duration(wall)} for {n} jobs" for wall, n in r.calls)
     lines = ["# The CPU miniature: sample quality and cost, measured", "",
@@ -781,7 +804,9 @@ def hardware(args):
 
 def duration(seconds):
     """Seconds as h min, min s, or s."""
-    h, m, s = int(seconds // 3600), int(seconds % 3600 // 60), int(seconds % 60)
+    h = int(seconds // 3600)
+    m = int(seconds % 3600 // 60)
+    s = int(seconds % 60)
     return f"{h} h {m} min" if h else f"{m} min {s} s" if m else f"{seconds:.1f} s"
 
 

@@ -61,7 +61,8 @@ def real_images(path, size):
         if not {"x", "y"} <= set(f.files):
             found = ", ".join(f.files)
             raise ValueError(f"--data {path}: needs arrays 'x' and 'y' (found: {found})")
-        x, y = f["x"], f["y"]
+        x = f["x"]
+        y = f["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) != len(y) or len(x) < 2:
         raise ValueError(f"--data {path}: x must hold N >= 2 uint8 RGB images (N, H, W, 3) and y "
                          f"their N labels; got x {x.shape} {x.dtype}, y {y.shape}")
@@ -76,7 +77,8 @@ def split(labels):
     """A fixed split by class -> (reference indices, held-out indices), both sorted: of a class's n
     images, round(HELD_OUT * n), drawn with SEED, are held out."""
     rng = np.random.default_rng(SEED)
-    reference, held = [], []
+    reference = []
+    held = []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         k = round(HELD_OUT * len(members))
@@ -100,7 +102,9 @@ class Classifier(nn.Module):
     carries the feature statistics of its reference set (float64 buffers), which `measure` uses."""
     def __init__(self, num_classes, image_size, width=WIDTH):
         super().__init__()
-        self.num_classes, self.image_size, self.width = num_classes, image_size, width
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.width = width
         w = width
         self.body = nn.Sequential(*conv_block(3, w), *conv_block(w, w), nn.MaxPool2d(2),
                                   *conv_block(w, 2 * w), *conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
@@ -127,7 +131,8 @@ def features(images, classifier):
     """(features (N, 4W) float64, predicted classes (N,)) of uint8 images (N, S, S, 3): in eval mode
     and fixed batches of 500, so that the same images always give the same numbers."""
     classifier.eval()
-    feats, preds = [], []
+    feats = []
+    preds = []
     for i in range(0, len(images), 500):
         f, logits = classifier(to_input(images[i: i + 500]))
         feats.append(f.double())
@@ -137,8 +142,10 @@ def features(images, classifier):
 
 def check_images(images, labels, classifier):
     """A ValueError saying what is wrong with images and labels this classifier cannot measure."""
-    images, labels = np.asarray(images), np.asarray(labels)
-    S, C = classifier.image_size, classifier.num_classes
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    S = classifier.image_size
+    C = classifier.num_classes
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 RGB (N, H, W, 3), got {images.dtype} "
                          f"{images.shape}")
@@ -196,13 +203,15 @@ def train_classifier(images, labels, num_classes, epochs):
     torch.manual_seed(SEED)
     generator = torch.Generator().manual_seed(SEED)
     classifier = Classifier(num_classes, images.shape[1])
-    x, y = to_input(images), torch.from_numpy(labels)
+    x = to_input(images)
+    y = torch.from_numpy(labels)
     steps = max(1, len(x) // BATCH)                            # per epoch
     opt = torch.optim.AdamW(classifier.parameters(), lr=LR, weight_decay=5e-4)
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
     for epoch in range(epochs):
         classifier.train()
-        order, total = torch.randperm(len(x), generator=generator), 0.0
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
         for b in range(steps):
             idx = order[b * BATCH: (b + 1) * BATCH]
             loss = F.cross_entropy(classifier(augment(x[idx], generator))[1], y[idx])
@@ -294,12 +303,14 @@ def score(args):
         if not {"arr_0", "arr_1"} <= set(f.files):
             raise ValueError(f"SAMPLES {args.samples}: needs arr_0 (images) and arr_1 (labels), "
                              f"found {', '.join(f.files)}; sample with labels, as sample.py does")
-        images, labels = f["arr_0"], f["arr_1"]
+        images = f["arr_0"]
+        labels = f["arr_1"]
     try:
         result = measure(images, labels, classifier)
     except ValueError as e:
         raise ValueError(f"SAMPLES {args.samples}: {e}") from None
-    floor, ceiling = classifier.info["floor"], classifier.info["ceiling"]
+    floor = classifier.info["floor"]
+    ceiling = classifier.info["ceiling"]
     print(f"{args.samples}: distance {result['distance']:.4f}, class accuracy "
           f"{result['accuracy']:.4f} over {result['n']} images (floor {floor['distance']:.4f}, "
           f"ceiling {ceiling['distance']:.4f})")

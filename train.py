@@ -384,10 +384,13 @@ def main(args):
     torch.manual_seed(args.seed)
     raw, ema, opt, token_drop = build_model(args, device, data.channels, data.num_classes,
                                             data.side, args.init)
+    last_ckpt = None                                   # a fresh run: nothing saved, step 0
+    start = 0
+    position = {"epoch": 0, "batch": 0}
+    rngs = None
+    train_s = 0.0
     if resumed:
         last_ckpt, start, position, rngs, train_s = load_run_state(*resumed, raw, ema, opt)
-    else:
-        last_ckpt, start, position, rngs, train_s = None, 0, {"epoch": 0, "batch": 0}, None, 0.0
     model = torch.compile(raw) if args.compile else raw
     if world > 1:              # buffers (RoPE grid, mask token) are equal by construction
         model = DDP(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
