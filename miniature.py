@@ -530,6 +530,14 @@ def differences(r, label, before, after, spec=".3f"):
                  f"{'the same sign in every seed' if same else 'the seeds disagree on its sign'}")
     return line + "."
 
+def quality_differences(r, label, before, after):
+    """The per-seed differences of two sample sets' scores, distance then class accuracy: two
+    lines "LABEL, distance: ..." and "LABEL, accuracy: ..." (after minus before)."""
+    return [differences(r, f"{label}, {key}", lambda s: r.score(s, before)[key],
+                        lambda s: r.score(s, after)[key])
+            for key in ("distance", "accuracy")]
+
+
 
 def cost_section(r, figures):
     """(a) DiT vs SPRINT: held-out loss at equal training seconds; the final checkpoints."""
@@ -563,10 +571,8 @@ def cost_section(r, figures):
     lines += seed_table(r, ["arm", "seed", "steps", "training s", "held-out loss", "distance",
                             "class accuracy", "s per image"],
                         ["", ".0f", ".4f", ".3f", ".3f", ".3f"], settings)
-    for key in ("distance", "accuracy"):
-        lines.append(differences(r, f"SPRINT − DiT, {key}",
-                                 lambda s: r.score(s, sample_name("dit", SCALE))[key],
-                                 lambda s: r.score(s, sample_name("sprint", SCALE))[key]))
+    lines += quality_differences(r, "SPRINT − DiT", sample_name("dit", SCALE),
+                                 sample_name("sprint", SCALE))
     lines.append(differences(r, "SPRINT − DiT, final held-out loss",
                              lambda s: r.at_step(s, "dit")["eval_loss"],
                              lambda s: r.at_step(s, "sprint")["eval_loss"], ".4f"))
@@ -604,10 +610,7 @@ def finetune_section(r):
                          ("after the fine-tune", lambda s: values(s, False))])
     before = sample_name("sprint", SCALE, stage1=True)
     after = sample_name("sprint", SCALE)
-    for key in ("distance", "accuracy"):
-        lines.append(differences(r, f"after − before the fine-tune, {key}",
-                                 lambda s: r.score(s, before)[key],
-                                 lambda s: r.score(s, after)[key]))
+    lines += quality_differences(r, "after − before the fine-tune", before, after)
     return lines + [""]
 
 
@@ -622,10 +625,8 @@ def guidance_section(r, figures):
     lines += seed_table(r, ["guidance", "seed", "distance", "class accuracy", "s per image"],
                         [".3f", ".3f", ".3f"], settings)
     for w in SCALES:
-        for key in ("distance", "accuracy"):
-            lines.append(differences(r, f"PDG − CFG at {w:g}, {key}",
-                                     lambda s: r.score(s, sample_name("sprint", w))[key],
-                                     lambda s: r.score(s, sample_name("sprint", w, True))[key]))
+        lines += quality_differences(r, f"PDG − CFG at {w:g}", sample_name("sprint", w),
+                                     sample_name("sprint", w, True))
     speed = []
     for w in SCALES:
         cfg = [r.score(s, sample_name("sprint", w))["s_per_image"] for s in r.args.seeds]
@@ -661,10 +662,8 @@ def sparsedit_section(r):
     lines += seed_table(r, ["model", "seed", "training s", "held-out loss", "distance",
                             "class accuracy", "s per image"],
                         [".0f", ".4f", ".3f", ".3f", ".3f"], settings)
-    for key in ("distance", "accuracy"):
-        lines.append(differences(r, f"SparseDiT − control, {key}",
-                                 lambda s: r.score(s, sample_name("dit-control", SCALE))[key],
-                                 lambda s: r.score(s, sample_name("sparsedit", SCALE))[key]))
+    lines += quality_differences(r, "SparseDiT − control", sample_name("dit-control", SCALE),
+                                 sample_name("sparsedit", SCALE))
     lines.append(differences(r, "SparseDiT − control, held-out loss",
                              lambda s: r.at_step(s, "dit-control")["eval_loss"],
                              lambda s: r.at_step(s, "sparsedit")["eval_loss"], ".4f"))
@@ -685,10 +684,8 @@ def drop_section(r):
     lines += seed_table(r, ["drop", "seed", f"held-out loss, step {steps}",
                             f"held-out loss, step {steps + finetune}", "distance",
                             "class accuracy"], [".4f", ".4f", ".3f", ".3f"], settings)
-    for key in ("distance", "accuracy"):
-        lines.append(differences(r, f"random − structured, {key}",
-                                 lambda s: r.score(s, sample_name("sprint", SCALE))[key],
-                                 lambda s: r.score(s, sample_name("sprint-random", SCALE))[key]))
+    lines += quality_differences(r, "random − structured", sample_name("sprint", SCALE),
+                                 sample_name("sprint-random", SCALE))
     return lines + [""]
 
 
