@@ -1,7 +1,7 @@
 """
-The papers' evaluator in PyTorch: FID, sFID, Inception Score, precision and recall, each computed as
-ADM's evaluator computes it (guided-diffusion's evaluations/evaluator.py, TensorFlow and the 2015
-Inception graph), the scorer of both SPRINT and SparseDiT.
+The papers' evaluator in PyTorch, in one file: FID, sFID, Inception Score, precision and recall,
+each computed as ADM's evaluator computes them (guided-diffusion's evaluations/evaluator.py,
+TensorFlow and the 2015 Inception graph), the scorer of both SPRINT and SparseDiT.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz         # the five numbers
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --json  # as one JSON object
@@ -11,17 +11,28 @@ Inception graph), the scorer of both SPRINT and SparseDiT.
 SAMPLES and REF are each a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as
 sample.py writes), an ADM reference batch (arr_0 and precomputed mu, sigma, mu_s, sigma_s) or a
 statistics .npz from --save-stats (mu, sigma, mu_s, sigma_s and the pool3 features). As in the
-evaluator, statistics a file holds win over its images; the report says which were used.
+evaluator, statistics a file holds win over its images; the report says which were used. Images are
+read batch by batch, never all at once (50,000 images of 512 px are 39 GB).
+
+The graph (inception-2015-12-05, classify_image_graph_def.pb) takes images of any size in 0..255,
+resizes them inside itself with TF1's ResizeBilinear and maps them with (x - 128) / 128.
+pytorch-fid resizes with F.interpolate and maps with x / 127.5 - 1 instead, which moves the input by
+up to 0.25 at 256 px (more for smaller images), so its scores are not the papers'; pytorch-fid has
+no sFID, precision or recall either. Its network and weight file are the graph's, and used here.
 
 Where the evaluator's operations live:
-- the graph's input (TF1 bilinear resize to 299, then (x - 128) / 128), the network: inception.py;
-- FID and sFID: `feature_statistics` and `frechet_distance` of pool3 (2048 values an image) and of
-  the spatial features (2023);
-- IS: `inception_score` of the graph's logits without their bias, in splits of 5,000 samples;
-- precision and recall: `precision_recall`, k = 3 nearest-neighbour balls in pool3 space, with the
-  evaluator's float16 distances (`pairwise_distances`).
-The network agrees with pytorch-fid's to 1e-4 on the same input; the scores do not, as pytorch-fid
-preprocesses differently (inception.py); pytorch-fid has no sFID, precision or recall either.
+- the graph's input: `preprocess` (`resize_bilinear_tf1` to 299, then (x - 128) / 128), bit-exact
+  against TensorFlow's own ops (tests/fixtures/adm_evaluator_ops.npz);
+- the network: `FIDInceptionV3`, the graph's Inception-v3 as ported by pytorch-fid, with the key
+  names of its weight file, which `load_inception` loads (pt_inception-2015-12-05-6726825d.pth);
+  it agrees with pytorch-fid's network to 1e-4 on the same input;
+- the features, streamed batch by batch: `inception_outputs` of `ImageFiles` or `NpzImages` gives
+  pool3 (2048 values an image) and the spatial features (mixed_6/conv, 2023 values);
+- FID and sFID: `feature_statistics` and `frechet_distance` of pool3 and of the spatial features;
+- IS: `inception_score` of the graph's logits without their bias (`FIDInceptionV3.logits`), in
+  splits of 5,000 samples;
+- precision and recall: `precision_recall`, k = 3 nearest-neighbour balls in pool3 space
+  (`manifold_radii`), with the evaluator's float16 distances (`pairwise_distances`).
 
 References:
 - Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"
@@ -34,10 +45,17 @@ References:
   (NeurIPS 2019, arXiv 1904.06991): a set's manifold is the union of balls that reach from each
   point to its k-th nearest neighbour.
 - Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (NeurIPS 2021, arXiv
-  2105.05233): the evaluator (github.com/openai/guided-diffusion, evaluations/evaluator.py) and its
-  reference batches.
+  2105.05233): the evaluator (github.com/openai/guided-diffusion, evaluations/evaluator.py, which
+  reads pool_3:0 and mixed_6/conv:0) and its reference batches.
+- Szegedy et al., "Rethinking the Inception Architecture for Computer Vision" (CVPR 2016,
+  arXiv 1512.00567): Inception-v3.
+- pytorch-fid (github.com/mseitzer/pytorch-fid): the weight file and the FID-specific blocks.
+- torch-fidelity (github.com/toshas/torch-fidelity): utils/util_convert_inception_weights.py names
+  the module each graph node became (mixed_6/conv -> Mixed_6d.branch1x1), the basis of sFID's
+  features in `FIDInceptionV3.forward`.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,20 +65,307 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-import inception
-from data import IMAGE_EXTS, read_image
-
+WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
+WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+               + WEIGHTS_NAME)
+SIZE = 299              # the graph's input resolution
 NEIGHBOURS = 3          # k of the evaluator's ManifoldEstimator (nhood_sizes=(3,))
 DISTANCE_BLOCK = 10000  # rows and columns per block of distances (its row/col_batch_size)
 IS_SPLIT = 5000         # samples per Inception Score split (its split_size): 50,000 give 10 splits
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 #################################################################################
-#                        Images -> Inception features                           #
+#             The graph's input: TF1 bilinear resize, then (x - 128) / 128      #
 #################################################################################
+
+def resize_bilinear_tf1(images, size=SIZE):
+    """TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False) of images (N, H, W, C),
+    uint8 or float, to float32 (N, size, size, C)."""
+    def taps(n_in):
+        # Output pixel i reads source coordinate i * n_in / size, with no half-pixel shift (that of
+        # F.interpolate's align_corners=False), in float32 as TensorFlow computes it.
+        scale = torch.tensor(n_in, dtype=torch.float32, device=images.device) / size
+        src = torch.arange(size, dtype=torch.float32, device=images.device) * scale
+        frac = src - src.floor()
+        low = src.long()                                         # floor: src is not negative
+        return low, (low + 1).clamp(max=n_in - 1), frac
+    y0, y1, fy = taps(images.shape[1])
+    x0, x1, fx = taps(images.shape[2])
+    # Gather the four source pixels of each output pixel before converting to float, so that a
+    # batch of large uint8 images never becomes a float copy (N, H, W, C): at 1024 px that is 12 MB
+    # an image, the gathered pixels 4 × 1 MB.
+    top = images[:, y0]                                          # (N, size, W, C), as given
+    bottom = images[:, y1]
+    top_left = top[:, :, x0].float()                             # (N, size, size, C)
+    bottom_left = bottom[:, :, x0].float()
+    fx = fx[:, None]                                             # (size, 1): along W
+    # TensorFlow's order of operations: along each of the two rows first, then between them
+    top = top_left + (top[:, :, x1].float() - top_left) * fx
+    bottom = bottom_left + (bottom[:, :, x1].float() - bottom_left) * fx
+    return top + (bottom - top) * fy[:, None, None]
+
+
+def preprocess(images):
+    """Images (N, H, W, 3), uint8 or float in 0..255, any size -> the graph's input
+    (N, 3, 299, 299), float32."""
+    x = resize_bilinear_tf1(images)                              # (N, 299, 299, 3) in 0..255
+    x = (x - 128) / 128                                          # the graph's Sub and Mul nodes
+    return x.permute(0, 3, 1, 2).contiguous()                    # (N, 3, 299, 299)
+
+#################################################################################
+#                        Inception-v3 (FID variant)                             #
+#################################################################################
+
+# The graph's Inception-v3 as pytorch-fid ports it, with the key names of its weight file, so that
+# the file loads as is. It differs from torchvision's Inception-v3 in three places: average pools do
+# not count padding, the last block (Mixed_7c) max-pools in its pool branch, and the classifier has
+# 1008 outputs (the 2015 graph's: the 1000 ImageNet classes and unused extra ones).
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as in the TF graph) -> ReLU."""
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def chain(x, *layers):
+    """x through layers in order (a branch of an Inception block)."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def avg_pool(x):
+    """3×3 average pool over real pixels only: the TF graph's (torchvision's counts the padding)."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b-d (35×35): 1x1, 5x5, double 3x3 and pool branches."""
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          chain(x, self.branch5x5_1, self.branch5x5_2),
+                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a: grid reduction 35×35 -> 17×17."""
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b-e (17×17): 7x7 convolutions factorised into 1x7 and 7x1."""
+    def __init__(self, cin, c7):
+        super().__init__()
+        row = dict(kernel=(1, 7), padding=(0, 3))
+        col = dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                          chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                                self.branch7x7dbl_4, self.branch7x7dbl_5),
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a: grid reduction 17×17 -> 8×8."""
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2),
+                          chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                                self.branch7x7x3_4),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/7c (8×8): 3x3 convolutions split into parallel 1x3 and 3x1; 7c max-pools."""
+    def __init__(self, cin, max_pool=False):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's Mixed_7c max-pools where Mixed_7b averages
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3),
+                          self.branch_pool(pool)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """The graph's input (N, 3, 299, 299) -> (pool3 (N, 2048), spatial features (N, 2023))."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3) # (N, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)                                    # (N, 64, 73, 73)
+        x = chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)                # (N, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)                                    # (N, 192, 35, 35)
+        x = chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)           # (N, 288, 35, 35)
+        x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)  # (N, 768, 17, 17)
+        # sFID reads the graph's mixed_6/conv:0, first 7 channels. The graph names its blocks
+        # mixed, mixed_1, mixed_2 (Mixed_5b-d), mixed_3 (6a), ..., mixed_6 (6d), and a block's
+        # "conv" is its 1x1 branch: the weights mixed_6/conv/{conv2d_params,batchnorm} are
+        # Mixed_6d.branch1x1's (torch-fidelity's conversion), and the tensor mixed_6/conv is that
+        # unit's output after batch norm and ReLU. Mixed_6d concatenates branch1x1 first, so its
+        # channels 0-6 are those. The graph is channels-last (NHWC) and the evaluator flattens
+        # (17, 17, 7): row, column, channel.
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                  # (N, 17 * 17 * 7 = 2023)
+        x = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (N, 2048, 8, 8)
+        pool3 = x.mean(dim=(2, 3))                                          # (N, 2048): pool_3:0
+        return pool3, spatial
+
+    def logits(self, pool3):
+        """The graph's softmax/logits/MatMul, pool3 @ W (N, 1008): the evaluator's Inception
+        Score takes its softmax without the bias the graph adds next (fc.bias: loaded, unused)."""
+        return pool3 @ self.fc.weight.T
+
+#################################################################################
+#                     The released weights, fetched and checked                 #
+#################################################################################
+
+def one_line(error):
+    """An exception's message on one line: its whitespace, newlines included, collapsed."""
+    return ' '.join(str(error).split())
+
+
+def load_inception(weights=None, device='cpu'):
+    """The FID Inception-v3 in eval mode with the released weights: the file `weights`, else
+    $FID_WEIGHTS (both for offline use), else WEIGHTS_URL through torch's hub cache, downloaded on
+    first use (as pytorch-fid, clean-fid and torch-fidelity do) and kept only if its sha256 starts
+    with the digits in its name (-6726825d). Random weights are never used."""
+    hint = (f"FID needs the Inception weights {WEIGHTS_NAME} (the FID Inception-v3 used by "
+            f"pytorch-fid; random weights are never used). Download it from {WEIGHTS_URL} and pass "
+            f"--weights PATH or set FID_WEIGHTS=PATH.")
+    path = weights or os.environ.get('FID_WEIGHTS')
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(WEIGHTS_URL))
+        try:
+            # torch.hub announces a download on stdout, which carries the report (--json)
+            with contextlib.redirect_stdout(sys.stderr):
+                state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu',
+                                                           progress=True, check_hash=True,
+                                                           weights_only=True)
+        except Exception as e:
+            # no network, an HTTP error, a sha256 that does not start with the name's digits
+            # (torch.hub deletes that download) or a damaged cached file: torch's words say which
+            raise FileNotFoundError(f"no Inception weights given, and torch.hub could not provide "
+                                    f"{path} ({type(e).__name__}: {one_line(e)}). {hint}") from None
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights {path}: no such file. {hint}")
+    else:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors
+            raise ValueError(f"Inception weights {path}: not a PyTorch state dict of tensors "
+                             f"({type(e).__name__}); expected {WEIGHTS_NAME} from "
+                             f"{WEIGHTS_URL}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"Inception weights {path}: expected a state dict, got "
+                         f"{type(state).__name__}")
+    model = FIDInceptionV3()
+    # BatchNorm's num_batches_tracked counters are unused in eval mode and the released file has
+    # none: the fresh model's own stand in for them, so that the load can be strict
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith('num_batches_tracked')}
+    try:
+        model.load_state_dict({**counters, **state})
+    except RuntimeError as e:   # torch's report of missing and unexpected keys and wrong shapes
+        raise ValueError(f"Inception weights {path} do not fit the FID Inception-v3 "
+                         f"({one_line(e)})") from None
+    return model.eval().requires_grad_(False).to(device)
+
+#################################################################################
+#                  Images -> Inception features, batch by batch                 #
+#################################################################################
+
+def read_image(path, source):
+    """An image file as a uint8 (H, W, 3) RGB array. A file PIL cannot decode is one ValueError
+    naming where it came from (`source`: the argument) and the file."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert('RGB'))
+    # PIL's ways of saying "not an image"
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{source}: cannot decode {path} ({e})") from None
+
 
 def stack_images(images, names):
     """Stack same-sized (H, W, 3) images, or say which two differ."""
@@ -72,8 +377,8 @@ def stack_images(images, names):
 
 
 class ImageFiles:
-    """A flat folder's images in sorted order, read lazily: files[i:j] is a uint8 (j-i, H, W, 3)
-    array. name: the argument it came from (SAMPLES or REF), named in errors."""
+    """A flat folder's images in sorted order, decoded one batch at a time. name: the argument it
+    came from (SAMPLES or REF), named in errors."""
     def __init__(self, path, name='images'):
         self.name = name
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
@@ -84,9 +389,56 @@ class ImageFiles:
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, index):
-        files = self.files[index]
-        return stack_images([np.asarray(read_image(f, self.name)) for f in files], files)
+    def batches(self, batch_size):
+        """uint8 (n, H, W, 3) arrays of batch_size images in order (the last may hold fewer)."""
+        for start in range(0, len(self.files), batch_size):
+            files = self.files[start:start + batch_size]
+            yield stack_images([read_image(f, self.name) for f in files], files)
+
+
+class NpzImages:
+    """An .npz's arr_0, uint8 (N, H, W, 3), read batch by batch as ADM's evaluator reads it, never
+    whole: 50,000 images of 512 px are 39 GB. Its shape and dtype are read from the .npy header and
+    checked at open. name: the argument it came from (SAMPLES or REF), named in errors."""
+    def __init__(self, path, name='images'):
+        self.path = path
+        self.name = name
+        with self.arr_0() as (_, shape, fortran_order, dtype):
+            self.shape = shape
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"{name} {path}: arr_0 must be uint8 (N, H, W, 3), got {dtype} "
+                             f"{shape}")
+        if fortran_order:
+            raise ValueError(f"{name} {path}: arr_0 is stored in Fortran order; save it C-ordered "
+                             f"(np.ascontiguousarray) to be read batch by batch")
+
+    @contextlib.contextmanager
+    def arr_0(self):
+        """The member arr_0.npy, opened and read past its header: (file, shape, fortran_order,
+        dtype). ZipFile.open streams both stored (np.savez) and deflated (np.savez_compressed)
+        members."""
+        with zipfile.ZipFile(self.path) as archive, archive.open('arr_0.npy') as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(f)
+            else:
+                header = np.lib.format.read_array_header_2_0(f)
+            yield (f, *header)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def batches(self, batch_size):
+        """uint8 (n, H, W, 3) arrays of batch_size images in order (the last may hold fewer)."""
+        with self.arr_0() as (f, *_):
+            for start in range(0, len(self), batch_size):
+                batch = np.empty((min(batch_size, len(self) - start), *self.shape[1:]), np.uint8)
+                # one image at a time: ZipFile's read copies what it reads, once or twice
+                for image in batch:
+                    if f.readinto(image) < image.nbytes:
+                        raise ValueError(f"{self.name} {self.path}: arr_0 holds fewer than the "
+                                         f"{len(self)} images its header promises")
+                yield batch
 
 
 def as_uint8_batch(batch):
@@ -104,15 +456,17 @@ def as_uint8_batch(batch):
 @torch.inference_mode()
 def inception_outputs(images, model, batch_size=50, device=None, progress=False, desc='inception'):
     """pool3 features (N, 2048) and spatial features (N, 2023) of images, float32 numpy, as the
-    evaluator reads them. images: a sliceable set (uint8 (N, H, W, 3) array, ImageFiles, list of
-    (H, W, 3) arrays) or any other iterable yielding such batches (e.g. a sampler's generator)."""
+    evaluator reads them. images: ImageFiles or NpzImages (read one batch at a time), a uint8
+    (N, H, W, 3) array or list of (H, W, 3) arrays, or any other iterable yielding such batches
+    (e.g. a sampler's generator)."""
     device = device or next(model.parameters()).device
-    if hasattr(images, '__len__') and hasattr(images, '__getitem__'):
+    total = len(images) if hasattr(images, '__len__') else None
+    if hasattr(images, 'batches'):
+        batches = images.batches(batch_size)
+    elif hasattr(images, '__getitem__'):
         batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-        total = len(images)
     else:
         batches = images
-        total = None
     pool3 = []
     spatial = []
     bar = tqdm(total=total, disable=not progress, unit='img', desc=desc)
@@ -120,8 +474,8 @@ def inception_outputs(images, model, batch_size=50, device=None, progress=False,
     with bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for batch in batches:
             batch = as_uint8_batch(batch)
-            x = inception.preprocess(torch.from_numpy(batch).to(device))   # (n, 3, 299, 299)
-            batch_pool3, batch_spatial = model(x)                         # (n, 2048), (n, 2023)
+            x = preprocess(torch.from_numpy(batch).to(device))      # (n, 3, 299, 299)
+            batch_pool3, batch_spatial = model(x)                   # (n, 2048), (n, 2023)
             pool3.append(batch_pool3.float().cpu().numpy())
             spatial.append(batch_spatial.float().cpu().numpy())
             bar.update(len(batch))
@@ -140,12 +494,6 @@ def feature_statistics(feats):
         raise ValueError(f"need at least 2 images to estimate a covariance, got {len(feats)}")
     feats = np.asarray(feats)
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
-
-
-def compute_statistics(images, model, batch_size=50, device=None, progress=False):
-    """FID statistics (mu (2048,), sigma (2048, 2048)) of images; formats as inception_outputs."""
-    pool3, _ = inception_outputs(images, model, batch_size, device, progress)
-    return feature_statistics(pool3)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -196,70 +544,16 @@ def inception_score(logits, split_size=IS_SPLIT):
 #################################################################################
 
 # The evaluator casts the features to float16 and computes |u|^2 - 2 u.v + |v|^2 with TensorFlow's
-# float16 ops, each of which rounds its result to float16. Its radii are therefore float16 numbers,
-# which exact distances do not reproduce (tests/test_fid.py), and the order in which TensorFlow
-# sums the squares matters. On a CPU, TensorFlow sums with Eigen's vectorised float16 reduction;
-# with Eigen's constants below, the radii of tests/fixtures/adm_evaluator_ops.npz (computed on a
-# CPU) are reproduced bit for bit. On a GPU, TensorFlow sums in float32 and rounds once: on the
-# fixture that moves 30% of the radii by one float16 step and recall by 1 of 600 references.
-PACKET = 8   # float16 lanes of one vector register (Eigen's Packet8h on AVX)
-LEAF = 200   # Eigen's LeafSize<half>: a row longer than PACKET * LEAF is summed as two halves
-
+# float16 ops, each of which rounds its result to float16: its radii are float16 numbers, which
+# exact distances do not reproduce (tests/test_fid.py). Here each op rounds its result once, as
+# TensorFlow on a GPU does. TensorFlow on a CPU adds the squares in float16 (Eigen's vectorised
+# order), which moves some squared norms by one float16 step: of the 1,100 radii it computed in
+# tests/fixtures/adm_evaluator_ops.npz, 766 are equal here and the others within 0.5; precision is
+# equal and recall is 1 of 600 references higher.
 
 def to_half(x):
     """x (float32) rounded to the nearest float16, kept in float32: a float16 operation's result."""
     return x.half().float()
-
-
-def leaf_sum(x):
-    """Row sums (R,) of float16 values x (R, n), n <= PACKET * LEAF, in Eigen's vectorised order:
-    four accumulators of PACKET lanes take successive packets in turn, then add up (1, 2 and 3 into
-    0); leftover packets go to accumulator 0, leftover values to a scalar; at the end the lanes are
-    added in float32 and rounded once, and the scalar is added."""
-    rows, n = x.shape
-    acc = x.new_zeros(rows, PACKET)
-    start = 0
-    if n >= 4 * PACKET:
-        start = n // (4 * PACKET) * (4 * PACKET)
-        quads = x[:, :start].reshape(rows, -1, 4, PACKET)      # (R, steps, accumulator, lane)
-        accs = x.new_zeros(rows, 4, PACKET)
-        for step in range(quads.shape[1]):
-            accs = to_half(accs + quads[:, step])
-        acc = accs[:, 0]
-        for k in range(1, 4):
-            acc = to_half(acc + accs[:, k])
-    while start + PACKET <= n:
-        acc = to_half(acc + x[:, start:start + PACKET])
-        start += PACKET
-    scalar = x.new_zeros(rows)
-    for j in range(start, n):
-        scalar = to_half(scalar + x[:, j])
-    # float16 values added in float32 are exact unless their exponents lie more than 13 apart, so
-    # the order of the lanes does not matter
-    return to_half(scalar + to_half(acc.sum(dim=1)))
-
-
-def tree_sum(x, first=0):
-    """Row sums (R,) of float16 values x (R, n) as Eigen's tree reduction takes them. first: where
-    the rows start in the flattened tensor, modulo PACKET (the split is at a packet boundary)."""
-    n = x.shape[1]
-    if n <= PACKET * LEAF:
-        return leaf_sum(x)
-    left = PACKET * math.ceil((first + math.ceil(n / 2)) / PACKET) - first   # 2048: 1024 + 1024
-    return to_half(tree_sum(x[:, :left], first) + tree_sum(x[:, left:]))
-
-
-def float16_squared_norms(u):
-    """tf.reduce_sum(tf.square(u), 1) of float16 values u (R, D), as TensorFlow computes it on a
-    CPU: (R,)."""
-    squares = to_half(u * u)                                     # tf.square rounds each square
-    # row r starts at r * D of the flattened tensor: at a packet boundary when D is a multiple of 8
-    starts = torch.arange(len(u)) * u.shape[1] % PACKET
-    norms = torch.empty(len(u), device=u.device)
-    for first in starts.unique().tolist():
-        rows = (starts == first).to(u.device)
-        norms[rows] = tree_sum(squares[rows], first)
-    return norms
 
 
 def pairwise_distances(u, v):
@@ -268,12 +562,13 @@ def pairwise_distances(u, v):
     finite, else in float32."""
     u16 = to_half(u)
     v16 = to_half(v)
-    # float16 products are exact in float32; TensorFlow's CPU MatMul adds them in float32 and rounds
-    # once (the fixture's radii say so). Its order of addition may differ from torch's: float32 and
-    # float64 sums of 2048 terms round to different float16 dots 1 time in 10,000 (measured).
+    # tf.square rounds each square, tf.reduce_sum adds them in float32 and rounds once
+    norms_u = to_half(to_half(u16 * u16).sum(dim=1))            # (R,)
+    norms_v = to_half(to_half(v16 * v16).sum(dim=1))            # (C,)
+    # products of float16 numbers are exact in float32; the MatMul adds them and rounds once
     dots = to_half(u16 @ v16.T)                                  # (R, C)
-    d = to_half(float16_squared_norms(u16)[:, None] - to_half(2 * dots))
-    d = to_half(d + float16_squared_norms(v16)[None]).clamp_min(0)
+    d = to_half(norms_u[:, None] - to_half(2 * dots))
+    d = to_half(d + norms_v[None]).clamp_min(0)
     if torch.isfinite(d).all():
         return d
     # a squared norm beyond float16's 65504: the evaluator's tf.cond redoes the block in float32
@@ -337,7 +632,7 @@ class Source:
     """What one argument holds: images, and what a statistics file or reference batch carries."""
     name: str                  # SAMPLES or REF, named in messages
     path: str
-    images: object = None      # a sliceable uint8 image set (arr_0 or ImageFiles), or None
+    images: object = None      # NpzImages (arr_0) or ImageFiles, read batch by batch; or None
     fid_stats: tuple = None    # (mu, sigma) of pool3, precomputed in the file
     sfid_stats: tuple = None   # (mu_s, sigma_s) of the spatial features, precomputed in the file
     pool3: np.ndarray = None   # pool3 features (N, 2048), as --save-stats saves them
@@ -359,25 +654,23 @@ def load_input(path, name):
         raise ValueError(f"{name} {path}: expected a folder of images or an .npz (arr_0 images, or "
                          f"statistics)")
     try:
-        data = np.load(path)
+        data = np.load(path)                 # lazy: a key is read when asked for
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{name} {path}: not a readable .npz ({e})") from None
     source = Source(name, path)
-    if 'mu' in data and 'sigma' in data:
-        source.fid_stats = (data['mu'], data['sigma'])
-    if 'mu_s' in data and 'sigma_s' in data:
-        source.sfid_stats = (data['mu_s'], data['sigma_s'])
-    if 'pool3' in data:
-        source.pool3 = data['pool3']
-    if 'arr_0' in data:
-        images = data['arr_0']
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"{name} {path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} "
-                             f"{images.shape}")
-        source.images = images
+    with data:
+        if 'mu' in data and 'sigma' in data:
+            source.fid_stats = (data['mu'], data['sigma'])
+        if 'mu_s' in data and 'sigma_s' in data:
+            source.sfid_stats = (data['mu_s'], data['sigma_s'])
+        if 'pool3' in data:
+            source.pool3 = data['pool3']
+        keys = list(data.keys())
+    if 'arr_0' in keys:
+        source.images = NpzImages(path, name)                    # its header only, for now
     if source.images is None and source.fid_stats is None and source.pool3 is None:
-        raise ValueError(f"{name} {path}: found keys {list(data.keys())}; expected arr_0 (images), "
-                         f"or mu and sigma (statistics)")
+        raise ValueError(f"{name} {path}: found keys {keys}; expected arr_0 (images), or mu and "
+                         f"sigma (statistics)")
     return source
 
 
@@ -450,7 +743,7 @@ def main(argv=None):
                         "sigma_s and pool3 features here")
     parser.add_argument('--overwrite', action='store_true',
                         help="let --save-stats replace an existing file")
-    parser.add_argument('--weights', default=None, help=f"path to {inception.WEIGHTS_NAME} "
+    parser.add_argument('--weights', default=None, help=f"path to {WEIGHTS_NAME} "
                         f"(default: $FID_WEIGHTS, else torch's hub cache, downloaded on first use)")
     parser.add_argument('--batch-size', type=int, default=50,
                         help="images per Inception forward pass (default 50)")
@@ -497,7 +790,7 @@ def main(argv=None):
         model = None
         ref_needs_model = ref is not None and (full or needs_images(ref, full))
         if needs_images(samples, full_samples) or ref_needs_model:
-            model = inception.load_inception(args.weights, args.device)
+            model = load_inception(args.weights, args.device)
         sample_stats = measure(samples, model, args, full_samples)
         report = {'SAMPLES': sample_stats['how']}
         if ref is not None:

@@ -4,6 +4,7 @@ written."""
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import torch
 from PIL import Image
 
 import fid
-import inception
 from test_fid import fixture_model
 
 
@@ -24,7 +24,7 @@ def model(one_thread):
 @pytest.fixture
 def network(model, monkeypatch):
     """fid.main loads the fixture's network, built once, instead of the released weights."""
-    monkeypatch.setattr(inception, 'load_inception', lambda weights=None, device='cpu': model)
+    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu': model)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def cli(network, monkeypatch):
     frechet_distance = fid.frechet_distance
 
     def once_per_image_set(images, *args, **kwargs):
-        key = images[:].tobytes()
+        key = pixels(images).tobytes()
         if key not in computed:
             computed[key] = inception_outputs(images, *args, **kwargs)
         outputs.append(computed[key])
@@ -51,6 +51,11 @@ def cli(network, monkeypatch):
     monkeypatch.setattr(fid, 'inception_outputs', once_per_image_set)
     monkeypatch.setattr(fid, 'frechet_distance', leading_dims)
     return outputs
+
+
+def pixels(images):
+    """All the images of an ImageFiles or NpzImages, uint8 (N, H, W, 3)."""
+    return np.concatenate(list(images.batches(len(images))))
 
 
 def report_lines(text):
@@ -87,8 +92,8 @@ def test_save_stats_then_score_against_an_adm_reference_batch(tmp_path, model, c
     # precision and recall come from its images, the samples' own: each point lies in its own ball.
     e0 = np.eye(2048, dtype=np.float32)[0]
     adm = tmp_path / 'VIRTUAL_tiny.npz'
-    np.savez(adm, arr_0=fid.ImageFiles(str(folder))[:], mu=saved['mu'] + e0, sigma=saved['sigma'],
-             mu_s=saved['mu_s'] + 0.5 * e0[:2023], sigma_s=saved['sigma_s'])
+    np.savez(adm, arr_0=pixels(fid.ImageFiles(str(folder))), mu=saved['mu'] + e0,
+             sigma=saved['sigma'], mu_s=saved['mu_s'] + 0.5 * e0[:2023], sigma_s=saved['sigma_s'])
     fid.main([str(stats), str(adm), '--json'])
     report = json.loads(capsys.readouterr().out)
     assert report['SAMPLES'] == 'precomputed in samples_stats.npz (mu, sigma, mu_s, sigma_s, pool3)'
@@ -164,7 +169,7 @@ def test_a_reference_without_spatial_statistics_or_images_has_no_sfid(tmp_path, 
 
     def no_network(*args, **kwargs):
         raise AssertionError("FID of two statistics files needs no Inception weights")
-    monkeypatch.setattr(inception, 'load_inception', no_network)
+    monkeypatch.setattr(fid, 'load_inception', no_network)
     fid.main([str(samples), str(ref), '--fid-only'])
     assert report_lines(capsys.readouterr().out)['FID'] == '0.0000'
 
@@ -192,6 +197,18 @@ def test_inputs_that_are_neither_images_nor_statistics(tmp_path):
         "found keys ['latents']; expected arr_0 (images), or mu and sigma (statistics)")
     assert cli_error(tmp_path / 'float.npz', tmp_path / 'float.npz').endswith(
         "arr_0 must be uint8 (N, H, W, 3), got float32 (4, 8, 8, 3)")
+
+
+def test_an_arr_0_shorter_than_its_header_says(tmp_path, network):
+    # the header, read at open, promises 5 images; the data holds 3
+    path = tmp_path / 'cut.npz'
+    with zipfile.ZipFile(path, 'w') as archive, archive.open('arr_0.npy', 'w') as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False,
+                                                 'shape': (5, 8, 8, 3)})
+        f.write(np.zeros((3, 8, 8, 3), np.uint8).tobytes())
+    assert cli_error(path, '--save-stats', tmp_path / 's.npz') == (
+        f"fid.py: error: SAMPLES {path}: arr_0 holds fewer than the 5 images its header promises")
+    assert not (tmp_path / 's.npz').exists()
 
 
 def test_empty_folder(tmp_path):
@@ -240,17 +257,27 @@ def test_save_stats_never_overwrites_a_file_unasked(tmp_path):
         f"another file")                                         # before any image is read
     assert earlier.read_bytes() == b'earlier statistics'
 
-#### The Inception weights: found, downloaded once, checked ####
+#### The Inception weights: fetched once through torch.hub, checked, loaded strictly ####
 
 def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv('FID_WEIGHTS', raising=False)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))   # no cached copy either
-    offline = f'file://{tmp_path}/offline/{inception.WEIGHTS_NAME}'    # and no network
-    monkeypatch.setattr(inception, 'WEIGHTS_URL', offline)
+    offline = f'file://{tmp_path}/offline/{fid.WEIGHTS_NAME}'          # and no network
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', offline)
     folder = write_images(tmp_path / 'imgs', [(8, 8)] * 4)
     for args in [(folder, folder), (folder, folder, '--weights', tmp_path / 'nope.pth')]:
         msg = cli_error(*args)
-        assert inception.WEIGHTS_NAME in msg and inception.WEIGHTS_URL in msg and 'random' in msg
+        assert fid.WEIGHTS_NAME in msg and fid.WEIGHTS_URL in msg and 'random' in msg
+        assert 'pass --weights PATH or set FID_WEIGHTS=PATH' in msg
+    assert 'URLError' in cli_error(folder, folder)               # torch.hub's reason, named
+
+
+class StandIn(torch.nn.Module):
+    """One BatchNorm in FIDInceptionV3's place (its file, like the released one, without the
+    counter): where the weights come from is tested here, not what they hold."""
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(1)
 
 
 def test_the_weights_are_downloaded_once_into_the_hub_cache_and_hash_checked(tmp_path,
@@ -258,49 +285,58 @@ def test_the_weights_are_downloaded_once_into_the_hub_cache_and_hash_checked(tmp
                                                                                capsys):
     monkeypatch.delenv('FID_WEIGHTS', raising=False)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    data = b'weights'                                # find_weights checks the hash, not content
+    monkeypatch.setattr(fid, 'FIDInceptionV3', StandIn)
+    state = {'bn.weight': torch.tensor([2.0]), 'bn.bias': torch.tensor([3.0]),
+             'bn.running_mean': torch.tensor([4.0]), 'bn.running_var': torch.tensor([5.0])}
     server = tmp_path / 'server'
     server.mkdir()
+    torch.save(state, server / 'weights.pth')
+    data = (server / 'weights.pth').read_bytes()
     digits = hashlib.sha256(data).hexdigest()[:8]
     good = server / f'pt_inception-test-{digits}.pth'            # torch.hub's name convention
-    good.write_bytes(data)
-    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{good}')
+    (server / 'weights.pth').rename(good)
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{good}')
     cached = tmp_path / 'hub' / 'checkpoints' / good.name
-    assert inception.find_weights() == str(cached) and cached.read_bytes() == data
-    assert f'downloading the FID Inception weights from file://{good}' in capsys.readouterr().err
+    assert fid.load_inception().bn.bias.item() == 3.0 and cached.read_bytes() == data
+    out, err = capsys.readouterr()
+    assert out == '' and str(cached) in err      # torch.hub's note on stderr: stdout is the report
     good.unlink()                                                # the second use reads the cache
-    assert inception.find_weights() == str(cached)
-    assert inception.find_weights(str(cached)) == str(cached)    # --weights wins, offline
+    assert fid.load_inception().bn.running_var.item() == 5.0
+    assert capsys.readouterr().err == ''
 
-    bad = server / 'pt_inception-test-00000000.pth'              # a hash the content has not
+    bad = server / 'pt_inception-test-00000000.pth'              # a hash its content has not
     bad.write_bytes(data)
-    monkeypatch.setattr(inception, 'WEIGHTS_URL', f'file://{bad}')
-    with pytest.raises(ValueError, match=r"sha256 does not start with 00000000, so it was deleted"):
-        inception.find_weights()
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', f'file://{bad}')
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception()
+    msg = str(e.value)
+    assert '\n' not in msg and 'invalid hash value (expected "00000000", got "' in msg
+    assert fid.WEIGHTS_NAME in msg and f'file://{bad}' in msg and 'FID_WEIGHTS=PATH' in msg
     assert os.listdir(tmp_path / 'hub' / 'checkpoints') == [good.name]   # nothing of the bad one
+    monkeypatch.setenv('FID_WEIGHTS', str(cached))               # offline: the given file, no hub
+    assert fid.load_inception().bn.weight.item() == 2.0
 
 
-def zero_weights():
-    """A state dict with the released file's keys and shapes (no BatchNorm counters), all zero."""
-    return {k: torch.zeros(v.shape) for k, v in inception.FIDInceptionV3().state_dict().items()
-            if not k.endswith('num_batches_tracked')}
-
-
-def test_weights_with_wrong_keys_or_shapes_are_rejected(tmp_path):
-    state = zero_weights()
+def test_weights_with_wrong_keys_or_shapes_are_rejected(tmp_path, model):
+    # load_state_dict's own report, on one line
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     state['fc.weight'] = torch.zeros(1000, 2048)
     state['AuxLogits.fc.weight'] = state.pop('Mixed_7c.branch_pool.conv.weight')
     path = tmp_path / 'bad.pth'
     torch.save(state, path)
-    with pytest.raises(ValueError) as e:
-        inception.load_inception(str(path))
-    for part in ['missing keys (1): Mixed_7c.branch_pool.conv.weight',
-                 'unexpected keys (1): AuxLogits.fc.weight',
-                 'wrong shapes (1): fc.weight (1000, 2048) (expected (1008, 2048))']:
-        assert part in str(e.value)
+    folder = write_images(tmp_path / 'imgs', [(8, 8)] * 2)
+    msg = cli_error(folder, '--save-stats', tmp_path / 's.npz', '--weights', path)
+    assert msg.startswith(f"fid.py: error: Inception weights {path} do not fit the FID "
+                          f"Inception-v3 (Error(s) in loading state_dict for FIDInceptionV3: ")
+    for part in ['Missing key(s) in state_dict: "Mixed_7c.branch_pool.conv.weight"',
+                 'Unexpected key(s) in state_dict: "AuxLogits.fc.weight"',
+                 'size mismatch for fc.weight: copying a param with shape torch.Size([1000, 2048]) '
+                 'from checkpoint, the shape in current model is torch.Size([1008, 2048])']:
+        assert part in msg
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match='not a PyTorch state dict'):
-        inception.load_inception(str(tmp_path / 'junk.pth'))
+    assert 'not a PyTorch state dict' in cli_error(folder, '--save-stats', tmp_path / 's.npz',
+                                                   '--weights', tmp_path / 'junk.pth')
+    assert not (tmp_path / 's.npz').exists()
 
 
 def test_weights_load_with_or_without_num_batches_tracked(model, tmp_path):
@@ -309,5 +345,5 @@ def test_weights_load_with_or_without_num_batches_tracked(model, tmp_path):
     torch.save(state, tmp_path / 'with.pth')
     torch.save(without, tmp_path / 'without.pth')                # as the released file
     for name in ('with.pth', 'without.pth'):
-        loaded = inception.load_inception(str(tmp_path / name))
+        loaded = fid.load_inception(str(tmp_path / name))
         assert torch.equal(loaded.fc.weight, model.fc.weight)
