@@ -1,7 +1,7 @@
 """
 Sampling from DiT / SPRINT / SparseDiT: SDE, Euler and Heun samplers, classifier-free guidance
-(CFG) and path-drop guidance (PDG, SPRINT Sec. 3.4), grids, FID batches on many GPUs, and a speed
-benchmark.
+(CFG) and path-drop guidance (PDG, SPRINT Sec. 3.4), a grid in one process, 50,000-sample .npz
+files for fid.py under torchrun. Reads our checkpoints and the official SPRINT .safetensors.
 
     # a grid from the newest SPRINT checkpoint in results/
     python sample.py --pdg
@@ -9,15 +9,17 @@ benchmark.
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 3 --num-samples 50000 \\
         --seed 888 --out samples.npz --vae stabilityai/sd-vae-ft-ema     # the papers' evaluation
     python sample.py --ckpt sprint.safetensors --model sprint --size XL       # official weights
-    # one guided step, no checkpoint
-    python sample.py --model sprint --size XL --benchmark --compile
 
 The model predicts the velocity v = eps - x of the linear path x_t = (1 - t) x + t eps; sampling
 integrates from t = 1 (noise) to t = 0 (data). Guidance mixes a conditional and an unconditional
 velocity, v_u + w (v_c - v_u). With CFG v_u is the same network with the null label; with PDG it is
 the network with the null label *and its deep sparse path skipped* (mask tokens in its place), which
 costs only the dense encoder and decoder blocks. Samples depend on their seed only, not on the
-number of GPUs; an .npz is in ADM's layout, which fid.py reads.
+number of GPUs; an .npz is in ADM's layout (arr_0 uint8 N x H x W x 3, arr_1 labels), written shard
+by shard, which fid.py reads.
+
+The file reads: guidance and samplers -> their cost -> checkpoint files -> flags and the model ->
+a sampling run (per-sample noise, shards, the output) -> main. Speed: tools/benchmark.py.
 """
 import argparse
 import glob
@@ -25,8 +27,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import struct
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -34,11 +39,10 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import read_labels
-from devices import autocast, cleanup_distributed, setup_distributed, time_ms
-from flags import agree, at_least, fill
-from models import MODELS, create_model, load_model, read_checkpoint
-from sprint import SIZES, ModelConfig
+from sparsedit import SparseDiT
+from sprint import SIZES, SPRINT, DiT, ModelConfig
+
+MODELS = {"dit": DiT, "sprint": SPRINT, "sparsedit": SparseDiT}
 
 
 #################################################################################
@@ -149,75 +153,206 @@ def trajectory_flops(model, sampler="sde", steps=250, **guidance):
 
 
 #################################################################################
+#            Checkpoint files: ours, which carry their config, and the          #
+#            official SPRINT .safetensors, whose names are mapped to ours       #
+#################################################################################
+
+OFFICIAL_NAMES = {
+    "encoder_blocks.": "encoder.",
+    "middle_blocks.": "middle.",
+    "decoder_blocks.": "decoder.",
+    "renoise_linear.": "fuse.",
+}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# the config fields that decide a model's parameters (what two checkpoints must share to be swapped)
+# (SparseDiT's layout and density show in its parameter names, which are checked key by key)
+ARCHITECTURE = ("model", "hidden_size", "num_heads", "depths", "mlp_ratio", "patch_size",
+                "input_size", "in_channels", "num_classes")
+
+
+def create_model(cfg):
+    """Build dit / sprint / sparsedit from a ModelConfig or its dict (as stored in checkpoints)."""
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model {cfg.model!r}: choose {', '.join(MODELS)}")
+    return MODELS[cfg.model](cfg)
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}: 8-byte little-endian header length, JSON header, raw
+    data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: "
+                                 f"F32, F16, BF16")
+            begin, end = info["data_offsets"]
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(end - begin))
+            if len(data) != end - begin:                                # the file ends early
+                raise EOFError(name)
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+    return tensors
+
+
+def read_checkpoint(path):
+    """Our .pt checkpoint as train.py saves it; a .safetensors file or a bare state dict becomes
+    {"model": ...}. A file that is cut short or damaged is a ValueError naming it (callers add their
+    flag)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    try:
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":            # torch.save (zip or pickle)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": ckpt}
+        if len(head) >= 9 and head[8:9] == b"{":                       # safetensors' JSON header
+            return {"model": read_safetensors(path)}
+    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a readable checkpoint (truncated?)") from None
+    raise ValueError(f"{path}: neither a PyTorch checkpoint (.pt) nor a .safetensors file")
+
+
+def checkpoint_weights(ckpt, ema=True):
+    """The EMA (if asked and present) or raw weights of a read checkpoint, named as in our
+    models."""
+    sd = {}
+    for name, tensor in ckpt["ema" if ema and "ema" in ckpt else "model"].items():
+        # DDP / torch.compile wrappers
+        name = re.sub(r"^(module\.|_orig_mod\.)+", "", name)
+        for official, ours in OFFICIAL_NAMES.items():
+            name = name.replace(official, ours)
+        sd[name] = tensor
+    return sd
+
+
+def load_weights(model, path, ema=True, ckpt=None):
+    """Load our checkpoints (EMA weights if asked and present) or official SPRINT ones into model,
+    checked: by the stored config where the file has one, else key by key."""
+    ckpt = ckpt or read_checkpoint(path)
+    cfg = model.cfg
+    stored = ckpt.get("config")
+    if stored:
+        if stored["model"] != cfg.model:
+            raise ValueError(f"{path} holds a {stored['model']}-{stored.get('size')} model, not a "
+                             f"{cfg.model} one: use --model {stored['model']}")
+        differ = []
+        for key in ARCHITECTURE:
+            saved = stored.get(key, getattr(cfg, key))
+            saved = tuple(saved) if key == "depths" else saved
+            if saved != getattr(cfg, key):
+                differ.append(f"{key} {saved} vs {getattr(cfg, key)}")
+        if differ:
+            raise ValueError(f"{path} does not fit this {cfg.model}-{cfg.size} model (file vs "
+                             f"model: {', '.join(differ)}); check --size/--hidden-size/--depths/"
+                             f"--patch-size/--image-size")
+    sd = checkpoint_weights(ckpt, ema)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        def show(items):
+            more = f" ... ({len(items)} in all)" if len(items) > 8 else ""
+            return ", ".join(items[:8]) + more
+        problems = [f"\n  {name}: {show(items)}"
+                    for name, items in (("missing", missing), ("unexpected", unexpected),
+                                        ("shape mismatch", mismatched)) if items]
+        raise ValueError(f"{path} does not fit this {cfg.model}-{cfg.size} model (check --model/"
+                         f"--size/--patch-size/--image-size):" + "".join(problems))
+    model.load_state_dict(sd)
+    return model
+
+
+def load_model(path, cfg=None, ema=True, ckpt=None):
+    """A model rebuilt from the config our checkpoints carry (or from cfg, for official files),
+    weights loaded."""
+    ckpt = ckpt or read_checkpoint(path)
+    if "config" in ckpt:
+        cfg = ckpt["config"]
+    elif cfg is None:
+        raise ValueError(f"{path} carries no model config: give the architecture (--model, --size, "
+                         f"--patch-size, --image-size, --num-classes)")
+    return load_weights(create_model(cfg), path, ema, ckpt)
+
+
+#################################################################################
 #                  Flags, and the model they ask to sample from                 #
 #################################################################################
 
 # SD-VAE latents are multiplied by this for training (LDM); undone to decode
 LATENT_SCALE = 0.18215
-# the architecture flags left out, for --benchmark and files without a config (official
-# SPRINT-XL/2 at 256 px)
-ARCH = dict(model=ModelConfig.model, size=ModelConfig.size, patch_size=ModelConfig.patch_size,
-            image_size=256, in_channels=ModelConfig.in_channels,
-            num_classes=ModelConfig.num_classes)
+# the architecture flags: a checkpoint's config fills those left out (and given ones must agree
+# with it); their defaults build files without a config, such as the official SPRINT ones
+ARCH = ("model", "size", "patch_size", "image_size", "in_channels", "num_classes")
 
 
 def parse_args(argv=None):
-    """The command line; the architecture flags stay None until a checkpoint or ARCH fills them."""
+    """The command line -> (flags, the set of flags given on it: a checkpoint's config fills the
+    architecture flags left out)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--ckpt", help="train.py's .pt or an official .safetensors (default: the newest "
-                   "in --results-dir of --model; with --pdg and no --model, of sprint)")
+                   "in --results-dir of --model if given; with --pdg, of sprint)")
     p.add_argument("--results-dir", default="results", help="where train.py wrote its run folders "
-                   "(default results)")
+                   "(default %(default)s)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="sample with "
                    "the EMA weights where present (--no-ema: the raw ones)")
-    p.add_argument("--model", choices=list(MODELS), help=f"default {ARCH['model']}; these "
-                   "architecture flags build --benchmark models and files without a config "
-                   "(official SPRINT ones); with a config they may be left out, and must agree "
-                   "with it")
-    p.add_argument("--size", choices=list(SIZES), help=f"default {ARCH['size']}")
-    p.add_argument("--patch-size", type=int, help=f"default {ARCH['patch_size']}")
-    p.add_argument("--image-size", type=int, help=f"in pixels (default {ARCH['image_size']}); a "
+    p.add_argument("--model", choices=list(MODELS), default="sprint", help="default %(default)s; "
+                   "these architecture flags build files without a config (official SPRINT ones); "
+                   "with a config they may be left out, and must agree with it")
+    p.add_argument("--size", choices=list(SIZES), default="B", help="default %(default)s")
+    p.add_argument("--patch-size", type=int, default=2, help="default %(default)s")
+    p.add_argument("--image-size", type=int, default=256, help="in pixels (default %(default)s); a "
                    "latent model sees image-size / 8")
-    p.add_argument("--in-channels", type=int, help="4: SD-VAE latents (default), 3: pixels")
-    p.add_argument("--num-classes", type=int, help=f"default {ARCH['num_classes']}")
+    p.add_argument("--in-channels", type=int, default=4, help="4: SD-VAE latents (default), "
+                   "3: pixels")
+    p.add_argument("--num-classes", type=int, default=1000, help="default %(default)s")
     p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde",
-                   help="default sde (the official)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale w; 1: no guidance")
+                   help="default %(default)s (the official)")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (default %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale w (default "
+                   "%(default)s); 1: no guidance")
     p.add_argument("--pdg", action="store_true", help="path-drop guidance: the unconditional pass "
                    "skips the middle blocks")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0],
                    metavar=("LOW", "HIGH"), help="guide only for t in [LOW, HIGH] (t = 1 is noise)")
-    labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples "
-                        "(default: random)")
-    labels.add_argument("--labels-from", metavar="DATA", help="labels in the proportions of DATA's "
-                        "(an .npz with y, or an image folder with a sub-folder per class), "
-                        "shuffled by --seed")
+    p.add_argument("--classes", type=int, nargs="+", help="labels, cycled over the samples "
+                   "(default: random)")
     p.add_argument("--num-samples", type=int, help="default: 16 (or one per --classes) for a "
                    "grid, 50000 for .npz")
     p.add_argument("--seed", type=int, default=0, help="sample i draws its label and noise from "
                    "seed + i")
     p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per forward pass "
-                   "in each process (default 64; keep it to resume)")
+                   "in each process (default %(default)s; keep it to resume)")
     p.add_argument("--out", help="a grid (.png) or an ADM .npz for fid.py (default: "
                    "samples/<ckpt>-<settings>.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--vae", help="diffusers AutoencoderKL (folder or hub id) for latent models; "
-                   "without: save latents")
+                   "without: save latents (tools/decode_latents.py decodes them later)")
     p.add_argument("--latent-scale", type=float, help=f"default: the checkpoint's, else "
                    f"{LATENT_SCALE}")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on CUDA, "
                    "fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--benchmark", action="store_true", help="time one guided step instead (no "
-                   "checkpoint needed)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # parsed again into a namespace that already holds every flag: only the given ones change
+    left_out = object()
+    given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), left_out))))
+    return args, {key for key, value in given.items() if value is not left_out}
 
 
 def check_args(args):
     """Reject bad flags before a model is loaded, saying what to change; fill in --num-samples."""
-    at_least(args, 1, "steps", "per_proc_batch_size", "num_samples")
+    for name in ("steps", "per_proc_batch_size", "num_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if args.num_samples is None:
         grid_size = len(args.classes or []) or 16
         args.num_samples = 50000 if str(args.out).endswith(".npz") else grid_size
@@ -232,12 +367,12 @@ def check_args(args):
                          f".png/.jpg/.webp (a grid)")
 
 
-def find_checkpoint(args):
-    """--ckpt, or the newest checkpoint of --model (--pdg: sprint; else any model) in
-    --results-dir, as an absolute path."""
+def find_checkpoint(args, given):
+    """--ckpt, or the newest checkpoint of --model (if given; with --pdg: sprint; else any model)
+    in --results-dir, as an absolute path."""
     if args.ckpt is not None:
         return os.path.abspath(args.ckpt)
-    model_name = args.model or ("sprint" if args.pdg else "*")  # run folders: NNN-model-size-patch
+    model_name = args.model if "model" in given or args.pdg else "*"   # NNN-model-size-patch
     pattern = os.path.join(args.results_dir, f"*-{model_name}-*", "checkpoints", "*.pt")
     found = glob.glob(pattern)
     if not found:
@@ -247,30 +382,33 @@ def find_checkpoint(args):
     return os.path.abspath(max(found, key=os.path.getmtime))
 
 
-def sampling_model(args, device):
-    """(model in eval mode, latent scale) from the checkpoint (whose config must agree with the
-    architecture flags given), or with random weights for a bare --benchmark."""
-    ckpt = None
-    given = args.ckpt is not None
+def sampling_model(args, given, device):
+    """(model in eval mode, latent scale) from the checkpoint, whose config fills the architecture
+    flags left out and must agree with those given."""
+    given_ckpt = args.ckpt is not None
     try:
-        if given or not args.benchmark:
-            args.ckpt = find_checkpoint(args)
-            ckpt = read_checkpoint(args.ckpt)
-            c = ckpt.get("config")
-            if c:
-                side = c["input_size"] * (8 if c["in_channels"] == 4 else 1)   # latents: 8x smaller
-                keys = ("model", "size", "patch_size", "in_channels", "num_classes")
-                stored = {k: c[k] for k in keys}
-                agree(args, {**stored, "image_size": side}, args.ckpt, "the checkpoint's")
-        fill(args, ARCH)
+        args.ckpt = find_checkpoint(args, given)
+        ckpt = read_checkpoint(args.ckpt)
+        c = ckpt.get("config")
+        if c:
+            stored = {key: c[key] for key in ("model", "size", "patch_size", "in_channels",
+                                              "num_classes")}
+            stored["image_size"] = c["input_size"] * (8 if c["in_channels"] == 4 else 1)
+            differ = [f"--{key.replace('_', '-')} {getattr(args, key)} differs from the "
+                      f"checkpoint's {value}" for key, value in stored.items()
+                      if key in given and getattr(args, key) != value]
+            if differ:
+                raise ValueError(f"{args.ckpt} does not fit the flags given: {'; '.join(differ)}; "
+                                 f"leave them out to use the checkpoint's")
+            for key, value in stored.items():
+                setattr(args, key, value)
         side = args.image_size // 8 if args.in_channels == 4 else args.image_size
         cfg = ModelConfig(args.model, args.size, args.patch_size, side, args.in_channels,
                           args.num_classes)
-        model = create_model(cfg) if ckpt is None else load_model(args.ckpt, cfg, args.ema, ckpt)
+        model = load_model(args.ckpt, cfg, args.ema, ckpt)
     except ValueError as e:
-        raise ValueError(f"--ckpt {e}" if given else str(e)) from None
-    stored_scale = (ckpt or {}).get("args", {}).get("latent_scale")
-    scale = args.latent_scale or stored_scale or LATENT_SCALE
+        raise ValueError(f"--ckpt {e}" if given_ckpt else str(e)) from None
+    scale = args.latent_scale or ckpt.get("args", {}).get("latent_scale") or LATENT_SCALE
     if args.pdg and not model.has_sparse_path:
         raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT); this "
                          f"{model.cfg.model} model has none: guide it with CFG (--cfg-scale "
@@ -282,6 +420,44 @@ def sampling_model(args, device):
     return model.to(device).eval(), scale
 
 
+def load_vae(path, device):
+    """The SD VAE from diffusers, an optional extra imported only here."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        message = "--vae needs the optional diffusers package: pip install diffusers"
+        raise ValueError(message) from None
+    try:
+        return AutoencoderKL.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
+        raise ValueError(f"--vae {path}: could not load an AutoencoderKL ({e}); give a local "
+                         f"diffusers folder or a Hugging Face id such as "
+                         f"stabilityai/sd-vae-ft-ema") from None
+
+
+#################################################################################
+#                  Processes: one per GPU under torchrun, precision             #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment; a plain `python` run is rank 0 of
+    1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast(device, precision):
+    """bf16 autocast, or plain float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 #################################################################################
 #        A sampling run: per-sample labels and noise, shards, the output        #
 #################################################################################
@@ -289,33 +465,7 @@ def sampling_model(args, device):
 # the settings that decide the samples: a re-run continues an earlier run's shards only if they
 # all agree
 RUN_KEYS = ("ckpt", "ema", "sampler", "steps", "cfg_scale", "pdg", "guidance_interval", "classes",
-            "labels_from", "seed", "per_proc_batch_size", "num_samples", "precision",
-            "latent_scale", "vae")
-
-
-def labels_like(labels, n, seed):
-    """n labels in the proportions of `labels` (counts rounded by largest remainder), in an order
-    shuffled by seed: --labels-from, so that class-conditional samples have the data's class
-    balance."""
-    counts = np.bincount(labels)
-    share = counts / counts.sum() * n
-    k = np.floor(share).astype(int)
-    k[np.argsort(k - share, kind="stable")[: n - k.sum()]] += 1     # largest remainders: one more
-    order = np.random.default_rng(seed).permutation(n)
-    return np.repeat(np.arange(len(counts)), k)[order].tolist()
-
-
-def sample_labels(args, num_classes):
-    """The labels to cycle over the samples: --classes, n in --labels-from's proportions, or None
-    (each sample draws its own)."""
-    if not args.labels_from:
-        return args.classes
-    labels = labels_like(read_labels(args.labels_from, "--labels-from"), args.num_samples,
-                         args.seed)
-    if max(labels) >= num_classes:
-        raise ValueError(f"--labels-from {args.labels_from}: its labels reach {max(labels)}, but "
-                         f"this model has {num_classes} classes")
-    return labels
+            "seed", "per_proc_batch_size", "num_samples", "precision", "latent_scale", "vae")
 
 
 def sample_inputs(indices, seed, classes, num_classes, shape, device):
@@ -349,9 +499,6 @@ def output_path(args, model, vae):
             if len(classes) >= 40:
                 classes = hashlib.sha1(classes.encode()).hexdigest()[:8]
             settings.append(f"classes{classes}")
-        if args.labels_from:
-            data_name = os.path.splitext(os.path.basename(args.labels_from.rstrip("/")))[0]
-            settings.append(f"labels-{data_name}")
         if (lo, hi) != (0, 1):
             settings.append(f"interval{lo:g}_{hi:g}")
         if not args.ema:
@@ -364,21 +511,6 @@ def output_path(args, model, vae):
         raise ValueError(f"--out {path} exists: pass --overwrite to replace it, or choose another "
                          f"--out")
     return path
-
-
-def load_vae(path, device):
-    """The SD VAE from diffusers, an optional extra imported only here."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        message = "--vae needs the optional diffusers package: pip install diffusers"
-        raise ValueError(message) from None
-    try:
-        return AutoencoderKL.from_pretrained(path).to(device).eval()
-    except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
-        raise ValueError(f"--vae {path}: could not load an AutoencoderKL ({e}); give a local "
-                         f"diffusers folder or a Hugging Face id such as "
-                         f"stabilityai/sd-vae-ft-ema") from None
 
 
 def to_uint8(x):
@@ -427,7 +559,7 @@ def open_parts(path, run, rank, world):
     return parts
 
 
-def sample_shards(net, args, labels, guidance, parts, rank, world, device, vae=None):
+def sample_shards(net, args, guidance, parts, rank, world, device, vae=None):
     """Sample this rank's missing batches into shard files -> how many images it sampled.
 
     Batch k holds the samples [kB, (k+1)B) and goes to rank k % world, so every batch is computed
@@ -444,7 +576,8 @@ def sample_shards(net, args, labels, guidance, parts, rank, world, device, vae=N
     total = sum(map(len, batches))
     with tqdm(total=total, unit="img", desc=f"rank 0/{world}", disable=rank != 0) as bar:
         for k, indices in zip(todo, batches):
-            z, y, gens = sample_inputs(indices, args.seed, labels, cfg.num_classes, shape, device)
+            z, y, gens = sample_inputs(indices, args.seed, args.classes, cfg.num_classes, shape,
+                                       device)
             with autocast(device, args.precision):
                 x = sample(net, z, y, args.sampler, args.steps, gens, **guidance)
             with open(shard_path(parts, k) + ".tmp", "wb") as f:
@@ -470,36 +603,42 @@ def save_grid(x, path, nrow=None):
     Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(path)
 
 
-def write_output(path, arrays, nrow=None):
-    """{"arr_0" (or "latents"): (N, ...), "arr_1": labels} -> an .npz of them, or a grid image of
-    arr_0; written to a temporary file and renamed, so that a file at `path` is always whole."""
+def write_npz(f, arrays):
+    """An uncompressed .npz, laid out as np.savez writes it, from {name: (shape, dtype, blocks)}:
+    each array's .npy header, then its rows block by block, so memory holds one block whatever the
+    number of rows. Readers (np.load, fid.py) cannot tell it from np.savez's."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, (shape, dtype, blocks) in arrays.items():
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                      "fortran_order": False, "shape": tuple(shape)}
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(member, header)
+                for block in blocks:
+                    member.write(np.ascontiguousarray(block, dtype).tobytes())
+
+
+def merge_shards(parts, num_batches, path, num_samples, nrow=None):
+    """The shards, in order, into `path`, then remove them: an .npz streamed shard by shard (memory
+    holds one shard of 50,000 images at 512 px, not 39 GB), or a grid image (nrow per row). Written
+    to a temporary file and renamed, so that a file at `path` is always whole."""
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f".{name}.tmp{os.path.splitext(name)[1]}")
+    with np.load(shard_path(parts, 0)) as first:
+        rows = {key: (first[key].shape[1:], first[key].dtype) for key in first.files}
+
+    def blocks(key):
+        for k in range(num_batches):
+            with np.load(shard_path(parts, k)) as shard:
+                yield shard[key]
+
     if path.endswith(".npz"):
-        with open(temporary, "wb") as f:               # a file object: numpy adds no second .npz
-            np.savez(f, **arrays)
+        with open(temporary, "wb") as f:
+            write_npz(f, {key: ((num_samples, *shape), dtype, blocks(key))
+                          for key, (shape, dtype) in rows.items()})
     else:
-        save_grid(arrays["arr_0"], temporary, nrow)
+        save_grid(np.concatenate(list(blocks("arr_0"))), temporary, nrow)
     os.replace(temporary, path)
-
-
-def merge_shards(parts, num_batches, path, nrow=None):
-    """Concatenate the shards in order into `path` (.npz or grid image, nrow per row), then remove
-    the shards."""
-    shards = [np.load(shard_path(parts, k)) for k in range(num_batches)]
-    arrays = {key: np.concatenate([s[key] for s in shards]) for key in shards[0].files}
-    write_output(path, arrays, nrow)
     shutil.rmtree(parts)
-
-
-def decode_latents(latents, out, vae, device="cuda", batch=64):
-    """Saved latents (<out>.latents.npz of a run without --vae) -> images at `out` (.npz or a
-    grid), decoded with the SD VAE (`vae`: a diffusers folder or hub id)."""
-    saved = np.load(latents)
-    decoder = load_vae(vae, device)
-    z = torch.from_numpy(saved["latents"]).split(batch)
-    images = [finish(b.to(device), decoder, latent_scale=1.0)["arr_0"] for b in z]
-    write_output(out, {"arr_0": np.concatenate(images), "arr_1": saved["arr_1"]})
 
 
 #################################################################################
@@ -508,29 +647,23 @@ def decode_latents(latents, out, vae, device="cuda", batch=64):
 
 def main(argv=None):
     """Sample as the flags say: a grid or an .npz (rank 0 merges every rank's shards)."""
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     rank, world, device = setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
-    # used only by a randomly initialised --benchmark model
-    torch.manual_seed(args.seed)
     try:
         check_args(args)
-        model, args.latent_scale = sampling_model(args, device)
+        model, args.latent_scale = sampling_model(args, given, device)
         vae = None
         if args.vae and model.cfg.in_channels == 4:
             vae = load_vae(args.vae, device)
-        if not args.benchmark:
-            labels = sample_labels(args, model.cfg.num_classes)
-            path = output_path(args, model, vae)
-            run = json.loads(json.dumps({k: getattr(args, k) for k in RUN_KEYS}))
-            parts = open_parts(path, run, rank, world)
+        path = output_path(args, model, vae)
+        run = json.loads(json.dumps({k: getattr(args, k) for k in RUN_KEYS}))
+        parts = open_parts(path, run, rank, world)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sample.py: error: {e}")
     net = torch.compile(model, dynamic=False) if args.compile else model
-    if args.benchmark:
-        return benchmark(model, net, args, device)
 
     cfg = model.cfg
     passes = trajectory_passes(args.sampler, args.steps, **guidance)
@@ -551,14 +684,14 @@ def main(argv=None):
         f"{flops / 1e12:.4g} forward TFLOPs{saving}")
 
     start = time.perf_counter()
-    count = sample_shards(net, args, labels, guidance, parts, rank, world, device, vae)
+    count = sample_shards(net, args, guidance, parts, rank, world, device, vae)
     count = torch.tensor(count, device=device)
     if world > 1:
         # also waits for every rank's shards before the merge
         dist.all_reduce(count)
     if rank == 0:
         batches = math.ceil(args.num_samples / args.per_proc_batch_size)
-        merge_shards(parts, batches, path, len(args.classes or []) or None)
+        merge_shards(parts, batches, path, args.num_samples, len(args.classes or []) or None)
         secs = time.perf_counter() - start
         n = int(count)
         say(f"sampled {n} images in {secs:.1f} s on {world} process(es): {n / secs:.3g} img/s, "
@@ -566,54 +699,10 @@ def main(argv=None):
     # never silently: say what was saved and how to decode
     if path.endswith(".latents.npz"):
         say(f"this latent model had no --vae: {path} holds latents, not images; decode them with "
-            f"sample.decode_latents (pip install diffusers), as README.md shows")
-    cleanup_distributed(world)
-
-
-#################################################################################
-#                  Benchmark: the cost of one guided sampling step              #
-#################################################################################
-
-@torch.no_grad()
-def benchmark(model, net, args, device):
-    """Time one guided sampling step with CFG, and PDG where the model has a sparse path ->
-    {mode: ms}.
-
-    A model whose cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and
-    averaged over them, i.e. over its schedule. img/s is for a whole --sampler/--steps run, guided
-    at every step.
-    """
-    cfg = model.cfg
-    B = args.per_proc_batch_size
-    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randint(cfg.num_classes, (B,), device=device)
-    ts = [(k + 0.5) / 8 for k in range(8)]
-    # a cost that does not follow t: one t will do
-    if len({model.pass_flops(t) for t in ts}) == 1:
-        ts = [0.5]
-    evals = len(trajectory_passes(args.sampler, args.steps))     # unguided: one pass per step
-    compiled = ", compiled" if args.compile else ""
-    over_t = f", mean over {len(ts)} t" if len(ts) > 1 else ""
-    print(f"benchmark: {cfg.model}-{cfg.size}/{cfg.patch_size}, {model.num_params() / 1e6:.1f}M "
-          f"parameters, input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, batch {B}, "
-          f"{args.precision}{compiled}, {device}{over_t}")
-    print(f"{'guidance':<10}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}")
-    ms = {}
-    flops = {}
-    for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
-        # any scale but 1 guides; its value does not change the cost
-        g = dict(cfg_scale=4.0, pdg=mode == "pdg")
-        with autocast(device, args.precision):
-            times = [time_ms(lambda: guided_velocity(net, x, t, y, **g), device) for t in ts]
-        ms[mode] = sum(times) / len(ts)
-        per_t = [model.pass_flops(t, skip) for t in ts for _, skip in guided_passes(t, **g)]
-        flops[mode] = B * sum(per_t) / len(ts)
-        img_s = B * 1e3 / (ms[mode] * evals)
-        print(f"{mode:<10}{ms[mode]:>10.2f}{img_s:>10.3g}{flops[mode] / ms[mode] / 1e9:>10.3g}")
-    if "pdg" in ms:
-        print(f"PDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x "
-              f"(FLOPs allow {flops['cfg'] / flops['pdg']:.2f}x)")
-    return ms
+            f"tools/decode_latents.py (pip install diffusers)")
+    if world > 1:            # every rank waits for the merge before the process group closes
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

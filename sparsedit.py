@@ -15,7 +15,7 @@ quarter), then growing linearly to s = 10 at t = 0, for a 16 x 16 token grid. La
 [P Poolingformers, S SDTMs, K sparse blocks per SDTM, T dense top blocks], each SDTM =
 1 sparse-generation + K sparse + 1 recovery + 1 dense block:
 
-    XL (depth 28): [2, 4, 3, 2], the paper's    L (24): [2, 4, 2, 2]    mini/S/B (12): [1, 2, 2, 1]
+    XL (depth 28): [2, 4, 3, 2], the paper's    L (24): [2, 4, 2, 2]    S/B (12): [1, 2, 2, 1]
 
 L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense top) and at least
 2 SDTMs (one collapses in the paper's ablation); B's layout lands at 13.8 GFLOPs against the paper's

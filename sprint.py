@@ -32,10 +32,10 @@ import torch.nn.functional as F
 #################################################################################
 
 # name: (hidden size D, attention heads, (encoder, middle, decoder) depths): the SiT/DiT sizes with
-# SPRINT's splits (XL: 2/24/2, B: 2/8/2); mini is B's split at hidden 128, sized for the CPU
-# miniature of RESULTS.md (16 px images, patch 2).
+# SPRINT's splits (XL: 2/24/2, B: 2/8/2); toy is the small model that train.py trains on its
+# embedded data in minutes on a CPU (0.74 M parameters at patch 2).
 SIZES = {
-    "mini": (128, 4, (2, 8, 2)),
+    "toy": (96, 4, (1, 2, 1)),
     "S": (384, 6, (2, 8, 2)),
     "B": (768, 12, (2, 8, 2)),
     "L": (1024, 16, (2, 20, 2)),
@@ -46,7 +46,7 @@ SIZES = {
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model; stored in every checkpoint. Fields left at 0 or () come
-    from `size`; models.MODELS maps `model` to its class."""
+    from `size`; train.py's and sample.py's MODELS map `model` to its class."""
     model: str = "sprint"            # dit | sprint | sparsedit
     size: str = "B"                  # a key of SIZES
     patch_size: int = 2
@@ -317,14 +317,6 @@ class Backbone(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def training_kwargs(self, batch_size, token_drop, device):
-        """Per-step random inputs of a training forward; a dense model has none (and no sparse
-        path)."""
-        if token_drop.ratio or token_drop.path_drop_prob:
-            raise ValueError(f"--model {self.cfg.model} has no sparse path: use --drop 0 "
-                             f"--path-drop 0")
-        return {}
-
     def sampling_kwargs(self, t):
         """Forward inputs for a sampling batch that shares the time t (a float); SparseDiT's grid
         side."""
@@ -341,8 +333,9 @@ class Backbone(nn.Module):
         final = 2 * D * D + N * D * pc                  # adaLN D -> 2D per image, Linear per token
         return patch_embed + t_mlp + final
 
-    def training_flops(self, token_drop):
-        """Forward FLOPs per image of a training forward (a training step costs about three)."""
+    def training_flops(self, drop=0.0):
+        """Forward FLOPs per image of a training forward at a token drop (a training step costs
+        about three forwards)."""
         return self.flops()
 
     def pass_flops(self, t, skip_middle=False):
@@ -352,7 +345,7 @@ class Backbone(nn.Module):
 
     def estimate_mfu(self, flops_per_s, peak):
         """Model FLOPs utilisation, as nanoGPT's estimate_mfu: achieved FLOP/s (from flops()) over a
-        matmul peak measured on this device (devices.matmul_peak), not a datasheet figure."""
+        matmul peak measured on this device (train.matmul_peak), not a datasheet figure."""
         return flops_per_s / peak
 
 
@@ -382,16 +375,6 @@ class DiT(Backbone):
 #################################################################################
 #                         Token drop (SPRINT, Sec. 3.2)                         #
 #################################################################################
-
-@dataclass
-class TokenDrop:
-    """A training step's token drop: the share of tokens the middle blocks skip, how the kept ones
-    are drawn (structured | random), and the probability that a sample skips the middle blocks
-    altogether (path drop)."""
-    ratio: float
-    mask_type: str
-    path_drop_prob: float
-
 
 def group_shape(drop, grid):
     """The smallest n x n group (n < grid divides it) in which keeping k tokens drops exactly
@@ -510,20 +493,8 @@ class SPRINT(Backbone):
             g = torch.where(path_drop[:, None, None], mask, g)
         return g
 
-    def training_kwargs(self, batch_size, token_drop, device):
-        """Per-step random inputs of a training forward: kept tokens and path-drop flags, drawn on
-        the device."""
-        kwargs = {}
-        if token_drop.ratio:
-            kwargs["ids_keep"] = sample_ids_keep(batch_size, self.cfg.grid, token_drop.ratio,
-                                                 token_drop.mask_type, device)
-        if token_drop.path_drop_prob:
-            flags = torch.rand(batch_size, device=device)
-            kwargs["path_drop"] = flags < token_drop.path_drop_prob
-        return kwargs
-
-    def training_flops(self, token_drop):
-        return self.flops(drop=token_drop.ratio)
+    def training_flops(self, drop=0.0):
+        return self.flops(drop=drop)
 
     def pass_flops(self, t, skip_middle=False):
         return self.flops(skip_middle=skip_middle)

@@ -1,6 +1,6 @@
-"""models.py as a specification: official SPRINT files load under our names, in any precision; our
-checkpoints carry their config and prefer the EMA weights; a file that does not fit says why in one
-message."""
+"""Checkpoint files as a specification (sample.py reads them, train.py --init and --resume too):
+official SPRINT files load under our names, in any precision; our checkpoints carry their config
+and prefer the EMA weights; a file that does not fit says why in one message."""
 import json
 import struct
 from pathlib import Path
@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import create_model, init_from, load_model, load_weights, read_safetensors
+from sample import create_model, load_model, load_weights, read_safetensors
 from sprint import SPRINT, ModelConfig
 from tiny import randomize, tiny_model
+import sample
+import train
+from train import init_from
 
 
 def write_safetensors(path, tensors, dtype="BF16"):
@@ -127,3 +130,8 @@ def test_a_truncated_checkpoint_is_one_message_naming_the_file(tmp_path):
 def test_an_unknown_model_name_is_refused_where_the_model_is_built():
     with pytest.raises(ValueError, match="--model 'unet': choose dit, sprint, sparsedit"):
         create_model(ModelConfig(model="unet"))
+
+
+def test_train_py_and_sample_py_know_the_same_models():
+    # each script holds its own table of models (it reads alone); they must agree
+    assert train.MODELS == sample.MODELS and list(sample.MODELS) == ["dit", "sprint", "sparsedit"]

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import create_model, init_from
+from sample import create_model
 from sparsedit import Poolingformer, SparseDiT, pooled_grid
 from sprint import Block, DiT, ModelConfig, rope
+from train import init_from
 
 
 def tiny(**extra):

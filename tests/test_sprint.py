@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import create_model, load_weights
+from sample import create_model, load_weights
 from tiny import randomize, tiny_model
 from sprint import (
     ModelConfig,
-    TokenDrop,
     apply_rope,
     group_shape,
     patchify,
@@ -213,8 +212,9 @@ def test_gradients_reach_every_trainable_parameter_under_75_percent_drop():
     model = randomize(tiny_model())
     x, t, y = inputs(B=8)
     torch.manual_seed(0)
-    kwargs = model.training_kwargs(8, TokenDrop(0.75, "structured", 0.5), None)
-    (model(x, t, y, **kwargs) ** 2).mean().backward()
+    path_drop = torch.rand(8) < 0.5
+    v = model(x, t, y, ids_keep=sample_ids_keep(8, 4, 0.75), path_drop=path_drop)
+    (v**2).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert not model.mask_token.requires_grad                             # fixed, not trained
@@ -224,8 +224,10 @@ def test_compiled_training_forward_has_no_graph_break():
     model = randomize(tiny_model())
 
     def loss_fn(x, t, y):
-        kwargs = model.training_kwargs(x.shape[0], TokenDrop(0.75, "structured", 0.1), x.device)
-        return (model(x, t, y, **kwargs) ** 2).mean()
+        # the drop pattern and path drop are drawn inside the graph, as train.py's step does
+        ids_keep = sample_ids_keep(x.shape[0], 4, 0.75, device=x.device)
+        path_drop = torch.rand(x.shape[0], device=x.device) < 0.1
+        return (model(x, t, y, ids_keep=ids_keep, path_drop=path_drop) ** 2).mean()
 
     # traces forward and backward
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")

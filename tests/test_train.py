@@ -1,23 +1,19 @@
 """train.py as a specification: both SPRINT stages in one loop, fine-tuning sees every token, the
-official warm-up, a killed run resumes exactly, DDP ranks stay equal with one writer, every data
-source works, and the log measures training seconds."""
+official warm-up, a killed run resumes exactly, DDP ranks stay equal with one writer, and the log
+measures training seconds. Data sources: test_data.py; the command line and bad input:
+test_train_cli.py."""
 import os
 import signal
 import subprocess
 import sys
 import time
-import types
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import data
-import models
 import sprint
 import train
-from tiny import ENV, TINY, TRAIN, assert_same_training_state, cli, image_folder, records, run
+from tiny import ENV, TINY, TRAIN, assert_same_training_state, records, run, two_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -85,66 +81,41 @@ def test_the_held_out_loss_is_measured_at_the_end_of_each_stage(tmp_path):
 def test_resume_alone_continues_the_run_with_its_own_flags(tmp_path):
     run_dir = run(tmp_path, "--drop", "0.5", "--steps", "2", "--finetune-steps", "2")
     whole = (run_dir / "checkpoints" / "0000004.pt").rename(tmp_path / "whole.pt")
-    # no other flag
-    train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000002.pt")]))
+    # no other flag: the run's own (a tiny model, drop 0.5) and not the defaults (B, 0.75)
+    train.main(["--resume", str(run_dir / "checkpoints" / "0000002.pt")])
     assert_same_training_state(whole, run_dir / "checkpoints" / "0000004.pt")
 
 
 def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
-    # evaluation must not disturb the RNG
-    flags = ("--eval-every", "3", "--sample-every", "3")
-    whole = run(tmp_path / "a", "--steps", "6", *flags)
-    half = run(tmp_path / "b", "--steps", "3", *flags)
-    assert (
-        run(
-            tmp_path / "b",
-            "--resume",
-            str(half / "checkpoints" / "0000003.pt"),
-            "--steps",
-            "6",
-            *flags
-        )
-        == half
-    )
-    assert_same_training_state(
-        whole / "checkpoints" / "0000006.pt", half / "checkpoints" / "0000006.pt"
-    )
+    # evaluation and grids must not disturb the RNG
+    flags = ("--eval-every", "2", "--sample-every", "2")
+    whole = run(tmp_path / "a", "--steps", "4", *flags)
+    half = run(tmp_path / "b", "--steps", "2", *flags)
+    resumed = run(tmp_path / "b", "--resume", str(half / "checkpoints" / "0000002.pt"),
+                  "--steps", "4", *flags)
+    assert resumed == half
+    assert_same_training_state(whole / "checkpoints" / "0000004.pt",
+                               half / "checkpoints" / "0000004.pt")
 
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
-    flags = (
-        "--image-size",
-        "16",
-        "--steps",
-        "3",
-        "--finetune-steps",
-        "17",
-        "--ckpt-every",
-        "1",
-        "--eval-every",
-        "5",
-        # the resume crosses into stage 2
-        "--sample-every",
-        "0",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpts = tmp_path / "killed" / "000-sprint-S-4" / "checkpoints"
+    # a checkpoint every step; the resume crosses into stage 2
+    flags = ["--image-size", "16", "--steps", "2", "--finetune-steps", "6", "--ckpt-every", "1",
+             "--eval-every", "3", "--sample-every", "0"]
+    proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "000-sprint-toy-4" / "checkpoints"
     deadline = time.time() + 120
     while not list(ckpts.glob("*.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert len(list(ckpts.glob("*.pt"))) < 20                           # killed mid-run
+    assert len(list(ckpts.glob("*.pt"))) < 8                            # killed mid-run
     # the rest in process
     assert run(tmp_path, *flags, "--resume", str(ckpts.parent)) == ckpts.parent.resolve()
     whole = run(tmp_path / "whole", *flags) / "checkpoints"
-    assert_same_training_state(ckpts / "0000020.pt", whole / "0000020.pt")
+    assert_same_training_state(ckpts / "0000008.pt", whole / "0000008.pt")
 
 
 #################################################################################
@@ -152,184 +123,72 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
 #################################################################################
 
 def test_ddp_on_two_processes_keeps_the_ranks_equal_and_only_rank_0_writes(tmp_path):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    r = cli(
-        tmp_path,
-        "--image-size",
-        "16",
-        "--steps",
-        "2",
-        "--ckpt-every",
-        "1",
-        "--eval-every",
-        "1",
-        "--sample-every",
-        "2",
-        launcher=(torchrun, "--standalone", "--nproc_per_node=2"),
-    )
-    assert r.returncode == 0, r.stderr
-    assert os.listdir(tmp_path) == ["results"] and os.listdir(tmp_path / "results") == [
-        "000-sprint-S-4"
-    ]
-    recs = records(tmp_path / "results" / "000-sprint-S-4")
+    flags = [*TINY, "--image-size", "16", "--steps", "2", "--ckpt-every", "1", "--eval-every", "1",
+             "--sample-every", "2"]
+    for code, stderr in two_ranks("train.py", *flags, cwd=tmp_path):
+        assert code == 0, stderr
+    assert os.listdir(tmp_path) == ["results"]
+    assert os.listdir(tmp_path / "results") == ["000-sprint-toy-4"]
+    recs = records(tmp_path / "results" / "000-sprint-toy-4")
     # one writer: no repeated lines
     assert [rec["step"] for rec in recs if "loss" in rec] == [1, 2]
     digests = [rec["rank_weights"] for rec in recs if "checkpoint" in rec]
     assert len(digests) == 2 and all(len(d) == 2 and d[0] == d[1] for d in digests)
-    ckpt = torch.load(
-        tmp_path / "results" / "000-sprint-S-4" / "checkpoints" / "0000002.pt", weights_only=True
-    )
+    ckpt = torch.load(tmp_path / "results" / "000-sprint-toy-4" / "checkpoints" / "0000002.pt",
+                      weights_only=True)
     # every rank's RNG state, for resume
     assert len(ckpt["rng"]) == 2
 
 
 #################################################################################
-#                                 Data sources                                  #
+#          Flags: visible defaults, the toy data's only where left out          #
 #################################################################################
 
-def test_the_embedded_data_is_fixed_and_its_classes_differ():
-    (x, y), (x2, y2) = data.embedded_dataset(16, 500), data.embedded_dataset(16, 500)
-    assert x.shape == (500, 16, 16, 3) and x.dtype == np.uint8 and set(y) == set(range(10))
-    assert np.array_equal(x, x2) and np.array_equal(y, y2)
-    # each class its own hue
-    colours = np.stack([x[y == k].reshape(-1, 3).max(0) for k in range(10)])
-    assert len({tuple(c // 32) for c in colours}) == 10
-    train_idx, held_out = data.split(500)
-    assert (
-        len(held_out) == 50
-        and not set(train_idx) & set(held_out)
-        and np.array_equal(held_out, data.split(500)[1])
-    )
+def test_the_toy_datas_defaults_never_change_a_flag_the_user_gave():
+    args, given = train.parse_args(["--size", "XL", "--lr", "1e-4", "--steps", "5"])
+    train.resolve_flags(args, given, world=1)
+    # --size XL stays XL, --lr stays its default value, given; the rest is the toy schedule
+    assert (args.size, args.lr, args.steps) == ("XL", 1e-4, 5)
+    assert (args.image_size, args.global_batch_size, args.ft_lr) == (16, 32, 1e-3)
+    args, given = train.parse_args([])
+    train.resolve_flags(args, given, world=1)
+    assert (args.size, args.lr, args.drop, args.path_drop) == ("toy", 1e-3, 0.75, 0.1)
+    # with --data, the argparse defaults: the papers' recipe
+    args, given = train.parse_args(["--data", "x.npz", "--model", "dit"])
+    train.resolve_flags(args, given, world=1)
+    assert (args.size, args.lr, args.steps, args.drop, args.path_drop) == ("B", 1e-4, 400_000,
+                                                                           0.0, 0.0)
 
 
-def test_an_image_folder_is_decoded_in_workers_and_sets_the_classes(tmp_path):
-    folder = image_folder(tmp_path / "images", classes=3)
-    run_dir = run(
-        tmp_path, "--data", str(folder), "--num-workers", "1", "--steps", "2", "--eval-every", "2"
-    )
-    cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
-    assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (3, 16, 3)
-    assert any("eval_loss" in rec for rec in records(run_dir))
-
-
-@pytest.mark.parametrize("kind", ["pixels", "latents"])
-def test_an_npz_of_pixels_or_latents_sets_channels_size_and_classes(tmp_path, kind):
-    rng = np.random.default_rng(0)
-    if kind == "pixels":
-        x = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)          # grey images N x H x W
-    else:
-        x = rng.standard_normal((40, 4, 8, 8)).astype(np.float16)     # latents N x C x H x W
-    np.savez(tmp_path / "data.npz", x=x, y=np.arange(40) % 5)
-    run_dir = run(
-        tmp_path,
-        "--data",
-        str(tmp_path / "data.npz"),
-        "--image-size",
-        "8",
-        "--patch-size",
-        "2",
-        "--latent-scale",
-        "0.5",
-        "--steps",
-        "2",
-        "--sample-every",
-        "2",
-    )
-    cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
-    assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (
-        (1, 8, 5) if kind == "pixels" else (4, 8, 5)
-    )
-    # latents: channels 0-2, normalised
-    assert (run_dir / "samples" / "0000002.png").is_file()
-
-
-def test_encode_latents_stores_every_image_and_its_mirror_with_its_label(tmp_path, monkeypatch):
-    """With a stand-in for diffusers' AutoencoderKL whose latent is the 8 x 8 average of the pixels
-    (and a fourth channel of zeros)."""
-    class FakeVAE(torch.nn.Module):
-        def encode(self, x):
-            z = torch.nn.functional.avg_pool2d(x, 8)                      # (B, 3, H/8, W/8)
-            z = torch.cat([z, torch.zeros_like(z[:, :1])], dim=1)         # (B, 4, H/8, W/8)
-            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: z))
-
-    fake = types.ModuleType("diffusers")
-    fake.AutoencoderKL = types.SimpleNamespace(from_pretrained=lambda name: FakeVAE())
-    monkeypatch.setitem(sys.modules, "diffusers", fake)
-    folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
-    data.encode_latents(folder, tmp_path / "latents.npz", size=16, device="cpu", batch=4, workers=0)
-    saved = np.load(tmp_path / "latents.npz")
-    x, y = saved["x"], saved["y"]
-    assert x.shape == (12, 4, 2, 2) and x.dtype == np.float16       # 6 images, each twice
-    assert y.tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1]       # batches of 4: images, mirrors
-    pixels = data.ImageFolder(folder, 16)[range(6)][0].float() / 127.5 - 1
-    expected = torch.nn.functional.avg_pool2d(pixels, 8).half().numpy()
-    assert np.array_equal(x[:4, :3], expected[:4])                    # the first batch of images
-    # ... then their mirror images (summed in another order: equal to float16 rounding)
-    mirrors = expected[:4, :, :, ::-1].astype(np.float32)
-    assert np.allclose(x[4:8, :3].astype(np.float32), mirrors, rtol=0, atol=1e-3)
-
-
-#################################################################################
-#              The CPU miniature: one size flag, timed training                 #
-#################################################################################
-
-@pytest.mark.parametrize("model", ["dit", "sprint", "sparsedit"])
-def test_the_mini_size_is_one_flag_for_every_model(model):
-    cfg = train.parse_args(["--model", model, "--size", "mini"])
-    net = models.create_model(sprint.ModelConfig(cfg.model, cfg.size, 2, 16, 3, 9))
-    # B's split, narrowed
-    assert (net.cfg.hidden_size, net.cfg.num_heads, net.cfg.depths) == (128, 4, (2, 8, 2))
-    # SparseDiT: its 12 layers, 1,2,2,1
-    assert sum(isinstance(m, sprint.Block) for m in net.modules()) == 12
-    v = net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 8]))
-    assert v.shape == (2, 3, 16, 16)
+def test_size_xl_on_the_embedded_data_builds_an_xl_model(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(train, "build_model", lambda args, *a: built.append(args) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(["--size", "XL", "--results-dir", str(tmp_path)])
+    args = built[0]
+    cfg = sprint.ModelConfig(args.model, args.size, hidden_size=args.hidden_size or 0)
+    assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (1152, 16, (2, 24, 2))
 
 
 def test_log_records_training_seconds_without_evaluation_and_resume_continues_them(
-    tmp_path, monkeypatch
-):
+        tmp_path, monkeypatch):
     held_out = train.held_out_loss
 
-    # an evaluation that takes 0.3 s
-    def slow(*args, **kwargs):
-        time.sleep(0.3)
+    def slow(*args, **kwargs):                                      # an evaluation of 0.1 s
+        time.sleep(0.1)
         return held_out(*args, **kwargs)
     monkeypatch.setattr(train, "held_out_loss", slow)
     begin = time.perf_counter()
-    # 5 evaluations: >= 1.5 s of waiting
-    run_dir = run(tmp_path, "--steps", "4", "--eval-every", "1")
+    # 4 evaluations (steps 0 to 3) with the drop and without: >= 0.7 s of waiting
+    run_dir = run(tmp_path, "--steps", "3", "--eval-every", "1")
     wall = time.perf_counter() - begin
     recs = records(run_dir)
     # on every record, never decreasing
     seconds = [rec["train_s"] for rec in recs]
-    assert seconds == sorted(seconds) and seconds[0] == 0 and 0 < seconds[-1] < wall - 1.5
-    assert {rec["step"] for rec in recs if "eval_loss" in rec} == {0, 1, 2, 3, 4}
-    ckpt = torch.load(run_dir / "checkpoints" / "0000004.pt", weights_only=True)
+    assert seconds == sorted(seconds) and seconds[0] == 0 and 0 < seconds[-1] < wall - 0.7
+    assert {rec["step"] for rec in recs if "eval_loss" in rec} == {0, 1, 2, 3}
+    ckpt = torch.load(run_dir / "checkpoints" / "0000003.pt", weights_only=True)
     assert ckpt["train_s"] == seconds[-1]
-    run(tmp_path, "--resume", str(run_dir), "--steps", "6", "--eval-every", "0")
+    run(tmp_path, "--resume", str(run_dir), "--steps", "4", "--eval-every", "0")
     resumed = [rec["train_s"] for rec in records(run_dir)][len(recs):]
     assert len(resumed) > 0 and all(s > ckpt["train_s"] for s in resumed)
-
-
-def test_an_npz_of_pixels_is_resized_to_the_image_size_with_antialiasing(tmp_path):
-    # 1-pixel checkerboard
-    checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
-    np.savez(
-        tmp_path / "px.npz",
-        x=np.repeat(checker[None, ..., None], 12, 0).repeat(3, -1),
-        y=np.arange(12) % 3,
-    )
-    args = train.parse_args(["--data", str(tmp_path / "px.npz"), "--image-size", "16"])
-    dataset, num_classes = data.load_data(args)
-    x = dataset[:][0]
-    assert x.shape == (12, 3, 16, 16) and num_classes == 3
-    # averaged to grey, not aliased to 0 or 255
-    assert (x.float() - 127.5).abs().max() <= 1
-    np.savez(tmp_path / "latents.npz", x=np.zeros((12, 4, 8, 8), np.float16), y=np.arange(12) % 3)
-    with pytest.raises(
-        ValueError,
-        match=r"--image-size 16: .*latents\.npz holds 8x8 latents, which cannot be resized",
-    ):
-        data.load_data(
-            train.parse_args(["--data", str(tmp_path / "latents.npz"), "--image-size", "16"])
-        )

@@ -1,5 +1,6 @@
-"""train.py's command line: a run end to end, its folders and its benchmark row, and every bad
-input: refused early, in one line naming its flag, with nothing written."""
+"""train.py's command line: a run end to end and its folders, and every bad input: refused early, in
+one line naming its flag, with nothing written. In this process, as `python train.py` runs it
+(train.cli turns errors into that one line)."""
 
 import os
 
@@ -8,13 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
-import models
+import sample
 import train
 from sparsedit import SparseDiT
-from sprint import ModelConfig, TokenDrop, sample_ids_keep
-from tiny import TINY, cli, image_folder, records, run
+from sprint import ModelConfig, sample_ids_keep
+from tiny import TINY, image_folder, records, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
+
+
+def cli_error(tmp_path, *flags, capsys=None):
+    """The one line `python train.py TINY flags` ends with (cwd: tmp_path)."""
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--results-dir", str(tmp_path / "results"), *flags])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
 
 
 #################################################################################
@@ -27,7 +36,7 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
                   # train.py's main, in this process
                   "--sample-every", "40", "--ckpt-every", "20")
     assert "img/s" in capsys.readouterr().err                         # the progress bar
-    assert run_dir.name == f"000-{model}-S-4"
+    assert run_dir.name == f"000-{model}-toy-4"
     evals = [rec for rec in records(run_dir) if "eval_loss" in rec]
     assert [rec["step"] for rec in evals] == [0, 20, 40]
     # measured: 1.45 at step 0, 1.11 (dit) and 1.18 (sprint) at step 40, ratios 0.76 and 0.81;
@@ -40,7 +49,7 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
     assert set(ckpt) == {"model", "ema", "opt", "config", "args", "step", "rng", "data", "train_s"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     # all that sample.py --ckpt needs
-    net = models.load_model(str(run_dir / "checkpoints" / "0000040.pt"))
+    net = sample.load_model(str(run_dir / "checkpoints" / "0000040.pt"))
     cfg = net.cfg
     assert (cfg.model, cfg.hidden_size, cfg.num_classes, cfg.input_size) == (model, 32, 10, 16)
 
@@ -48,31 +57,12 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
 def test_a_new_run_never_reuses_a_run_folder(tmp_path):
     first = run(tmp_path, "--steps", "1")
     second = run(tmp_path, "--steps", "1")
-    assert (first.name, second.name) == ("000-sprint-S-4", "001-sprint-S-4")
+    assert (first.name, second.name) == ("000-sprint-toy-4", "001-sprint-toy-4")
 
 
 def test_checkpoints_every_0_steps_means_only_at_the_end_of_each_stage(tmp_path):
     run_dir = run(tmp_path, "--steps", "3", "--finetune-steps", "2", "--ckpt-every", "0")
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000003.pt", "0000005.pt"]
-
-
-def test_benchmark_prints_one_table_row_of_consistent_figures(capsys):
-    flags = ["--benchmark", "--model", "sprint", "--drop", "0.75", *TINY[:8], "--image-size", "64",
-             "--global-batch-size", "4", "--benchmark-steps", "5"]
-    train.main(train.parse_args(flags))
-    header, row = capsys.readouterr().out.strip().splitlines()
-    cells = {k.strip(): v.strip() for k, v in zip(header.strip("|").split("|"),
-                                                   row.strip("|").split("|"))}
-    assert cells["model"] == "sprint-B/2" and cells["drop"] == "0.75" and cells["batch"] == "4"
-    ms = float(cells["ms/step"])
-    assert float(cells["img/s"]) == pytest.approx(4 / ms * 1e3, rel=1e-2)
-    # TFLOP/s from the model's own count: a step is 3 forwards of the 75%-drop model
-    cfg = ModelConfig("sprint", "B", 2, 8, 4, 1000, 32, 2, (1, 1, 1))   # 64 px: 8 x 8 latents
-    step_flops = 3 * models.create_model(cfg).training_flops(TokenDrop(0.75, "structured", 0.1))
-    assert float(cells["TFLOP/s"]) == pytest.approx(step_flops * 4 / ms / 1e9, rel=1e-2)
-    mfu, peak = cells["MFU (measured fp32 matmul peak)"].split(" of ")
-    assert float(mfu.rstrip("%")) / 100 == pytest.approx(
-        float(cells["TFLOP/s"]) / float(peak.split()[0]), rel=0.05, abs=1e-3)
 
 
 #################################################################################
@@ -100,6 +90,11 @@ def bad_input(case, tmp, ckpt, dit_ckpt):
     latents[9, 0, 0, 0] = np.inf
     np.savez(tmp / "nan.npz", x=latents, y=np.zeros(12, np.int64))
     (tmp / "notes.txt").write_text("not data")
+    os.makedirs(tmp / "no_y")
+    np.save(tmp / "no_y" / "x.npy", np.zeros((12, 4, 4, 4), np.float16))
+    os.makedirs(tmp / "short_y")
+    np.save(tmp / "short_y" / "x.npy", np.zeros((12, 4, 4, 4), np.float16))
+    np.save(tmp / "short_y" / "y.npy", np.zeros(11, np.int64))
     (tmp / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
     cases = {
         "missing data": (
@@ -116,6 +111,15 @@ def bad_input(case, tmp, ckpt, dit_ckpt):
             ["--data", str(tmp / "nan.npz")],
             r"^--data .*nan\.npz: 2 of its 12 latents hold NaN or infinite values "
             r"\(the first: x\[7\]\); remove them$",
+        ),
+        "arrays without y.npy": (
+            ["--data", str(tmp / "no_y")],
+            r"^--data .*no_y: not a folder with a readable x\.npy and y\.npy \(.*No such file",
+        ),
+        "labels that do not fit": (
+            ["--data", str(tmp / "short_y")],
+            r"^--data .*short_y: x must hold N > 0 images or latents, y their N labels \(integers "
+            r">= 0\); got x \(12, 4, 4, 4\) float16, y \(11,\) int64$",
         ),
         "small image": (
             ["--data", str(small), "--no-upscale"],
@@ -147,12 +151,12 @@ def bad_input(case, tmp, ckpt, dit_ckpt):
         ),
         "init another depth": (
             ["--init", str(ckpt), "--depths", "1", "2", "1"],
-            r"^--init .*0000001\.pt does not fit this sprint-S model \(file vs "
+            r"^--init .*0000001\.pt does not fit this sprint-toy model \(file vs "
             r"model: depths \(1, 1, 1\) vs \(1, 2, 1\)\)",
         ),
         "init another model": (
             ["--init", str(dit_ckpt)],
-            r"^--init .*0000001\.pt holds a dit-S model, not a sprint one: " r"use --model dit$",
+            r"^--init .*0000001\.pt holds a dit-toy model, not a sprint one: use --model dit$",
         ),
         "resume nothing": (
             ["--resume", str(tmp / "nowhere.pt")],
@@ -160,7 +164,8 @@ def bad_input(case, tmp, ckpt, dit_ckpt):
         ),
         "text as data": (
             ["--data", str(tmp / "notes.txt")],
-            r"--data .*notes\.txt: neither an image folder nor an \.npz file",
+            r"--data .*notes\.txt: neither an image folder, a folder with x\.npy and y\.npy, nor "
+            r"an \.npz file",
         ),
         "truncated init": (
             ["--init", str(tmp / "cut.pt")],
@@ -195,6 +200,7 @@ def bad_input(case, tmp, ckpt, dit_ckpt):
 
 
 CASES = ["missing data", "empty folder", "broken image", "npz without y", "latents with NaN",
+         "arrays without y.npy", "labels that do not fit",
          "small image", "unrealisable drop", "drop without a sparse path", "no blocks",
          "sprint without a middle", "nothing to train", "results dir is a file",
          "resume another size", "init another depth", "init another model", "resume nothing",
@@ -215,45 +221,32 @@ def test_bad_input_fails_early_with_a_message_naming_its_flag(tmp_path, stage1_c
 
 
 def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
-    r = cli(tmp_path, "--data", str(tmp_path / "missing"))
-    assert r.returncode == 1
-    assert (
-        r.stderr.strip()
-        == f"train.py: error: --data {tmp_path / 'missing'}: no such file or folder"
-    )
+    assert cli_error(tmp_path, "--data", str(tmp_path / "missing")) == (
+        f"train.py: error: --data {tmp_path / 'missing'}: no such file or folder")
 
 
 def test_a_broken_image_fails_before_training_in_one_line_with_the_default_workers(tmp_path):
     broken = image_folder(tmp_path / "broken", classes=1, per_class=7)
     whole = (broken / "class0" / "3.png").read_bytes()
     (broken / "class0" / "3b.png").write_bytes(whole[:60])           # cut short
-    r = cli(tmp_path, "--data", str(broken), "--num-workers", "8")
-    assert r.returncode == 1 and r.stdout == ""
-    (line,) = r.stderr.strip().splitlines()
-    assert line.startswith(
-        f"train.py: error: --data: cannot decode {broken / 'class0' / '3b.png'} ("
-    )
+    message = cli_error(tmp_path, "--data", str(broken), "--num-workers", "8")
+    assert message.startswith(f"train.py: error: --data: cannot decode "
+                              f"{broken / 'class0' / '3b.png'} (")
     # no empty run folder left behind
     assert not (tmp_path / "results").exists()
 
 
-def test_an_image_that_breaks_only_when_a_worker_decodes_it_is_one_line_without_a_traceback(
-    tmp_path,
-):
+def test_an_image_that_breaks_only_when_a_worker_decodes_it_is_one_line(tmp_path):
     folder = image_folder(tmp_path / "images", classes=1, per_class=7)
     noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(noise).save(folder / "class0" / "cut.jpg", quality=90)
     jpeg = (folder / "class0" / "cut.jpg").read_bytes()
-    (folder / "class0" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])   # a valid header: only
-    # decoding fails
-    r = cli(
-        tmp_path, "--data", str(folder), "--num-workers", "1", "--image-size", "16", "--steps", "3"
-    )
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    # the rest of stderr is the progress bar
-    (error,) = [line for line in r.stderr.splitlines() if "error" in line]
+    # a valid header: only decoding fails, in the DataLoader worker
+    (folder / "class0" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    message = cli_error(tmp_path, "--data", str(folder), "--num-workers", "1", "--image-size",
+                        "16", "--steps", "3")
     cut = folder / "class0" / "cut.jpg"
-    assert error.startswith(f"train.py: error: --data: cannot decode {cut} (image file is")
+    assert message.startswith(f"train.py: error: --data: cannot decode {cut} (image file is")
 
 
 def test_a_global_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):
@@ -291,14 +284,11 @@ def test_unrealisable_drop_is_a_clear_error(drop, mask_type, message):
         sample_ids_keep(2, 10, drop, mask_type)                     # a 10x10 grid: 100 tokens
 
 
-def test_size_patch_and_sparse_path_flags():
+def test_size_and_patch_flags():
     with pytest.raises(ValueError, match="--size 'XXL'"):
         ModelConfig(size="XXL")
     with pytest.raises(ValueError, match="--patch-size 3"):
         ModelConfig(patch_size=3, input_size=32)
-    dit = models.create_model(ModelConfig(model="dit", size="mini", input_size=8))
-    with pytest.raises(ValueError, match="has no sparse path"):
-        dit.training_kwargs(2, TokenDrop(0.75, "structured", 0.0), None)
 
 
 def test_layout_and_density_flags_are_validated():

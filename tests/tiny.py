@@ -1,9 +1,12 @@
 """Tiny models, runs and data that several test files share: train.py runs of a 16-token model on
-the embedded data, checkpoints in train.py's layout, image folders."""
+the embedded data, checkpoints in train.py's layout, image folders, two-process launches, and the
+resident memory of this process."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import models
 import sample
 import sprint
 import train
@@ -32,14 +34,7 @@ def run(tmp_path, *flags):
     """train.main in this process on the tiny model and the embedded data at 16 px -> the run
     folder."""
     args = ["--image-size", "16", "--eval-every", "0", "--sample-every", "0", *flags]
-    argv = [*TINY, "--results-dir", str(tmp_path / "results"), *args]
-    return Path(train.main(train.parse_args(argv)))
-
-
-def cli(cwd, *flags, launcher=(sys.executable,)):
-    """train.py as a user runs it, in a subprocess -> its CompletedProcess."""
-    return subprocess.run([*launcher, TRAIN, *TINY, *flags], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    return Path(train.main([*TINY, "--results-dir", str(tmp_path / "results"), *args]))
 
 
 def records(run_dir):
@@ -69,6 +64,20 @@ def image_folder(root, classes=2, per_class=10, size=(24, 20)):
     return root
 
 
+def two_ranks(script, *flags, cwd):
+    """`script` in 2 gloo processes, with the environment torchrun gives its workers (without
+    torchrun's own agent process: one torch import less) -> their return codes and stderr."""
+    with socket.socket() as s:                      # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+
+
 #################################################################################
 #                    Models, and checkpoints to sample from                     #
 #################################################################################
@@ -77,7 +86,7 @@ def tiny_model(model="sprint", **kw):
     """An 8 x 8 latent, 16-token model with 1/2/1 blocks of width 32 and 10 classes."""
     cfg = dict(model=model, input_size=8, patch_size=2, in_channels=4, hidden_size=32, num_heads=2,
                depths=(1, 2, 1), num_classes=10)
-    return models.create_model(sprint.ModelConfig(**{**cfg, **kw}))
+    return sample.create_model(sprint.ModelConfig(**{**cfg, **kw}))
 
 
 def randomize(model, seed=0):
@@ -94,7 +103,7 @@ def sampling_model(model="sprint", in_channels=3, seed=0):
     would output 0)."""
     cfg = sprint.ModelConfig(model=model, input_size=8, patch_size=2, in_channels=in_channels,
                              hidden_size=32, num_heads=2, depths=(1, 1, 1), num_classes=4)
-    m = models.create_model(cfg)
+    m = sample.create_model(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -120,3 +129,34 @@ def npz(path):
     """An .npz's arrays as a dict."""
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
+
+
+#################################################################################
+#                     Resident memory, for the streaming tests                  #
+#################################################################################
+
+def resident_bytes():
+    """This process's resident memory now (Linux: /proc/self/statm), file-backed pages included."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_growth(fn):
+    """(fn(), the most this process's resident memory grew above its level at the start while fn
+    ran), sampled every millisecond by a thread: ru_maxrss would report the test session's own
+    earlier peak."""
+    base = resident_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], resident_bytes())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        watcher.join()
+    return result, max(peak[0], resident_bytes()) - base

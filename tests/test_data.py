@@ -1,0 +1,204 @@
+"""train.py's data as a specification: the embedded data, image folders, .npz files and folders
+of memory-mapped arrays set the model's channels, size and classes; a memory-mapped set is read
+batch by batch (a rank's memory does not grow with it) and a non-finite latent stops the run by its
+index; tools/encode_latents.py streams into that layout and never leaves a half-written folder."""
+import importlib.util
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from tiny import ROOT, image_folder, records, resident_bytes, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
+
+
+def load(*flags):
+    """train.load_data for these flags -> (dataset, number of classes)."""
+    args, _ = train.parse_args(list(flags))
+    return train.load_data(args)
+
+
+#################################################################################
+#                   The sources: embedded, folders, .npz, arrays                #
+#################################################################################
+
+def test_the_embedded_data_is_fixed_and_its_classes_differ():
+    (x, y), (x2, y2) = train.embedded_dataset(16, 500), train.embedded_dataset(16, 500)
+    assert x.shape == (500, 16, 16, 3) and x.dtype == np.uint8 and set(y) == set(range(10))
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    # each class its own hue
+    colours = np.stack([x[y == k].reshape(-1, 3).max(0) for k in range(10)])
+    assert len({tuple(c // 32) for c in colours}) == 10
+    train_idx, held_out = train.split(500)
+    assert len(held_out) == 50 and not set(train_idx) & set(held_out)
+    assert np.array_equal(held_out, train.split(500)[1])
+
+
+def test_an_image_folder_is_decoded_in_workers_and_sets_the_classes(tmp_path):
+    folder = image_folder(tmp_path / "images", classes=3)
+    run_dir = run(tmp_path, "--data", str(folder), "--num-workers", "1", "--steps", "2",
+                  "--eval-every", "2")
+    cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
+    assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (3, 16, 3)
+    assert any("eval_loss" in rec for rec in records(run_dir))
+
+
+@pytest.mark.parametrize("kind", ["pixels in an .npz", "latents in x.npy and y.npy"])
+def test_arrays_of_pixels_or_latents_set_channels_size_and_classes(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 5
+    if kind == "pixels in an .npz":
+        data = tmp_path / "data.npz"
+        np.savez(data, x=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y=y)   # grey N x H x W
+    else:
+        data = tmp_path / "latents"
+        data.mkdir()
+        np.save(data / "x.npy", rng.standard_normal((40, 4, 8, 8)).astype(np.float16))
+        np.save(data / "y.npy", y)
+    run_dir = run(tmp_path, "--data", str(data), "--image-size", "8", "--patch-size", "2",
+                  "--latent-scale", "0.5", "--steps", "2", "--sample-every", "2")
+    cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
+    channels = 1 if kind == "pixels in an .npz" else 4
+    assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (channels, 8, 5)
+    # latents: channels 0-2, normalised
+    assert (run_dir / "samples" / "0000002.png").is_file()
+
+
+def test_pixels_are_resized_to_the_image_size_with_antialiasing_and_latents_are_not(tmp_path):
+    checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)    # 1-pixel checkerboard
+    pixels = np.repeat(checker[None, ..., None], 12, 0).repeat(3, -1)
+    np.savez(tmp_path / "px.npz", x=pixels, y=np.arange(12) % 3)
+    dataset, num_classes = load("--data", str(tmp_path / "px.npz"), "--image-size", "16")
+    x = dataset[np.arange(12)][0]
+    assert x.shape == (12, 3, 16, 16) and num_classes == 3
+    # averaged to grey, not aliased to 0 or 255
+    assert (x.float() - 127.5).abs().max() <= 1
+    np.savez(tmp_path / "latents.npz", x=np.zeros((12, 4, 8, 8), np.float16), y=np.arange(12) % 3)
+    with pytest.raises(ValueError, match=r"--image-size 16: .*latents\.npz holds 8x8 latents, "
+                                         r"which cannot be resized"):
+        load("--data", str(tmp_path / "latents.npz"), "--image-size", "16")
+
+
+#################################################################################
+#          Arrays on disk: memory-mapped, read batch by batch, checked          #
+#################################################################################
+
+def test_a_folder_of_arrays_is_read_batch_by_batch_not_whole(tmp_path):
+    """409 MB of latents (a sparse file: no disk used), opened as train.py opens --data and read in
+    five batches of 64: resident memory grows by what those batches read (measured: 28 MB, mostly
+    numpy's and the allocator's own), not by the array; reading it whole grows it by 415 MB."""
+    n = 50_000
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float16, (n, 4, 32, 32))
+    del x
+    np.save(tmp_path / "y.npy", np.arange(n) % 10)
+    before = resident_bytes()
+    dataset, num_classes = load("--data", str(tmp_path))
+    train_idx, held_out = train.split(len(dataset))
+    batches = [dataset[np.random.default_rng(i).choice(train_idx, 64)] for i in range(5)]
+    grown = resident_bytes() - before
+    assert num_classes == 10 and batches[0][0].shape == (64, 4, 32, 32)
+    assert grown < 100e6, f"resident memory grew by {grown / 1e6:.0f} MB"
+
+
+def test_a_nan_latent_in_the_middle_of_a_memory_mapped_set_stops_the_run_naming_it(tmp_path):
+    latents = np.random.default_rng(0).standard_normal((200, 4, 16, 16)).astype(np.float32)
+    latents[137, 2, 1, 3] = np.nan
+    data = tmp_path / "latents"
+    data.mkdir()
+    np.save(data / "x.npy", latents)
+    np.save(data / "y.npy", np.arange(200) % 4)
+    # steps that reach every training item: the run starts, then stops at the batch holding it
+    with pytest.raises(ValueError, match=r"^--data .*latents: x\[137\] holds NaN or infinite "
+                                         r"values; remove it$"):
+        run(tmp_path, "--data", str(data), "--steps", "40")
+    assert (tmp_path / "results").is_dir()                  # opened without a scan of the whole
+
+
+#################################################################################
+#             tools/encode_latents.py: streamed, checked, all or nothing        #
+#################################################################################
+
+def encode_latents_tool():
+    """tools/encode_latents.py as a module."""
+    spec = importlib.util.spec_from_file_location("encode_latents",
+                                                  ROOT / "tools" / "encode_latents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_vae(monkeypatch):
+    """diffusers' AutoencoderKL replaced: the latent is the 8 x 8 average of the pixels plus a
+    fourth channel of zeros; `fake_vae.calls` counts encodings, `fake_vae.fail` maps a call number
+    to the exception it raises, `fake_vae.nan` marks a batch row whose latent is NaN."""
+    state = types.SimpleNamespace(calls=0, fail={}, nan=None)
+
+    class FakeVAE(torch.nn.Module):
+        def encode(self, x):
+            state.calls += 1
+            if state.calls in state.fail:
+                raise state.fail[state.calls]
+            z = torch.nn.functional.avg_pool2d(x, 8)                      # (B, 3, H/8, W/8)
+            z = torch.cat([z, torch.zeros_like(z[:, :1])], dim=1)         # (B, 4, H/8, W/8)
+            if state.nan is not None and state.calls == state.nan[0]:
+                z[state.nan[1]] = float("nan")
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: z))
+
+    fake = types.ModuleType("diffusers")
+    fake.AutoencoderKL = types.SimpleNamespace(from_pretrained=lambda *a, **k: FakeVAE())
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    return state
+
+
+def test_encoding_writes_every_image_then_its_mirror_and_train_py_reads_them(tmp_path, fake_vae):
+    folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
+    tool = encode_latents_tool()
+    tool.main([str(folder), str(tmp_path / "latents"), "--size", "16", "--device", "cpu",
+               "--batch-size", "4", "--num-workers", "0"])
+    x = np.load(tmp_path / "latents" / "x.npy")
+    y = np.load(tmp_path / "latents" / "y.npy")
+    assert x.shape == (12, 4, 2, 2) and x.dtype == np.float16       # 6 images, then 6 mirrors
+    assert y.tolist() == [0, 0, 0, 1, 1, 1] * 2
+    pixels = train.ImageFolder(folder, 16)[range(6)][0].float() / 127.5 - 1
+    expected = torch.nn.functional.avg_pool2d(pixels, 8).half().numpy()
+    assert np.array_equal(x[:6, :3], expected) and not x[:, 3].any()
+    # the mirrors (summed in another order: equal to float16 rounding)
+    assert np.allclose(x[6:, :3].astype(np.float32), expected[..., ::-1], rtol=0, atol=1e-3)
+    assert not (tmp_path / "latents.partial").exists()
+    dataset, num_classes = load("--data", str(tmp_path / "latents"))
+    assert num_classes == 2 and torch.equal(dataset[[7]][0], torch.from_numpy(x[[7]]))
+
+
+def test_an_interrupted_encoding_leaves_no_folder_that_passes_for_complete(tmp_path, fake_vae):
+    folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
+    tool = encode_latents_tool()
+    argv = [str(folder), str(tmp_path / "latents"), "--size", "16", "--device", "cpu",
+            "--batch-size", "4", "--num-workers", "0"]
+    fake_vae.fail = {3: KeyboardInterrupt()}                          # the second batch's images
+    with pytest.raises(KeyboardInterrupt):
+        tool.main(argv)
+    assert not (tmp_path / "latents").exists()
+    with pytest.raises(ValueError, match="latents: no such file or folder"):
+        load("--data", str(tmp_path / "latents"))
+    # rerun: starts afresh and completes
+    fake_vae.calls = 0
+    fake_vae.fail = {}
+    tool.main(argv)
+    assert np.load(tmp_path / "latents" / "x.npy").shape == (12, 4, 2, 2)
+    assert sorted(os.listdir(tmp_path)) == ["images", "latents"]
+
+
+def test_a_non_finite_latent_stops_the_encoding_naming_its_image(tmp_path, fake_vae):
+    folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
+    fake_vae.nan = (3, 1)                      # second batch, images 4 and 5: row 1 is class1/2.png
+    with pytest.raises(SystemExit, match=r"^encode_latents\.py: error: .*class1.2\.png: its latent "
+                                         r"holds NaN or infinite values; nothing was written"):
+        encode_latents_tool().main([str(folder), str(tmp_path / "latents"), "--size", "16",
+                                    "--device", "cpu", "--batch-size", "4", "--num-workers", "0"])
+    assert not (tmp_path / "latents").exists()

@@ -1,0 +1,128 @@
+"""tools/: the benchmarks print rows whose figures agree with each other and with the models' FLOP
+counts; decode_latents.py turns sample.py's saved latents into the images --vae would have made.
+(tools/encode_latents.py: test_data.py.)"""
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import sprint
+from tiny import ROOT, npz, run_sample, sampling_model, save_ckpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
+
+
+def tool(name):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(text):
+    """A printed Markdown table -> one {column: cell} dict per row."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+            for line in lines[2:]]
+
+
+@pytest.fixture
+def tiny_size(monkeypatch):
+    """A size T: width 32, 2 heads, 1/2/1 blocks; at --image-size 64, 8 x 8 latents."""
+    monkeypatch.setitem(sprint.SIZES, "T", (32, 2, (1, 2, 1)))
+    return ["--size", "T", "--image-size", "64", "--batch", "4", "--reps", "3"]
+
+
+#################################################################################
+#                                  Benchmarks                                   #
+#################################################################################
+
+def test_the_training_benchmark_prints_one_row_of_consistent_figures(tiny_size, capsys):
+    ms = tool("benchmark").main(["train", "--model", "sprint", "--drop", "0.75", *tiny_size])
+    (row,) = table(capsys.readouterr().out)
+    assert row["model"] == "sprint-T/2" and row["drop"] == "0.75" and row["batch"] == "4"
+    assert float(row["ms/step"]) == pytest.approx(ms, abs=0.05)
+    assert float(row["img/s"]) == pytest.approx(4 / ms * 1e3, rel=1e-2)
+    # TFLOP/s from the model's own count: a step is 3 forwards of the 75%-drop model
+    model = sample.create_model(sprint.ModelConfig("sprint", "T", 2, 8, 4, 1000))
+    step_flops = 3 * model.training_flops(0.75)
+    assert float(row["TFLOP/s"]) == pytest.approx(step_flops * 4 / ms / 1e9, rel=1e-2)
+    mfu, peak = row["MFU (of a measured fp32 matmul peak)"].split(" of ")
+    assert float(mfu.rstrip("%")) / 100 == pytest.approx(
+        float(row["TFLOP/s"]) / float(peak.split()[0]), rel=0.05, abs=1e-3)
+
+
+def test_the_sampling_benchmark_times_cfg_and_pdg_and_their_ratio(tiny_size, capsys):
+    flags = [*tiny_size, "--sampler", "euler", "--steps", "10"]
+    ms = tool("benchmark").main(["sample", "--model", "sprint", *flags])
+    out = capsys.readouterr().out
+    rows = {row["guidance"]: row for row in table(out)}
+    assert set(ms) == set(map(str.lower, rows)) == {"cfg", "pdg"}
+    for mode, row in rows.items():
+        assert float(row["ms/step"]) == pytest.approx(ms[mode.lower()], abs=0.01)
+        # 10 guided Euler steps an image
+        assert float(row["img/s (euler-10)"]) == pytest.approx(4e3 / (ms[mode.lower()] * 10),
+                                                              rel=1e-2)
+    assert f"PDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x" in out
+    assert set(tool("benchmark").main(["sample", "--model", "dit", *flags])) == {"cfg"}
+
+
+#################################################################################
+#                 Latents saved without --vae, decoded later                    #
+#################################################################################
+
+@pytest.fixture
+def fake_vae(monkeypatch):
+    """diffusers' AutoencoderKL replaced by an 8x nearest upsampling of tanh(z[:3]); every latent it
+    decodes is kept in the returned list."""
+    decoded = []
+
+    class FakeVAE(torch.nn.Module):
+        def decode(self, z):
+            decoded.append(z)
+            image = z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+            return types.SimpleNamespace(sample=torch.tanh(image))
+    fake = types.ModuleType("diffusers")
+    fake.AutoencoderKL = types.SimpleNamespace(from_pretrained=lambda path: FakeVAE())
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    return decoded
+
+
+def test_saved_latents_decode_to_the_images_that_vae_makes(tmp_path, fake_vae, capsys):
+    ckpt = save_ckpt(tmp_path / "lat.pt", sampling_model(in_channels=4), args={"latent_scale": 0.5})
+    common = ["--ckpt", ckpt, "--steps", 3, "--num-samples", 5, "--per-proc-batch-size", 2]
+    run_sample(*common, "--vae", "sd-vae", "--out", tmp_path / "img.npz")
+    run_sample(*common, "--out", tmp_path / "lat.npz")
+    assert "holds latents, not images; decode them with tools/decode_latents.py" in \
+        capsys.readouterr().out
+    images = npz(tmp_path / "img.npz")
+    latents = npz(tmp_path / "lat.latents.npz")
+    assert images["arr_0"].shape == (5, 64, 64, 3) and images["arr_0"].dtype == np.uint8
+    # the model's output divided by the checkpoint's latent scale, as the VAE decoded it
+    z, y, gens = sample.sample_inputs(range(5), 0, None, 4, (4, 8, 8), "cpu")
+    x = sample.sample(sample.load_model(ckpt), z, y, "sde", 3, gens, cfg_scale=4.0)
+    torch.testing.assert_close(torch.from_numpy(latents["latents"]), x / 0.5)
+    fake_vae.clear()
+    decode = tool("decode_latents")
+    decode.main([str(tmp_path / "lat.latents.npz"), str(tmp_path / "decoded.npz"), "--vae", "sd",
+                 "--device", "cpu", "--batch-size", "2"])
+    torch.testing.assert_close(torch.cat(fake_vae), x / 0.5)          # in batches of 2, 2, 1
+    decoded = npz(tmp_path / "decoded.npz")
+    assert np.array_equal(decoded["arr_0"], images["arr_0"])
+    assert np.array_equal(decoded["arr_1"], images["arr_1"])
+    with pytest.raises(SystemExit, match=r"decoded\.npz exists: choose another output"):
+        decode.main([str(tmp_path / "lat.latents.npz"), str(tmp_path / "decoded.npz")])
+
+
+def test_without_diffusers_decoding_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(SystemExit, match="--vae needs the optional diffusers package: pip install "
+                                         "diffusers"):
+        tool("decode_latents").main([str(tmp_path / "x.latents.npz"), str(tmp_path / "x.npz"),
+                                     "--device", "cpu"])

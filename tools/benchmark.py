@@ -1,0 +1,157 @@
+"""
+Speed on this device, on synthetic SD-VAE latents (no data, no checkpoint): the cost of train.py's
+training step, or of sample.py's guided sampling step with CFG and with PDG, as a Markdown table.
+
+    python tools/benchmark.py train --model sprint --size XL --drop 0.75 --batch 64 --compile
+    python tools/benchmark.py train --model dit --size XL --batch 64 --compile
+    python tools/benchmark.py sample --model sprint --size XL --batch 64 --compile
+
+Times are the median of --reps calls after 3 warm-up calls (compilation happens there), timed with
+CUDA events on a GPU. FLOPs come from the models' own counts (a training step is about three
+forwards); MFU is against a matmul peak measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU),
+not a datasheet figure. A model whose cost follows t (SparseDiT's density schedule) is timed at 8
+evenly spread t and averaged over them.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import train                                                                     # noqa: E402
+from sample import guided_passes, guided_velocity, trajectory_passes              # noqa: E402
+from sprint import SIZES, ModelConfig                                             # noqa: E402
+
+
+def time_ms(fn, device, reps=20, warmup=3):
+    """Median time of fn() in ms over `reps` calls after `warmup` ones."""
+    times = []
+    for _ in range(warmup + reps):
+        if device.type == "cuda":                    # events time the GPU's work, not the launches
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return float(np.median(times[warmup:]))
+
+
+def matmul_peak(device):
+    """Measured matmul FLOP/s: train.py's bf16 peak on CUDA, fp32 1024^3 on a CPU."""
+    if device.type == "cuda":
+        return train.matmul_peak(device)
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    return 2 * 1024**3 / (time_ms(lambda: a @ b, device, reps=10) / 1e3)
+
+
+def build(args, device):
+    """A model of --model and --size for 256 px SD-VAE latents (--image-size / 8), 1000 classes."""
+    cfg = ModelConfig(args.model, args.size, args.patch_size, args.image_size // 8, 4, 1000)
+    return train.MODELS[args.model](cfg).to(device)
+
+
+def benchmark_train(args, device):
+    """One training step of train.py (forward, backward, AdamW, EMA) -> its median ms."""
+    raw = build(args, device)
+    ema = copy.deepcopy(raw).requires_grad_(False)
+    opt = train.make_optimizer(raw, 1e-4, device)
+    sparse = raw.has_sparse_path
+    drop = args.drop if args.drop is not None else (0.75 if sparse else 0.0)
+    token_drop = train.TokenDrop(drop, args.mask_type, 0.1 if sparse else 0.0)
+    B = args.batch
+    x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
+    y = torch.randint(0, 1000, (B,), device=device)
+    model = torch.compile(raw) if args.compile else raw
+
+    def step():
+        train.train_step(model, raw, ema, opt, x, y, token_drop, args.precision, 0.9999)
+
+    ms = time_ms(step, device, args.reps)
+    flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
+    peak = matmul_peak(device)
+    memory = "n/a"
+    if device.type == "cuda":
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    print(f"| model | drop | batch | compile | ms/step | img/s | TFLOP/s | MFU (of a measured "
+          f"{args.precision} matmul peak) | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.model}-{args.size}/{args.patch_size} | {drop} | {B} | {args.compile} | "
+          f"{ms:.1f} | {B / ms * 1e3:.1f} | {flops_per_s / 1e12:.3g} | "
+          f"{raw.estimate_mfu(flops_per_s, peak):.1%} of {peak / 1e12:.3g} TFLOP/s | {memory} |")
+    return ms
+
+
+@torch.no_grad()
+def benchmark_sample(args, device):
+    """One guided sampling step with CFG, and with PDG where the model has a sparse path ->
+    {"cfg": ms, "pdg": ms}; img/s is for a whole --sampler/--steps run guided at every step."""
+    model = build(args, device).eval()
+    net = torch.compile(model, dynamic=False) if args.compile else model
+    B = args.batch
+    x = torch.randn(B, 4, model.cfg.input_size, model.cfg.input_size, device=device)
+    y = torch.randint(1000, (B,), device=device)
+    ts = [(k + 0.5) / 8 for k in range(8)]
+    if len({model.pass_flops(t) for t in ts}) == 1:         # a cost that does not follow t
+        ts = [0.5]
+    evals = len(trajectory_passes(args.sampler, args.steps))
+    print(f"| model | guidance | batch | compile | ms/step | img/s ({args.sampler}-{args.steps}) | "
+          f"TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    ms = {}
+    flops = {}
+    for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
+        guidance = dict(cfg_scale=4.0, pdg=mode == "pdg")   # any scale but 1 costs the same
+        with train.autocast(device, args.precision):
+            times = [time_ms(lambda: guided_velocity(net, x, t, y, **guidance), device, args.reps)
+                     for t in ts]
+        ms[mode] = sum(times) / len(ts)
+        passes = [model.pass_flops(t, skip) for t in ts for _, skip in guided_passes(t, **guidance)]
+        flops[mode] = B * sum(passes) / len(ts)
+        print(f"| {args.model}-{args.size}/{args.patch_size} | {mode.upper()} | {B} | "
+              f"{args.compile} | {ms[mode]:.2f} | {B * 1e3 / (ms[mode] * evals):.3g} | "
+              f"{flops[mode] / ms[mode] / 1e9:.3g} |")
+    if "pdg" in ms:
+        print(f"\nPDG/CFG speed-up per step: {ms['cfg'] / ms['pdg']:.2f}x (FLOPs allow "
+              f"{flops['cfg'] / flops['pdg']:.2f}x)")
+    return ms
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("what", choices=["train", "sample"], help="a training step or a sampling step")
+    p.add_argument("--model", choices=list(train.MODELS), default="sprint")
+    p.add_argument("--size", choices=list(SIZES), default="XL")
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=256, help="pixels: latents of image-size / 8")
+    p.add_argument("--batch", type=int, default=64, help="images per step")
+    p.add_argument("--drop", type=float, help="train: the token drop (default: 0.75 for sprint)")
+    p.add_argument("--mask-type", choices=["structured", "random"], default="structured")
+    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde",
+                   help="sample: the run that img/s is for")
+    p.add_argument("--steps", type=int, default=250, help="sample: its steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on "
+                   "a CPU")
+    p.add_argument("--reps", type=int, default=20, help="timed calls (the median)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.what == "train":
+        return benchmark_train(args, device)
+    return benchmark_sample(args, device)
+
+
+if __name__ == "__main__":
+    main()

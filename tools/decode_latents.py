@@ -1,0 +1,76 @@
+"""
+Latents that sample.py saved without --vae (<out>.latents.npz) -> images, decoded with the SD VAE:
+
+    python tools/decode_latents.py samples.latents.npz samples.npz --vae stabilityai/sd-vae-ft-ema
+
+The output is what sample.py --vae would have written: an ADM .npz (arr_0 uint8 N x H x W x 3, arr_1
+labels) for fid.py, or a grid image (.png). Both files are streamed batch by batch: 50,000 images
+at 512 px never sit in memory at once. Needs the optional diffusers package.
+"""
+import argparse
+import itertools
+import os
+import sys
+import zipfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+from sample import finish, load_vae, save_grid, write_npz                        # noqa: E402
+
+
+def read_rows(path, key, batch):
+    """The array `key` of an .npz, batch rows at a time, read from the zip member as a stream."""
+    with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, _, dtype = read_header(f)
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], batch):
+            rows = min(batch, shape[0] - start)
+            yield np.frombuffer(f.read(rows * row_bytes), dtype).reshape(rows, *shape[1:])
+
+
+@torch.no_grad()
+def decode(latents, out, vae, device="cuda", batch=64):
+    """Decode latents (the .npz's `latents`, already divided by the latent scale) into `out`."""
+    decoder = load_vae(vae, device)
+    with np.load(latents) as saved:                  # reads only the member asked for
+        labels = saved["arr_1"]
+    blocks = (finish(torch.from_numpy(z.copy()).to(device), decoder, latent_scale=1.0)["arr_0"]
+              for z in read_rows(latents, "latents", batch))
+    first = next(blocks)                             # (B, H, W, 3): the images' shape
+    folder, name = os.path.split(out)
+    temporary = os.path.join(folder, f".{name}.tmp{os.path.splitext(name)[1]}")
+    if out.endswith(".npz"):
+        with open(temporary, "wb") as f:
+            write_npz(f, {"arr_0": ((len(labels), *first.shape[1:]), np.uint8,
+                                    itertools.chain([first], blocks)),
+                          "arr_1": (labels.shape, labels.dtype, [labels])})
+    else:
+        save_grid(np.concatenate([first, *blocks]), temporary)
+    os.replace(temporary, out)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("latents", help="an .latents.npz written by sample.py without --vae")
+    p.add_argument("out", help="an .npz (for fid.py) or a .png grid")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL "
+                   "(default %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="latents per VAE pass")
+    args = p.parse_args(argv)
+    try:
+        if os.path.exists(args.out):
+            raise ValueError(f"{args.out} exists: choose another output (nothing is overwritten)")
+        print(f"wrote {decode(args.latents, args.out, args.vae, args.device, args.batch_size)}")
+    except ValueError as e:
+        raise SystemExit(f"decode_latents.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

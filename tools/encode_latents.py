@@ -1,0 +1,101 @@
+"""
+An image folder -> SD-VAE latents in the memory-mapped layout that `train.py --data DIR` reads:
+
+    python tools/encode_latents.py /path/to/imagenet/train imagenet256_sdvae --size 256
+
+DIR/x.npy holds float16 latents (2N, 4, size/8, size/8): rows [0, N) the images, rows [N, 2N) their
+mirror images (SiT's flip augmentation); DIR/y.npy their int64 labels (2N,). Images are read as
+train.py reads an image folder (ADM's centre crop; a file PIL cannot decode is named). Train on the
+result with --latent-scale 0.18215. Needs the optional diffusers package.
+
+Memory stays flat whatever N: x.npy is preallocated (numpy's open_memmap writes its header and
+size) and each batch is written into its rows through an ordinary file handle, so nothing of it
+stays mapped. A latent that is not finite stops the encoding, naming its image. Everything is
+written into DIR.partial/ and renamed to DIR only once complete: an interrupted encoding never
+leaves a folder that train.py would take for a whole one (rerunning starts afresh).
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+from sample import load_vae                                                      # noqa: E402
+from train import ImageFolder, nonfinite_rows                                    # noqa: E402
+
+
+def preallocate(path, shape, dtype):
+    """An .npy file of this shape and dtype (its data not yet written) -> where its data begins."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    offset = array.offset
+    del array                                                  # unmapped: nothing stays resident
+    return offset
+
+
+@torch.no_grad()
+def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda", batch=256,
+           workers=16):
+    """Encode `folder` (ImageNet layout) into out/x.npy and out/y.npy, as the module says."""
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists: choose another output folder (nothing is overwritten)")
+    images = ImageFolder(folder, size)
+    encoder = load_vae(vae, device)
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)                 # an interrupted run's leftovers
+    os.makedirs(partial)
+    n = len(images)
+    shape = (2 * n, 4, size // 8, size // 8)
+    x_start = preallocate(os.path.join(partial, "x.npy"), shape, np.float16)
+    y_start = preallocate(os.path.join(partial, "y.npy"), (2 * n,), np.int64)
+    row_bytes = int(np.prod(shape[1:])) * 2                    # float16
+    order = BatchSampler(SequentialSampler(range(n)), batch, drop_last=False)
+    batches = DataLoader(images, sampler=order, batch_size=None, num_workers=workers)
+    first = 0                                                  # the batch's first image
+    with open(os.path.join(partial, "x.npy"), "r+b") as x, \
+            open(os.path.join(partial, "y.npy"), "r+b") as y:
+        for pixels, labels in tqdm(batches, "encoding", total=len(order)):
+            for row, view in ((first, pixels), (n + first, pixels.flip(3))):   # image, mirror
+                z = encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist.sample()
+                z = z.half().cpu().numpy()                     # (B, 4, size/8, size/8)
+                bad = nonfinite_rows(z)
+                if len(bad):
+                    mirror = " (its mirror image)" if row >= n else ""
+                    raise ValueError(f"{images.files[first + bad[0]][0]}{mirror}: its latent "
+                                     f"holds NaN or infinite values; nothing was written to "
+                                     f"{out}")
+                x.seek(x_start + row * row_bytes)
+                x.write(z.tobytes())
+                y.seek(y_start + row * 8)
+                y.write(labels.numpy().astype(np.int64).tobytes())
+            first += len(labels)
+    os.replace(partial, out)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("folder", help="images in ImageNet layout: a sub-folder per class")
+    p.add_argument("out", help="the folder to create, with x.npy and y.npy")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL "
+                   "(default %(default)s)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default "
+                   "%(default)s): latents of size/8")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256, help="images per VAE pass")
+    p.add_argument("--num-workers", type=int, default=16, help="DataLoader workers decoding images")
+    args = p.parse_args(argv)
+    try:
+        out = encode(args.folder, args.out, args.vae, args.size, args.device, args.batch_size,
+                     args.num_workers)
+    except ValueError as e:
+        raise SystemExit(f"encode_latents.py: error: {e}")
+    print(f"wrote {out}/x.npy and {out}/y.npy")
+
+
+if __name__ == "__main__":
+    main()
