@@ -10,6 +10,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def toy_data(tmp_path_factory):
+    """The embedded data's first 400 images as an .npz (360 to train on, 40 held out), written once
+    a session: tiny.run's training runs read it rather than draw 4,000 images each, and evaluate on
+    40 held-out images rather than 256 (the embedded data itself: test_data.py)."""
+    import numpy as np
+
+    import tiny
+    import train
+
+    x, y = train.embedded_dataset(16, 400)
+    tiny.TOY_DATA = str(tmp_path_factory.mktemp("data") / "toy.npz")
+    np.savez(tiny.TOY_DATA, x=x, y=y)
+    return tiny.TOY_DATA
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Checkpoints of a tiny SPRINT and a tiny DiT with random weights, in train.py's layout."""

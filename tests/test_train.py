@@ -13,6 +13,7 @@ import torch
 
 import sprint
 import train
+import tiny
 from tiny import ENV, TINY, TRAIN, assert_same_training_state, records, run, two_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
@@ -100,12 +101,12 @@ def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
     # a checkpoint every step; the resume crosses into stage 2
-    flags = ["--image-size", "16", "--steps", "2", "--finetune-steps", "6", "--ckpt-every", "1",
-             "--eval-every", "3", "--sample-every", "0"]
+    flags = ["--data", tiny.TOY_DATA, "--image-size", "16", "--steps", "2", "--finetune-steps", "6",
+             "--ckpt-every", "1", "--eval-every", "0", "--sample-every", "0"]
     proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "000-sprint-toy-4" / "checkpoints"
+    ckpts = tmp_path / "killed" / "000-sprint-B-4" / "checkpoints"
     deadline = time.time() + 120
     while not list(ckpts.glob("*.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -123,18 +124,18 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
 #################################################################################
 
 def test_ddp_on_two_processes_keeps_the_ranks_equal_and_only_rank_0_writes(tmp_path):
-    flags = [*TINY, "--image-size", "16", "--steps", "2", "--ckpt-every", "1", "--eval-every", "1",
-             "--sample-every", "2"]
+    flags = [*TINY, "--data", tiny.TOY_DATA, "--steps", "2", "--ckpt-every", "1", "--eval-every",
+             "1", "--sample-every", "2"]
     for code, stderr in two_ranks("train.py", *flags, cwd=tmp_path):
         assert code == 0, stderr
     assert os.listdir(tmp_path) == ["results"]
-    assert os.listdir(tmp_path / "results") == ["000-sprint-toy-4"]
-    recs = records(tmp_path / "results" / "000-sprint-toy-4")
+    assert os.listdir(tmp_path / "results") == ["000-sprint-B-4"]
+    recs = records(tmp_path / "results" / "000-sprint-B-4")
     # one writer: no repeated lines
     assert [rec["step"] for rec in recs if "loss" in rec] == [1, 2]
     digests = [rec["rank_weights"] for rec in recs if "checkpoint" in rec]
     assert len(digests) == 2 and all(len(d) == 2 and d[0] == d[1] for d in digests)
-    ckpt = torch.load(tmp_path / "results" / "000-sprint-toy-4" / "checkpoints" / "0000002.pt",
+    ckpt = torch.load(tmp_path / "results" / "000-sprint-B-4" / "checkpoints" / "0000002.pt",
                       weights_only=True)
     # every rank's RNG state, for resume
     assert len(ckpt["rng"]) == 2

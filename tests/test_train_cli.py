@@ -3,6 +3,8 @@ one line naming its flag, with nothing written. In this process, as `python trai
 (train.cli turns errors into that one line)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import sample
 import train
 from sparsedit import SparseDiT
 from sprint import ModelConfig, sample_ids_keep
-from tiny import TINY, image_folder, records, run
+from tiny import ENV, TINY, TRAIN, image_folder, records, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -36,7 +38,7 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
                   # train.py's main, in this process
                   "--sample-every", "40", "--ckpt-every", "20")
     assert "img/s" in capsys.readouterr().err                         # the progress bar
-    assert run_dir.name == f"000-{model}-toy-4"
+    assert run_dir.name == f"000-{model}-B-4"
     evals = [rec for rec in records(run_dir) if "eval_loss" in rec]
     assert [rec["step"] for rec in evals] == [0, 20, 40]
     # measured: 1.45 at step 0, 1.11 (dit) and 1.18 (sprint) at step 40, ratios 0.76 and 0.81;
@@ -57,7 +59,7 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
 def test_a_new_run_never_reuses_a_run_folder(tmp_path):
     first = run(tmp_path, "--steps", "1")
     second = run(tmp_path, "--steps", "1")
-    assert (first.name, second.name) == ("000-sprint-toy-4", "001-sprint-toy-4")
+    assert (first.name, second.name) == ("000-sprint-B-4", "001-sprint-B-4")
 
 
 def test_checkpoints_every_0_steps_means_only_at_the_end_of_each_stage(tmp_path):
@@ -151,12 +153,12 @@ def bad_input(case, tmp, ckpt, dit_ckpt):
         ),
         "init another depth": (
             ["--init", str(ckpt), "--depths", "1", "2", "1"],
-            r"^--init .*0000001\.pt does not fit this sprint-toy model \(file vs "
+            r"^--init .*0000001\.pt does not fit this sprint-B model \(file vs "
             r"model: depths \(1, 1, 1\) vs \(1, 2, 1\)\)",
         ),
         "init another model": (
             ["--init", str(dit_ckpt)],
-            r"^--init .*0000001\.pt holds a dit-toy model, not a sprint one: use --model dit$",
+            r"^--init .*0000001\.pt holds a dit-B model, not a sprint one: use --model dit$",
         ),
         "resume nothing": (
             ["--resume", str(tmp / "nowhere.pt")],
@@ -243,10 +245,15 @@ def test_an_image_that_breaks_only_when_a_worker_decodes_it_is_one_line(tmp_path
     jpeg = (folder / "class0" / "cut.jpg").read_bytes()
     # a valid header: only decoding fails, in the DataLoader worker
     (folder / "class0" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
-    message = cli_error(tmp_path, "--data", str(folder), "--num-workers", "1", "--image-size",
-                        "16", "--steps", "3")
+    # as a user runs it, in its own process (whose exit ends the worker at once)
+    r = subprocess.run([sys.executable, TRAIN, *TINY, "--data", str(folder), "--num-workers", "1",
+                        "--image-size", "16", "--steps", "3"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    # the rest of stderr is the progress bar
+    (error,) = [line for line in r.stderr.splitlines() if "error" in line]
     cut = folder / "class0" / "cut.jpg"
-    assert message.startswith(f"train.py: error: --data: cannot decode {cut} (image file is")
+    assert error.startswith(f"train.py: error: --data: cannot decode {cut} (image file is")
 
 
 def test_a_global_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):

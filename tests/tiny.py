@@ -1,5 +1,5 @@
 """Tiny models, runs and data that several test files share: train.py runs of a 16-token model on
-the embedded data, checkpoints in train.py's layout, image folders, two-process launches, and the
+400 images of the embedded data, checkpoints in train.py's layout, image folders, two-process launches, and the
 resident memory of this process."""
 import json
 import os
@@ -24,6 +24,7 @@ TRAIN = str(ROOT / "train.py")
 TINY = ("--hidden-size 32 --num-heads 2 --depths 1 1 1 --patch-size 4 --global-batch-size 8 "
         "--num-workers 0 --log-every 1 --lr 2e-3").split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # subprocesses use one thread (conftest.one_thread)
+TOY_DATA = None                                  # an .npz of 400 embedded images (conftest.toy_data)
 
 
 #################################################################################
@@ -31,9 +32,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # subprocesses use one thread (
 #################################################################################
 
 def run(tmp_path, *flags):
-    """train.main in this process on the tiny model and the embedded data at 16 px -> the run
-    folder."""
-    args = ["--image-size", "16", "--eval-every", "0", "--sample-every", "0", *flags]
+    """train.main in this process on the tiny model and 400 images of the embedded data at 16 px
+    -> the run folder."""
+    args = ["--data", TOY_DATA, "--image-size", "16", "--eval-every", "0", "--sample-every", "0",
+            *flags]
     return Path(train.main([*TINY, "--results-dir", str(tmp_path / "results"), *args]))
 
 
