@@ -229,7 +229,6 @@ def test_compiled_training_forward_has_no_graph_break():
         path_drop = torch.rand(x.shape[0], device=x.device) < 0.1
         return (model(x, t, y, ids_keep=ids_keep, path_drop=path_drop) ** 2).mean()
 
-    # traces forward and backward
     # Dynamo's trace of the forward; fullgraph: a graph break is an error
     compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
     # a fresh drop pattern each call
