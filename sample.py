@@ -88,10 +88,12 @@ def time_grid(sampler, steps):
 
 
 def randn_per_sample(shape, generators, device):
-    """(len(generators), *shape) standard normal noise, one generator per sample: independent of
-    the batching."""
-    noise = [torch.randn(shape, generator=g, dtype=torch.float64) for g in generators]
-    return torch.stack(noise).to(device)
+    """(len(generators), *shape) standard normal noise, one generator per sample, drawn on the CPU:
+    the same whatever the batching and the device."""
+    noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in generators])
+    if torch.device(device).type == "cuda":        # from pinned memory: the host does not wait
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 @torch.no_grad()
@@ -391,8 +393,7 @@ def sampling_model(args, given, device):
         ckpt = read_checkpoint(args.ckpt)
         c = ckpt.get("config")
         if c:
-            stored = {key: c[key] for key in ("model", "size", "patch_size", "in_channels",
-                                              "num_classes")}
+            stored = {key: c[key] for key in ARCH if key != "image_size"}
             stored["image_size"] = c["input_size"] * (8 if c["in_channels"] == 4 else 1)
             differ = [f"--{key.replace('_', '-')} {getattr(args, key)} differs from the "
                       f"checkpoint's {value}" for key, value in stored.items()
@@ -604,17 +605,21 @@ def save_grid(x, path, nrow=None):
 
 
 def write_npz(f, arrays):
-    """An uncompressed .npz, laid out as np.savez writes it, from {name: (shape, dtype, blocks)}:
-    each array's .npy header, then its rows block by block, so memory holds one block whatever the
-    number of rows. Readers (np.load, fid.py) cannot tell it from np.savez's."""
+    """An uncompressed .npz, laid out as np.savez lays it out (with version 2.0 .npy headers, which
+    np.load and fid.py read alike), from {name: (shape, dtype, blocks)}: each array's header, then
+    its rows block by block, so memory holds one block whatever the number of rows."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, (shape, dtype, blocks) in arrays.items():
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                       "fortran_order": False, "shape": tuple(shape)}
+            rows = 0
             with z.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array_header_2_0(member, header)
                 for block in blocks:
                     member.write(np.ascontiguousarray(block, dtype).tobytes())
+                    rows += len(block)
+            if rows != shape[0]:                    # the header would promise other rows
+                raise ValueError(f"{name}: {rows} rows written, the header says {shape[0]}")
 
 
 def merge_shards(parts, num_batches, path, num_samples, nrow=None):
@@ -623,8 +628,11 @@ def merge_shards(parts, num_batches, path, num_samples, nrow=None):
     to a temporary file and renamed, so that a file at `path` is always whole."""
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f".{name}.tmp{os.path.splitext(name)[1]}")
+    rows = {}                                       # each array's row shape and dtype
     with np.load(shard_path(parts, 0)) as first:
-        rows = {key: (first[key].shape[1:], first[key].dtype) for key in first.files}
+        for key in first.files:
+            array = first[key]
+            rows[key] = array.shape[1:], array.dtype
 
     def blocks(key):
         for k in range(num_batches):

@@ -39,11 +39,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sample import checkpoint_weights, load_weights, read_checkpoint, sample, save_grid
+from sample import (MODELS, checkpoint_weights, create_model, load_weights, read_checkpoint, sample,
+                    save_grid)
 from sparsedit import SparseDiT
-from sprint import SIZES, SPRINT, DiT, ModelConfig, sample_ids_keep
-
-MODELS = {"dit": DiT, "sprint": SPRINT, "sparsedit": SparseDiT}
+from sprint import SIZES, ModelConfig, sample_ids_keep
 
 
 #################################################################################
@@ -285,8 +284,10 @@ def center_crop_arr(img, size):
 
 class ImageFolder:
     """ImageNet layout, root/<class>/<image>, the classes in sorted order; data[indices] decodes one
-    batch (in a DataLoader worker), centre-cropped to `size`."""
-    def __init__(self, root, size, upscale=True):
+    batch (in a DataLoader worker), centre-cropped to `size`. name: the argument it came from, named
+    in errors."""
+    def __init__(self, root, size, upscale=True, name="--data"):
+        self.name = name
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.files = []
         for k, c in enumerate(classes):
@@ -295,7 +296,7 @@ class ImageFolder:
                            if f.lower().endswith(IMAGE_EXTS)]
         if not self.files:
             looked_for = "/".join(IMAGE_EXTS)
-            raise ValueError(f"--data {root}: no images found (looked for {looked_for} in one "
+            raise ValueError(f"{name} {root}: no images found (looked for {looked_for} in one "
                              f"sub-folder per class)")
         self.num_classes = len(classes)
         self.size = size
@@ -318,9 +319,9 @@ class ImageFolder:
                 img = img.convert("RGB")
         # PIL's ways of saying "not an image"
         except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"--data: cannot decode {path} ({e})") from None
+            raise ValueError(f"{self.name}: cannot decode {path} ({e})") from None
         if not self.upscale and min(img.size) < self.size:
-            raise ValueError(f"--data: {path} is {img.width}x{img.height}, smaller than "
+            raise ValueError(f"{self.name}: {path} is {img.width}x{img.height}, smaller than "
                              f"--image-size {self.size} (without --no-upscale it would be "
                              f"upscaled)")
         return center_crop_arr(img, self.size)
@@ -338,10 +339,11 @@ def nonfinite_rows(x):
 
 class Arrays:
     """x: uint8 images (N, H, W, 3) (or grey (N, H, W)) or float latents (N, C, H, W), y (N,)
-    labels. In memory (an .npz) or memory-mapped (x.npy and y.npy of a folder): data[indices] reads
-    only those rows, so a rank's memory does not grow with N and all ranks share one copy in the
-    page cache. A batch with a non-finite latent stops the run, naming its index; pixels are resized
-    to `size` (ADM's antialiased crop) where given."""
+    labels; in memory (an .npz or the embedded data, checked whole when read) or memory-mapped (a
+    folder's x.npy and y.npy). data[indices] reads only those rows, so a rank's memory does not
+    grow with N and all ranks share one copy in the page cache; a memory-mapped batch with a
+    non-finite latent stops the run, naming its index, and memory-mapped pixels are cropped to
+    `size` (ADM's antialiased crop) where given."""
     def __init__(self, x, y, source, size=None):
         self.x = x
         self.y = y
@@ -354,22 +356,37 @@ class Arrays:
     def __getitem__(self, idx):
         idx = np.asarray(idx)
         x = np.asarray(self.x[idx])                                  # reads these rows only
-        if x.dtype != np.uint8:
+        if isinstance(self.x, np.memmap) and x.dtype != np.uint8:
             bad = nonfinite_rows(x)
             if len(bad):
                 raise ValueError(f"--data {self.source}: x[{idx[bad[0]]}] holds NaN or infinite "
                                  f"values; remove it")
-        elif self.size:
+        if self.size:
             x = np.stack([center_crop_arr(Image.fromarray(img), self.size) for img in x])
         x = torch.from_numpy(x[..., None] if x.ndim == 3 else x)
         if x.dtype == torch.uint8:                                   # (B, H, W, C) -> (B, C, H, W)
             x = x.permute(0, 3, 1, 2)
         return x, torch.from_numpy(np.asarray(self.y[idx], dtype=np.int64))
 
+    def __getstate__(self):
+        """For a DataLoader worker started by spawn (macOS, Windows): a memory-mapped array travels
+        as its file's name, not as a copy of its data."""
+        state = dict(vars(self))
+        for key in ("x", "y"):
+            if isinstance(state[key], np.memmap):
+                state[key] = state[key].filename
+        return state
+
+    def __setstate__(self, state):
+        for key in ("x", "y"):
+            if isinstance(state[key], str):
+                state[key] = np.load(state[key], mmap_mode="r")
+        vars(self).update(state)
+
 
 def read_arrays(path):
-    """x and y of an .npz (read into memory, every latent checked once) or of a folder's x.npy and
-    y.npy (memory-mapped: nothing is read until a batch asks for it)."""
+    """x, y and the number of classes of an .npz (read into memory, every latent checked once) or of
+    a folder's x.npy and y.npy (memory-mapped: nothing of x is read until a batch asks for it)."""
     folder = os.path.isdir(path)
     try:
         if folder:
@@ -385,15 +402,21 @@ def read_arrays(path):
     except (OSError, EOFError) as e:
         kind = "a folder with a readable x.npy and y.npy" if folder else "a readable .npz"
         raise ValueError(f"--data {path}: not {kind} ({e})") from None
-    shapes_fit = len(x) == len(y) > 0 and x.ndim in (3, 4) and y.ndim == 1
-    if not shapes_fit or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ValueError(f"--data {path}: x must hold N > 0 images or latents, y their N labels "
-                         f"(integers >= 0); got x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
+    if x.dtype == np.uint8:                                          # (N, H, W) or (N, H, W, 3)
+        x_fits = x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)
+    else:                                                            # (N, C, H, H)
+        x_fits = np.issubdtype(x.dtype, np.floating) and x.ndim == 4 and x.shape[2] == x.shape[3]
+    y_fits = len(y) == len(x) > 0 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer)
+    low, high = (y.min(), y.max()) if y_fits else (-1, -1)
+    if not (x_fits and y_fits) or low < 0:
+        raise ValueError(f"--data {path}: x must hold N > 0 uint8 images (N, H, W[, 3]) or float "
+                         f"latents (N, C, H, H), y their N labels (integers >= 0); got x {x.shape} "
+                         f"{x.dtype}, y {y.shape} {y.dtype}")
     bad = [] if folder or x.dtype == np.uint8 else nonfinite_rows(x)
     if len(bad):
         raise ValueError(f"--data {path}: {len(bad)} of its {len(x)} latents hold NaN or "
                          f"infinite values (the first: x[{bad[0]}]); remove them")
-    return x, y
+    return x, y, int(high) + 1
 
 
 def load_data(args):
@@ -411,13 +434,21 @@ def load_data(args):
     if not arrays:                                                 # an .npz is a zip of .npy files
         raise ValueError(f"--data {args.data}: neither an image folder, a folder with x.npy and "
                          f"y.npy, nor an .npz file (with arrays x and y)")
-    x, y = read_arrays(args.data)
-    side = x.shape[1] if x.dtype == np.uint8 else x.shape[2]
-    resize = args.image_size and args.image_size != side
-    if resize and x.dtype != np.uint8:
-        raise ValueError(f"--image-size {args.image_size}: {args.data} holds {side}x{side} "
-                         f"latents, which cannot be resized; leave --image-size out")
-    return Arrays(x, y, args.data, args.image_size if resize else None), int(y.max()) + 1
+    x, y, num_classes = read_arrays(args.data)
+    if x.dtype != np.uint8:
+        if args.image_size and args.image_size != x.shape[2]:
+            raise ValueError(f"--image-size {args.image_size}: {args.data} holds {x.shape[2]}x"
+                             f"{x.shape[3]} latents, which cannot be resized; leave --image-size "
+                             f"out")
+        return Arrays(x, y, args.data), num_classes
+    # pixels, square and --image-size (default: their own shorter side): cropped as ADM does, in
+    # memory once, or memory-mapped batch by batch
+    size = args.image_size or min(x.shape[1:3])
+    crop = (size, size) != x.shape[1:3]
+    if crop and not isinstance(x, np.memmap):
+        x = np.stack([center_crop_arr(Image.fromarray(img), size) for img in x])
+        crop = False
+    return Arrays(x, y, args.data, size if crop else None), num_classes
 
 
 def split(n):
@@ -466,8 +497,8 @@ class Data:
         """This rank's slice of every global batch from the saved position on; it never draws from
         the global RNG."""
         workers = args.num_workers
-        if workers is None:
-            workers = 8 if isinstance(self.dataset, ImageFolder) else 0
+        if workers is None:                   # decoding or cropping images: in worker processes
+            workers = 8 if isinstance(self.dataset, ImageFolder) or self.dataset.size else 0
         order = epoch_batches(self.train_idx, args.global_batch_size, rank, world, args.seed,
                               **position)
         return iter(DataLoader(self.dataset, sampler=order, batch_size=None, num_workers=workers,
@@ -538,7 +569,7 @@ def build_model(args, device, in_channels, num_classes, input_size):
     cfg = ModelConfig(args.model, args.size, args.patch_size, input_size, in_channels,
                       num_classes, args.hidden_size or 0, args.num_heads or 0,
                       tuple(args.depths or ()), extra=extra)
-    raw = MODELS[cfg.model](cfg).to(device)
+    raw = create_model(cfg).to(device)
     if args.init:
         init_from(raw, args.init)
     ema = copy.deepcopy(raw).requires_grad_(False)
@@ -876,7 +907,7 @@ def main(argv=None):
     loader = data.loader(args, rank, world, position, pin_memory=cuda)
     per_epoch = len(data.train_idx) // G
     eval_data = None
-    if rank == 0 and len(data.eval_idx):
+    if rank == 0 and args.eval_every and len(data.eval_idx):
         eval_data = data.to_device(*data.dataset[data.eval_idx], device)
     # the EMA sample grid: 4 rows of up to 10 classes, the same noise at every step
     classes = torch.linspace(0, data.num_classes - 1, min(data.num_classes, 10)).round().long()
@@ -964,6 +995,10 @@ def main(argv=None):
             t0 = time.perf_counter()
     finally:                     # also on an error: its message then starts on a line of its own
         pbar.close()
+        # the DataLoader's worker processes end with the run, also on an error (its iterators have
+        # no public close; left to the garbage collector, workers can outlive the run by seconds)
+        if hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()
     log(run_dir, f"done: {total} steps, checkpoints in {run_dir}/checkpoints")
     if world > 1:
         # every rank waits for rank 0's last checkpoint: one that left early could abort the

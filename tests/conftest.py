@@ -9,6 +9,21 @@ import torch
 # the repository root: sprint, train, ...
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# the specification of the methods and of their scripts runs first, the command lines after it,
+# the experiments' own tests last
+ORDER = ("test_sprint", "test_sparsedit", "test_train", "test_sample", "test_fid", "test_data")
+
+
+def pytest_collection_modifyitems(items):
+    """Run the files in ORDER first, each whole and in its own order, then the others."""
+    here = Path(__file__).parent
+
+    def rank(item):
+        if item.path.stem in ORDER:
+            return ORDER.index(item.path.stem)
+        return len(ORDER) + (item.path.parent != here)
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def toy_data(tmp_path_factory):

@@ -11,8 +11,6 @@ import torch
 from sample import create_model, load_model, load_weights, read_safetensors
 from sprint import SPRINT, ModelConfig
 from tiny import randomize, tiny_model
-import sample
-import train
 from train import init_from
 
 
@@ -131,7 +129,3 @@ def test_an_unknown_model_name_is_refused_where_the_model_is_built():
     with pytest.raises(ValueError, match="--model 'unet': choose dit, sprint, sparsedit"):
         create_model(ModelConfig(model="unet"))
 
-
-def test_train_py_and_sample_py_know_the_same_models():
-    # each script holds its own table of models (it reads alone); they must agree
-    assert train.MODELS == sample.MODELS and list(sample.MODELS) == ["dit", "sprint", "sparsedit"]

@@ -2,8 +2,8 @@
 of memory-mapped arrays set the model's channels, size and classes; a memory-mapped set is read
 batch by batch (a rank's memory does not grow with it) and a non-finite latent stops the run by its
 index; tools/encode_latents.py streams into that layout and never leaves a half-written folder."""
-import importlib.util
 import os
+import pickle
 import sys
 import types
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from tiny import ROOT, image_folder, records, resident_bytes, run
+from tiny import image_folder, records, resident_bytes, run, tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -78,6 +78,9 @@ def test_pixels_are_resized_to_the_image_size_with_antialiasing_and_latents_are_
     assert x.shape == (12, 3, 16, 16) and num_classes == 3
     # averaged to grey, not aliased to 0 or 255
     assert (x.float() - 127.5).abs().max() <= 1
+    # not square: cropped to the centre, 16 x 16 (ADM's crop), also without --image-size
+    np.savez(tmp_path / "wide.npz", x=np.zeros((12, 16, 24, 3), np.uint8), y=np.arange(12) % 3)
+    assert load("--data", str(tmp_path / "wide.npz"))[0][np.arange(2)][0].shape == (2, 3, 16, 16)
     np.savez(tmp_path / "latents.npz", x=np.zeros((12, 4, 8, 8), np.float16), y=np.arange(12) % 3)
     with pytest.raises(ValueError, match=r"--image-size 16: .*latents\.npz holds 8x8 latents, "
                                          r"which cannot be resized"):
@@ -119,18 +122,24 @@ def test_a_nan_latent_in_the_middle_of_a_memory_mapped_set_stops_the_run_naming_
     assert (tmp_path / "results").is_dir()                  # opened without a scan of the whole
 
 
+def test_memory_mapped_pixels_are_cropped_per_batch_and_travel_to_workers_by_file_name(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (50, 24, 24, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", pixels)
+    np.save(tmp_path / "y.npy", np.arange(50) % 5)
+    dataset, num_classes = load("--data", str(tmp_path), "--image-size", "16")
+    x, y = dataset[[3, 7]]
+    expected = train.center_crop_arr(train.Image.fromarray(pixels[7]), 16)
+    assert x.shape == (2, 3, 16, 16) and np.array_equal(x[1].permute(1, 2, 0).numpy(), expected)
+    # a DataLoader worker started by spawn (macOS, Windows) unpickles it: the file names, not
+    # the 86 KB of pixels, and the same batches
+    blob = pickle.dumps(dataset)
+    assert len(blob) < 2_000 and torch.equal(pickle.loads(blob)[[3, 7]][0], x)
+    assert num_classes == 5 and y.tolist() == [3, 2]
+
+
 #################################################################################
 #             tools/encode_latents.py: streamed, checked, all or nothing        #
 #################################################################################
-
-def encode_latents_tool():
-    """tools/encode_latents.py as a module."""
-    spec = importlib.util.spec_from_file_location("encode_latents",
-                                                  ROOT / "tools" / "encode_latents.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture
 def fake_vae(monkeypatch):
@@ -158,8 +167,8 @@ def fake_vae(monkeypatch):
 
 def test_encoding_writes_every_image_then_its_mirror_and_train_py_reads_them(tmp_path, fake_vae):
     folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
-    tool = encode_latents_tool()
-    tool.main([str(folder), str(tmp_path / "latents"), "--size", "16", "--device", "cpu",
+    encode = tool("encode_latents")
+    encode.main([str(folder), str(tmp_path / "latents"), "--size", "16", "--device", "cpu",
                "--batch-size", "4", "--num-workers", "0"])
     x = np.load(tmp_path / "latents" / "x.npy")
     y = np.load(tmp_path / "latents" / "y.npy")
@@ -177,19 +186,20 @@ def test_encoding_writes_every_image_then_its_mirror_and_train_py_reads_them(tmp
 
 def test_an_interrupted_encoding_leaves_no_folder_that_passes_for_complete(tmp_path, fake_vae):
     folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
-    tool = encode_latents_tool()
+    encode = tool("encode_latents")
     argv = [str(folder), str(tmp_path / "latents"), "--size", "16", "--device", "cpu",
             "--batch-size", "4", "--num-workers", "0"]
     fake_vae.fail = {3: KeyboardInterrupt()}                          # the second batch's images
     with pytest.raises(KeyboardInterrupt):
-        tool.main(argv)
-    assert not (tmp_path / "latents").exists()
+        encode.main(argv)
+    # neither the folder nor its partial one (a kill's would be named latents.partial)
+    assert sorted(os.listdir(tmp_path)) == ["images"]
     with pytest.raises(ValueError, match="latents: no such file or folder"):
         load("--data", str(tmp_path / "latents"))
     # rerun: starts afresh and completes
     fake_vae.calls = 0
     fake_vae.fail = {}
-    tool.main(argv)
+    encode.main(argv)
     assert np.load(tmp_path / "latents" / "x.npy").shape == (12, 4, 2, 2)
     assert sorted(os.listdir(tmp_path)) == ["images", "latents"]
 
@@ -199,6 +209,11 @@ def test_a_non_finite_latent_stops_the_encoding_naming_its_image(tmp_path, fake_
     fake_vae.nan = (3, 1)                      # second batch, images 4 and 5: row 1 is class1/2.png
     with pytest.raises(SystemExit, match=r"^encode_latents\.py: error: .*class1.2\.png: its latent "
                                          r"holds NaN or infinite values; nothing was written"):
-        encode_latents_tool().main([str(folder), str(tmp_path / "latents"), "--size", "16",
+        tool("encode_latents").main([str(folder), str(tmp_path / "latents"), "--size", "16",
                                     "--device", "cpu", "--batch-size", "4", "--num-workers", "0"])
-    assert not (tmp_path / "latents").exists()
+    assert sorted(os.listdir(tmp_path)) == ["images"]
+    # the tool's errors name its own arguments
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^encode_latents\.py: error: FOLDER .*empty: no images "
+                                         r"found"):
+        tool("encode_latents").main([str(tmp_path / "empty"), str(tmp_path / "latents")])

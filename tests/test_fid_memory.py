@@ -3,44 +3,11 @@
 batches are np.load's arr_0, and the memory is measured as the growth of this process's resident
 memory while the command line's reader and inception_outputs take a 302 MB arr_0 through a
 stand-in network."""
-import os
-import threading
-
 import numpy as np
 import torch
 
 import fid
-
-PAGE = os.sysconf('SC_PAGE_SIZE')
-
-
-def resident_bytes():
-    """This process's resident memory now, less the pages shared with files (/proc/self/statm:
-    resident - shared, in pages): the code of torch's kernels, paged in on first use, is not
-    what is measured."""
-    with open('/proc/self/statm') as f:
-        resident, shared = f.read().split()[1:3]
-    return (int(resident) - int(shared)) * PAGE
-
-
-class PeakResident:
-    """The most resident memory seen while the block runs, polled every 2 ms from a thread
-    (ru_maxrss will not do: this process may have been larger before)."""
-    def __enter__(self):
-        self.peak = resident_bytes()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.poll)
-        self.thread.start()
-        return self
-
-    def poll(self):
-        while not self.done.wait(0.002):
-            self.peak = max(self.peak, resident_bytes())
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-
+from tiny import peak_growth
 
 class StandIn(torch.nn.Module):
     """FIDInceptionV3's outputs, pool3 (N, 2048) and spatial (N, 2023), from the input's mean: the
@@ -72,13 +39,14 @@ def test_an_npz_of_images_is_read_batch_by_batch(tmp_path, one_thread):
     images = np.broadcast_to(image, (24, 2048, 2048, 3))
     path = tmp_path / 'big.npz'
     np.savez(path, arr_0=images)
-    before = resident_bytes()
-    with PeakResident() as memory:
+    def features():
         source = fid.load_input(str(path), 'SAMPLES')
-        pool3, _ = fid.inception_outputs(source.images, StandIn(), batch_size=1)
+        return fid.inception_outputs(source.images, StandIn(), batch_size=1)[0]
+    # pages shared with files left out: torch's kernels, paged in on first use, are not measured
+    pool3, grown = peak_growth(features, files=False)
     assert len(pool3) == 24
     # measured: 47-59 MB more at the peak in 4 runs (the batch, the copies ZipFile's read makes of
     # it, the resize's gathered pixels); 310 MB with np.load(path)['arr_0'] instead of NpzImages,
     # 112-124 MB when the resize converts the whole image to float first
     size = images.nbytes                                         # 302 MB
-    assert memory.peak - before < size / 4                       # 75 MB
+    assert grown < size / 4                                      # 75 MB

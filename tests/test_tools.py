@@ -1,7 +1,6 @@
 """tools/: the benchmarks print rows whose figures agree with each other and with the models' FLOP
 counts; decode_latents.py turns sample.py's saved latents into the images --vae would have made.
 (tools/encode_latents.py: test_data.py.)"""
-import importlib.util
 import sys
 import types
 
@@ -11,17 +10,9 @@ import torch
 
 import sample
 import sprint
-from tiny import ROOT, npz, run_sample, sampling_model, save_ckpt
+from tiny import npz, run_sample, sampling_model, save_ckpt, tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
-
-
-def tool(name):
-    """tools/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def table(text):
@@ -56,6 +47,8 @@ def test_the_training_benchmark_prints_one_row_of_consistent_figures(tiny_size, 
     mfu, peak = row["MFU (of a measured fp32 matmul peak)"].split(" of ")
     assert float(mfu.rstrip("%")) / 100 == pytest.approx(
         float(row["TFLOP/s"]) / float(peak.split()[0]), rel=0.05, abs=1e-3)
+    with pytest.raises(SystemExit, match="--model dit has no sparse path: leave --drop out"):
+        tool("benchmark").main(["train", "--model", "dit", "--drop", "0.5", *tiny_size])
 
 
 def test_the_sampling_benchmark_times_cfg_and_pdg_and_their_ratio(tiny_size, capsys):
@@ -120,9 +113,17 @@ def test_saved_latents_decode_to_the_images_that_vae_makes(tmp_path, fake_vae, c
         decode.main([str(tmp_path / "lat.latents.npz"), str(tmp_path / "decoded.npz")])
 
 
-def test_without_diffusers_decoding_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "diffusers", None)
-    with pytest.raises(SystemExit, match="--vae needs the optional diffusers package: pip install "
-                                         "diffusers"):
-        tool("decode_latents").main([str(tmp_path / "x.latents.npz"), str(tmp_path / "x.npz"),
-                                     "--device", "cpu"])
+def test_decoding_refuses_what_it_cannot_read_before_loading_the_vae(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)             # not installed
+    decode = tool("decode_latents")
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), arr_1=np.zeros(2))
+    np.savez(tmp_path / "x.latents.npz", latents=np.zeros((2, 4, 1, 1)), arr_1=np.zeros(2))
+    cases = [(tmp_path / "none.npz", r"none\.npz: not a readable \.npz \(.*No such file"),
+             (tmp_path / "images.npz", r"images\.npz: holds arr_0, arr_1, not the latents and "
+                                       r"labels \(latents, arr_1\) that sample\.py saves"),
+             (tmp_path / "x.latents.npz", r"--vae needs the optional diffusers package: pip "
+                                          r"install diffusers")]
+    for latents, message in cases:
+        with pytest.raises(SystemExit, match=r"^decode_latents\.py: error: .*" + message):
+            decode.main([str(latents), str(tmp_path / "out.npz"), "--device", "cpu"])
+    assert not (tmp_path / "out.npz").exists()

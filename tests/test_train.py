@@ -163,12 +163,20 @@ def test_the_toy_datas_defaults_never_change_a_flag_the_user_gave():
 
 def test_size_xl_on_the_embedded_data_builds_an_xl_model(tmp_path, monkeypatch):
     built = []
-    monkeypatch.setattr(train, "build_model", lambda args, *a: built.append(args) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+
+    class Built(Exception):
+        """Raised once the config is known: an XL model is not allocated here."""
+
+    def create_model(cfg):
+        built.append(cfg)
+        raise Built
+    monkeypatch.setattr(train, "create_model", create_model)
+    with pytest.raises(Built):
         train.main(["--size", "XL", "--results-dir", str(tmp_path)])
-    args = built[0]
-    cfg = sprint.ModelConfig(args.model, args.size, hidden_size=args.hidden_size or 0)
-    assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (1152, 16, (2, 24, 2))
+    cfg = built[0]
+    # XL's width, heads and 2/24/2 blocks, on the embedded data's 16 px images
+    assert (cfg.size, cfg.hidden_size, cfg.num_heads, cfg.depths) == ("XL", 1152, 16, (2, 24, 2))
+    assert (cfg.input_size, cfg.in_channels) == (16, 3)
 
 
 def test_log_records_training_seconds_without_evaluation_and_resume_continues_them(

@@ -1,6 +1,7 @@
 """Tiny models, runs and data that several test files share: train.py runs of a 16-token model on
 400 images of the embedded data, checkpoints in train.py's layout, image folders, two-process launches, and the
 resident memory of this process."""
+import importlib.util
 import json
 import os
 import socket
@@ -137,23 +138,25 @@ def npz(path):
 #                     Resident memory, for the streaming tests                  #
 #################################################################################
 
-def resident_bytes():
-    """This process's resident memory now (Linux: /proc/self/statm), file-backed pages included."""
+def resident_bytes(files=True):
+    """This process's resident memory now (Linux: /proc/self/statm); files=False leaves out the
+    pages shared with files (the code of torch's kernels, paged in on first use; a memory map)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        resident, shared = map(int, f.read().split()[1:3])
+    return (resident if files else resident - shared) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_growth(fn):
+def peak_growth(fn, files=True):
     """(fn(), the most this process's resident memory grew above its level at the start while fn
     ran), sampled every millisecond by a thread: ru_maxrss would report the test session's own
     earlier peak."""
-    base = resident_bytes()
+    base = resident_bytes(files)
     peak = [base]
     done = threading.Event()
 
     def watch():
         while not done.wait(0.001):
-            peak[0] = max(peak[0], resident_bytes())
+            peak[0] = max(peak[0], resident_bytes(files))
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
@@ -161,4 +164,12 @@ def peak_growth(fn):
     finally:
         done.set()
         watcher.join()
-    return result, max(peak[0], resident_bytes()) - base
+    return result, max(peak[0], resident_bytes(files)) - base
+
+
+def tool(name):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

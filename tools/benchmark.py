@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import train                                                                     # noqa: E402
-from sample import guided_passes, guided_velocity, trajectory_passes              # noqa: E402
+from sample import MODELS, create_model, guided_passes, guided_velocity           # noqa: E402
+from sample import trajectory_passes                                              # noqa: E402
 from sprint import SIZES, ModelConfig                                             # noqa: E402
 
 
@@ -58,7 +59,7 @@ def matmul_peak(device):
 def build(args, device):
     """A model of --model and --size for 256 px SD-VAE latents (--image-size / 8), 1000 classes."""
     cfg = ModelConfig(args.model, args.size, args.patch_size, args.image_size // 8, 4, 1000)
-    return train.MODELS[args.model](cfg).to(device)
+    return create_model(cfg).to(device)
 
 
 def benchmark_train(args, device):
@@ -66,9 +67,13 @@ def benchmark_train(args, device):
     raw = build(args, device)
     ema = copy.deepcopy(raw).requires_grad_(False)
     opt = train.make_optimizer(raw, 1e-4, device)
-    sparse = raw.has_sparse_path
-    drop = args.drop if args.drop is not None else (0.75 if sparse else 0.0)
-    token_drop = train.TokenDrop(drop, args.mask_type, 0.1 if sparse else 0.0)
+    # train.py's defaults: SPRINT's drop and path drop with a sparse path, none without
+    sparse = train.SPARSE if raw.has_sparse_path else dict(drop=0.0, path_drop=0.0)
+    drop = sparse["drop"] if args.drop is None else args.drop
+    if drop and not raw.has_sparse_path:
+        raise SystemExit(f"benchmark.py: error: --model {args.model} has no sparse path: leave "
+                         f"--drop out")
+    token_drop = train.TokenDrop(drop, args.mask_type, sparse["path_drop"])
     B = args.batch
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
@@ -79,12 +84,13 @@ def benchmark_train(args, device):
 
     ms = time_ms(step, device, args.reps)
     flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
-    peak = matmul_peak(device)
     memory = "n/a"
-    if device.type == "cuda":
+    if device.type == "cuda":                                # before the peak's own matrices
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    peak = matmul_peak(device)
+    kind = "bf16" if device.type == "cuda" else "fp32"
     print(f"| model | drop | batch | compile | ms/step | img/s | TFLOP/s | MFU (of a measured "
-          f"{args.precision} matmul peak) | peak memory |")
+          f"{kind} matmul peak) | peak memory |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.model}-{args.size}/{args.patch_size} | {drop} | {B} | {args.compile} | "
           f"{ms:.1f} | {B / ms * 1e3:.1f} | {flops_per_s / 1e12:.3g} | "
@@ -130,7 +136,7 @@ def benchmark_sample(args, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("what", choices=["train", "sample"], help="a training step or a sampling step")
-    p.add_argument("--model", choices=list(train.MODELS), default="sprint")
+    p.add_argument("--model", choices=list(MODELS), default="sprint")
     p.add_argument("--size", choices=list(SIZES), default="XL")
     p.add_argument("--patch-size", type=int, default=2)
     p.add_argument("--image-size", type=int, default=256, help="pixels: latents of image-size / 8")

@@ -30,15 +30,32 @@ def read_rows(path, key, batch):
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         for start in range(0, shape[0], batch):
             rows = min(batch, shape[0] - start)
-            yield np.frombuffer(f.read(rows * row_bytes), dtype).reshape(rows, *shape[1:])
+            data = f.read(rows * row_bytes)
+            if len(data) < rows * row_bytes:
+                raise ValueError(f"{path}: {key} holds fewer than the {shape[0]} rows its header "
+                                 f"says")
+            yield np.frombuffer(data, dtype).reshape(rows, *shape[1:])
+
+
+def read_labels(path):
+    """The labels (arr_1) of a latents file, checked to be one: it holds `latents` too."""
+    try:
+        with np.load(path) as saved:                 # reads only the members asked for
+            if not {"latents", "arr_1"} <= set(saved.files):
+                raise ValueError(f"{path}: holds {', '.join(saved.files)}, not the latents and "
+                                 f"labels (latents, arr_1) that sample.py saves without --vae")
+            return saved["arr_1"]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz ({e})") from None
 
 
 @torch.no_grad()
 def decode(latents, out, vae, device="cuda", batch=64):
     """Decode latents (the .npz's `latents`, already divided by the latent scale) into `out`."""
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists: choose another output (nothing is overwritten)")
+    labels = read_labels(latents)
     decoder = load_vae(vae, device)
-    with np.load(latents) as saved:                  # reads only the member asked for
-        labels = saved["arr_1"]
     blocks = (finish(torch.from_numpy(z.copy()).to(device), decoder, latent_scale=1.0)["arr_0"]
               for z in read_rows(latents, "latents", batch))
     first = next(blocks)                             # (B, H, W, 3): the images' shape
@@ -65,8 +82,6 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="latents per VAE pass")
     args = p.parse_args(argv)
     try:
-        if os.path.exists(args.out):
-            raise ValueError(f"{args.out} exists: choose another output (nothing is overwritten)")
         print(f"wrote {decode(args.latents, args.out, args.vae, args.device, args.batch_size)}")
     except ValueError as e:
         raise SystemExit(f"decode_latents.py: error: {e}")

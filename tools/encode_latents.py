@@ -12,7 +12,8 @@ Memory stays flat whatever N: x.npy is preallocated (numpy's open_memmap writes 
 size) and each batch is written into its rows through an ordinary file handle, so nothing of it
 stays mapped. A latent that is not finite stops the encoding, naming its image. Everything is
 written into DIR.partial/ and renamed to DIR only once complete: an interrupted encoding never
-leaves a folder that train.py would take for a whole one (rerunning starts afresh).
+leaves a folder that train.py would take for a whole one (an error or Ctrl-C removes DIR.partial;
+after a kill, rerunning starts afresh).
 """
 import argparse
 import os
@@ -43,21 +44,32 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
     """Encode `folder` (ImageNet layout) into out/x.npy and out/y.npy, as the module says."""
     if os.path.exists(out):
         raise ValueError(f"{out} exists: choose another output folder (nothing is overwritten)")
-    images = ImageFolder(folder, size)
+    images = ImageFolder(folder, size, name="FOLDER")
     encoder = load_vae(vae, device)
     partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)                 # an interrupted run's leftovers
+    shutil.rmtree(partial, ignore_errors=True)                 # a killed run's leftovers
     os.makedirs(partial)
+    try:
+        write_latents(images, encoder, partial, size, device, batch, workers)
+    except BaseException:                                      # an error or Ctrl-C: no leftovers
+        shutil.rmtree(partial)
+        raise
+    os.replace(partial, out)
+    return out
+
+
+def write_latents(images, encoder, folder, size, device, batch, workers):
+    """Every image and its mirror image through the VAE, into folder/x.npy and folder/y.npy."""
     n = len(images)
     shape = (2 * n, 4, size // 8, size // 8)
-    x_start = preallocate(os.path.join(partial, "x.npy"), shape, np.float16)
-    y_start = preallocate(os.path.join(partial, "y.npy"), (2 * n,), np.int64)
+    x_start = preallocate(os.path.join(folder, "x.npy"), shape, np.float16)
+    y_start = preallocate(os.path.join(folder, "y.npy"), (2 * n,), np.int64)
     row_bytes = int(np.prod(shape[1:])) * 2                    # float16
     order = BatchSampler(SequentialSampler(range(n)), batch, drop_last=False)
     batches = DataLoader(images, sampler=order, batch_size=None, num_workers=workers)
     first = 0                                                  # the batch's first image
-    with open(os.path.join(partial, "x.npy"), "r+b") as x, \
-            open(os.path.join(partial, "y.npy"), "r+b") as y:
+    with open(os.path.join(folder, "x.npy"), "r+b") as x, \
+            open(os.path.join(folder, "y.npy"), "r+b") as y:
         for pixels, labels in tqdm(batches, "encoding", total=len(order)):
             for row, view in ((first, pixels), (n + first, pixels.flip(3))):   # image, mirror
                 z = encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist.sample()
@@ -66,15 +78,12 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
                 if len(bad):
                     mirror = " (its mirror image)" if row >= n else ""
                     raise ValueError(f"{images.files[first + bad[0]][0]}{mirror}: its latent "
-                                     f"holds NaN or infinite values; nothing was written to "
-                                     f"{out}")
+                                     f"holds NaN or infinite values; nothing was written")
                 x.seek(x_start + row * row_bytes)
                 x.write(z.tobytes())
                 y.seek(y_start + row * 8)
                 y.write(labels.numpy().astype(np.int64).tobytes())
             first += len(labels)
-    os.replace(partial, out)
-    return out
 
 
 def main(argv=None):
