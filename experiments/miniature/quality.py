@@ -41,7 +41,7 @@ from scipy.linalg import LinAlgWarning
 
 # the repository root, two folders up, for train.py and fid.py: the script runs from any folder
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fid import frechet_distance
+from fid import feature_statistics, frechet_distance
 from train import center_crop_arr
 
 SEED = 0            # the split, the weights, the augmentation and the ceiling's noise
@@ -168,11 +168,6 @@ def check_images(images, labels, classifier):
                          f"knows classes 0..{C - 1}")
 
 
-def statistics(feats):
-    """Mean (D,) and covariance (D, D) of features (N, D), float64."""
-    return feats.mean(0), np.cov(feats, rowvar=False)
-
-
 def measure(images, labels, classifier):
     """The quality of a set of class-conditional samples, a pure function of the images and labels:
     {"distance": the Fréchet distance of their penultimate features to the reference statistics,
@@ -184,7 +179,7 @@ def measure(images, labels, classifier):
         # features that leave a channel constant (noise, a collapsed sampler) have a singular
         # covariance: scipy's sqrtm warns, and its trace, all the distance uses, is still sound
         warnings.simplefilter("ignore", LinAlgWarning)
-        distance = frechet_distance(*statistics(feats), *reference)
+        distance = frechet_distance(*feature_statistics(feats), *reference)
     accuracy = float(np.mean(preds == np.asarray(labels)))
     return {"distance": distance, "accuracy": accuracy, "n": len(images)}
 
@@ -227,7 +222,7 @@ def train_classifier(images, labels, num_classes, epochs):
             lr_decay.step()
             total += loss.item()
         print(f"epoch {epoch + 1}/{epochs}: training loss {total / steps:.3f}")
-    mu, sigma = statistics(features(images, classifier)[0])
+    mu, sigma = feature_statistics(features(images, classifier)[0])
     classifier.ref_mu.copy_(torch.from_numpy(mu))
     classifier.ref_sigma.copy_(torch.from_numpy(sigma))
     return classifier

@@ -48,9 +48,12 @@ def test_the_arms_train_the_miniature_model_and_sample_their_own_checkpoints(tmp
         seed, kind, arm = job.name.split("/")
         if kind == "train":
             flags = PARSERS["train.py"](job.argv())
-            cfg = ModelConfig(flags.model, flags.size, flags.patch_size, 8, 3, 9,
-                              flags.hidden_size or 0, flags.num_heads or 0,
-                              tuple(flags.depths or ()))      # as train.build_model builds it
+            meta = torch.device("meta")                         # shapes only, no weights
+            start = flags.init
+            flags.init = None
+            with meta:
+                cfg = train.build_model(flags, meta, 3, 9, 8)[0].cfg   # as train.py builds it
+            flags.init = start
             assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (128, 4, (2, 8, 2))
             made[seed, arm] = train.run_folder(flags)          # NNN-model-size-patch, as train.py
             assert made[seed, arm].endswith(f"-{flags.model}-S-2")
