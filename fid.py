@@ -1,58 +1,33 @@
 """
-The papers' evaluator in PyTorch, in one file: FID, sFID, Inception Score, precision and recall,
-each computed as ADM's evaluator computes them (guided-diffusion's evaluations/evaluator.py,
-TensorFlow and the 2015 Inception graph), the scorer of both SPRINT and SparseDiT.
+The papers' evaluators in PyTorch, in one file: ADM's (FID, sFID, Inception Score, precision and
+recall, as guided-diffusion's evaluations/evaluator.py computes them with TensorFlow and the 2015
+Inception graph: both papers' scorer) and dgm-eval's FDD (the Fréchet distance in DINOv2 ViT-L/14
+space: SPRINT's second number).
 
-    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz         # the five numbers
-    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --json  # as one JSON object
-    python fid.py samples.npz ref.npz --fid-only                      # FID alone, fast
-    python fid.py REF_IMAGES --save-stats ref.npz                     # cache a reference once
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz          # FID, sFID, IS, P, R
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --fdd    # and FDD
+    python fid.py samples.npz ref.npz --fid-only --json                # FID alone, as JSON
+    python fid.py REF_IMAGES --save-stats ref_stats.npz --fdd          # a reference's, once
 
-SAMPLES and REF are each a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as
-sample.py writes), an ADM reference batch (arr_0 and precomputed mu, sigma, mu_s, sigma_s) or a
-statistics .npz from --save-stats (mu, sigma, mu_s, sigma_s and the pool3 features). As in the
-evaluator, statistics a file holds win over its images; the report says which were used. Images are
-read batch by batch, never all at once (50,000 images of 512 px are 39 GB).
+SAMPLES and REF: a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as sample.py writes
+it), an ADM reference batch (arr_0, mu, sigma, mu_s, sigma_s) or a --save-stats file; as in the
+evaluator, statistics a file holds win over its images. Images are read batch by batch, never all
+at once. The networks' released weights download once into torch's hub cache.
 
-The graph (inception-2015-12-05, classify_image_graph_def.pb) takes images of any size in 0..255,
-resizes them inside itself with TF1's ResizeBilinear and maps them with (x - 128) / 128.
-pytorch-fid resizes with F.interpolate and maps with x / 127.5 - 1 instead, which moves the input by
-up to 0.25 at 256 px (more for smaller images), so its scores are not the papers'; pytorch-fid has
-no sFID, precision or recall either. Its network and weight file are the graph's, and used here.
+- ADM: the graph resizes inside itself (TF1's ResizeBilinear) and maps x to (x - 128) / 128
+  (`preprocess`, bit-exact against TensorFlow); its Inception-v3 as pytorch-fid ports it
+  (`FIDInceptionV3`). FID on pool3; sFID on mixed_6/conv's first 7 channels; IS on the logits
+  without their bias, in splits of 5,000; precision and recall with k = 3 balls in pool3 space and
+  the evaluator's float16 distances. pytorch-fid's own input moves pixels by up to 0.25 at 256 px:
+  its scores are not the papers'.
+- FDD as dgm-eval computes it (`--model dinov2`): PIL's bicubic resize to 224×224, ImageNet mean
+  and std (`dinov2_input`), DINOv2 ViT-L/14 as torch.hub builds it (`DINOv2`), the CLS token after
+  the final norm, the Fréchet distance in float64.
 
-Where the evaluator's operations live:
-- the graph's input: `preprocess` (`resize_bilinear_tf1` to 299, then (x - 128) / 128), bit-exact
-  against TensorFlow's own ops (tests/fixtures/adm_evaluator_ops.npz);
-- the network: `FIDInceptionV3`, the graph's Inception-v3 as ported by pytorch-fid, with the key
-  names of its weight file, which `load_inception` loads (pt_inception-2015-12-05-6726825d.pth);
-  it agrees with pytorch-fid's network to 1e-4 on the same input;
-- the features, streamed batch by batch: `inception_outputs` of `ImageFiles` or `NpzImages` gives
-  pool3 (2048 values an image) and the spatial features (mixed_6/conv, 2023 values);
-- FID and sFID: `feature_statistics` and `frechet_distance` of pool3 and of the spatial features;
-- IS: `inception_score` of the graph's logits without their bias (`FIDInceptionV3.logits`), in
-  splits of 5,000 samples;
-- precision and recall: `precision_recall`, k = 3 nearest-neighbour balls in pool3 space
-  (`manifold_radii`), with the evaluator's float16 distances (`pairwise_distances`).
-
-References:
-- Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"
-  (NeurIPS 2017, arXiv 1706.08500): FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
-- Nash et al., "Generating Images with Sparse Representations" (ICML 2021, arXiv 2103.03841): sFID,
-  the same distance on the first 7 channels of an intermediate feature map (mixed_6/conv).
-- Salimans et al., "Improved Techniques for Training GANs" (NeurIPS 2016, arXiv 1606.03498):
-  IS = exp(E_x KL(p(y|x) || p(y))).
-- Kynkäänniemi et al., "Improved Precision and Recall Metric for Assessing Generative Models"
-  (NeurIPS 2019, arXiv 1904.06991): a set's manifold is the union of balls that reach from each
-  point to its k-th nearest neighbour.
-- Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (NeurIPS 2021, arXiv
-  2105.05233): the evaluator (github.com/openai/guided-diffusion, evaluations/evaluator.py, which
-  reads pool_3:0 and mixed_6/conv:0) and its reference batches.
-- Szegedy et al., "Rethinking the Inception Architecture for Computer Vision" (CVPR 2016,
-  arXiv 1512.00567): Inception-v3.
-- pytorch-fid (github.com/mseitzer/pytorch-fid): the weight file and the FID-specific blocks.
-- torch-fidelity (github.com/toshas/torch-fidelity): utils/util_convert_inception_weights.py names
-  the module each graph node became (mixed_6/conv -> Mixed_6d.branch1x1), the basis of sFID's
-  features in `FIDInceptionV3.forward`.
+References: FID (Heusel et al. 2017), sFID (Nash et al. 2021), IS (Salimans et al. 2016), precision
+and recall (Kynkäänniemi et al. 2019), the evaluator (Dhariwal & Nichol 2021), Inception-v3
+(Szegedy et al. 2016), DINOv2 (Oquab et al. 2023), dgm-eval and FDD (Stein et al. 2023);
+pytorch-fid (the weight file), torch-fidelity (the module of mixed_6/conv).
 """
 import argparse
 import contextlib
@@ -61,7 +36,6 @@ import math
 import os
 import sys
 import zipfile
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -71,35 +45,32 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
-WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-               + WEIGHTS_NAME)
-SIZE = 299              # the graph's input resolution
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 NEIGHBOURS = 3          # k of the evaluator's ManifoldEstimator (nhood_sizes=(3,))
 DISTANCE_BLOCK = 10000  # rows and columns per block of distances (its row/col_batch_size)
 IS_SPLIT = 5000         # samples per Inception Score split (its split_size): 50,000 give 10 splits
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 #################################################################################
 #             The graph's input: TF1 bilinear resize, then (x - 128) / 128      #
 #################################################################################
 
-def resize_bilinear_tf1(images, size=SIZE):
+def resize_bilinear_tf1(images, size=299):
     """TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False) of images (N, H, W, C),
     uint8 or float, to float32 (N, size, size, C)."""
     def taps(n_in):
-        # Output pixel i reads source coordinate i * n_in / size, with no half-pixel shift (that of
-        # F.interpolate's align_corners=False), in float32 as TensorFlow computes it.
+        # output pixel i reads source coordinate i * n_in / size, with no half-pixel shift (that of
+        # F.interpolate's align_corners=False), in float32 as TensorFlow computes it
         scale = torch.tensor(n_in, dtype=torch.float32, device=images.device) / size
         src = torch.arange(size, dtype=torch.float32, device=images.device) * scale
-        frac = src - src.floor()
         low = src.long()                                         # floor: src is not negative
-        return low, (low + 1).clamp(max=n_in - 1), frac
+        return low, (low + 1).clamp(max=n_in - 1), src - src.floor()
     y0, y1, fy = taps(images.shape[1])
     x0, x1, fx = taps(images.shape[2])
-    # Gather the four source pixels of each output pixel before converting to float, so that a
-    # batch of large uint8 images never becomes a float copy (N, H, W, C): at 1024 px that is 12 MB
-    # an image, the gathered pixels 4 × 1 MB.
+    # the four source pixels of each output pixel are gathered before the conversion to float: a
+    # batch of large uint8 images never becomes a float copy (N, H, W, C)
     top = images[:, y0]                                          # (N, size, W, C), as given
     bottom = images[:, y1]
     top_left = top[:, :, x0].float()                             # (N, size, size, C)
@@ -281,13 +252,10 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)                                    # (N, 192, 35, 35)
         x = chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)           # (N, 288, 35, 35)
         x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)  # (N, 768, 17, 17)
-        # sFID reads the graph's mixed_6/conv:0, first 7 channels. The graph names its blocks
-        # mixed, mixed_1, mixed_2 (Mixed_5b-d), mixed_3 (6a), ..., mixed_6 (6d), and a block's
-        # "conv" is its 1x1 branch: the weights mixed_6/conv/{conv2d_params,batchnorm} are
-        # Mixed_6d.branch1x1's (torch-fidelity's conversion), and the tensor mixed_6/conv is that
-        # unit's output after batch norm and ReLU. Mixed_6d concatenates branch1x1 first, so its
-        # channels 0-6 are those. The graph is channels-last (NHWC) and the evaluator flattens
-        # (17, 17, 7): row, column, channel.
+        # sFID reads the graph's mixed_6/conv:0, first 7 channels: its blocks are mixed, mixed_1,
+        # ... (Mixed_5b, 5c, ...), so mixed_6 is Mixed_6d, whose "conv" is its 1x1 branch
+        # (torch-fidelity's conversion), concatenated first: channels 0-6 after BN and ReLU. The
+        # graph is channels-last, and the evaluator flattens (17, 17, 7): row, column, channel.
         spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                  # (N, 17 * 17 * 7 = 2023)
         x = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (N, 2048, 8, 8)
         pool3 = x.mean(dim=(2, 3))                                          # (N, 2048): pool_3:0
@@ -298,190 +266,184 @@ class FIDInceptionV3(nn.Module):
         Score takes its softmax without the bias the graph adds next (fc.bias: loaded, unused)."""
         return pool3 @ self.fc.weight.T
 
+    def features(self, batch):
+        """uint8 images (N, H, W, 3) -> (pool3, spatial features), as the evaluator reads them."""
+        return self(preprocess(torch.from_numpy(batch).to(self.fc.weight.device)))
+
 #################################################################################
-#                     The released weights, fetched and checked                 #
+#             DINOv2 ViT-L/14 and dgm-eval's input, for FDD                     #
+#################################################################################
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dinov2_input(batch):
+    """dgm-eval's transform of uint8 images (N, H, W, 3): each one resized to 224x224 by PIL's
+    (antialiased) bicubic, as torchvision's Resize does a PIL image, then ToTensor's [0, 1] and
+    Normalize's ImageNet mean and std -> (N, 3, 224, 224) float32."""
+    x = np.stack([np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC))
+                  for img in batch])
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+class ViTBlock(nn.Module):
+    """DINOv2's pre-norm block with LayerScale: x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x))
+    (LayerNorm eps 1e-6, exact GELU); dicts where the file's keys have a level more."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))
+        self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                             # 3 x (B, heads, N, d)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        x = x + self.ls1.gamma * self.attn.proj(a)
+        return x + self.ls2.gamma * self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT-L/14 as torch.hub builds dinov2_vitl14 (img_size 518: a 37x37 position grid plus
+    CLS, interpolated bicubically to the input's grid with scale (grid + 0.1) / 37, no antialias;
+    no register tokens), with the keys of dinov2_vitl14_pretrain.pth. Its feature: the CLS token
+    after the final LayerNorm (1024 values)."""
+    def __init__(self, dim=1024, depth=24, heads=16, patch=14, img_size=518):
+        super().__init__()
+        grid = img_size // patch
+        self.patch = patch
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, dim, patch, stride=patch)))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))       # for training; in the file
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        """(N, 3, H, W) normalised images -> CLS features (N, dim)."""
+        h, w = x.shape[2] // self.patch, x.shape[3] // self.patch
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)           # (N, h*w, dim)
+        grid = math.isqrt(self.pos_embed.shape[1] - 1)
+        pos = self.pos_embed[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid),
+                            mode="bicubic", antialias=False)              # (1, dim, h, w)
+        pos = torch.cat([self.pos_embed[:, :1], pos.flatten(2).transpose(1, 2)], dim=1)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + pos
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+    def features(self, batch):
+        """uint8 images (N, H, W, 3) -> (CLS features,)."""
+        return (self(dinov2_input(batch).to(self.norm.weight.device)),)
+
+#################################################################################
+#             The released weights; images -> features, batch by batch          #
 #################################################################################
 
 def one_line(error):
     """An exception's message on one line: its whitespace, newlines included, collapsed."""
-    return ' '.join(str(error).split())
+    return " ".join(str(error).split())
 
 
-def load_inception(weights=None, device='cpu'):
-    """The FID Inception-v3 in eval mode with the released weights: the file `weights`, else
-    $FID_WEIGHTS (both for offline use), else WEIGHTS_URL through torch's hub cache, downloaded on
-    first use (as pytorch-fid, clean-fid and torch-fidelity do) and kept only if its sha256 starts
-    with the digits in its name (-6726825d). Random weights are never used."""
-    hint = (f"FID needs the Inception weights {WEIGHTS_NAME} (the FID Inception-v3 used by "
-            f"pytorch-fid; random weights are never used). Download it from {WEIGHTS_URL} and pass "
-            f"--weights PATH or set FID_WEIGHTS=PATH.")
-    path = weights or os.environ.get('FID_WEIGHTS')
-    if path is None:
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(WEIGHTS_URL))
-        try:
-            # torch.hub announces a download on stdout, which carries the report (--json)
-            with contextlib.redirect_stdout(sys.stderr):
-                state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu',
-                                                           progress=True, check_hash=True,
-                                                           weights_only=True)
-        except Exception as e:
-            # no network, an HTTP error, a sha256 that does not start with the name's digits
-            # (torch.hub deletes that download) or a damaged cached file: torch's words say which
-            raise FileNotFoundError(f"no Inception weights given, and torch.hub could not provide "
-                                    f"{path} ({type(e).__name__}: {one_line(e)}). {hint}") from None
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights {path}: no such file. {hint}")
-    else:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors
-            raise ValueError(f"Inception weights {path}: not a PyTorch state dict of tensors "
-                             f"({type(e).__name__}); expected {WEIGHTS_NAME} from "
-                             f"{WEIGHTS_URL}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"Inception weights {path}: expected a state dict, got "
-                         f"{type(state).__name__}")
-    model = FIDInceptionV3()
-    # BatchNorm's num_batches_tracked counters are unused in eval mode and the released file has
-    # none: the fresh model's own stand in for them, so that the load can be strict
-    counters = {k: v for k, v in model.state_dict().items() if k.endswith('num_batches_tracked')}
+def released(model, url, device="cpu"):
+    """`model` in eval mode with its released weights, from torch's hub cache: downloaded there once
+    (pytorch-fid's file checked against the sha256 digits in its name), or copied there by hand on
+    a machine without network. Random weights are never used; a file that does not fit is
+    load_state_dict's own report."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     try:
+        with contextlib.redirect_stdout(sys.stderr):      # a download's notice; stdout: the report
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                       weights_only=True)
+        # BatchNorm's counters: unused in eval mode, not in the file
+        counters = {k: v for k, v in model.state_dict().items() if k.endswith("batches_tracked")}
         model.load_state_dict({**counters, **state})
-    except RuntimeError as e:   # torch's report of missing and unexpected keys and wrong shapes
-        raise ValueError(f"Inception weights {path} do not fit the FID Inception-v3 "
-                         f"({one_line(e)})") from None
+    except Exception as e:          # no network, a wrong hash, a damaged or foreign file: say which
+        raise ValueError(f"the weights {path} ({type(e).__name__}: {one_line(e)}); without "
+                         f"network, download {url} to that path") from None
     return model.eval().requires_grad_(False).to(device)
 
-#################################################################################
-#                  Images -> Inception features, batch by batch                 #
-#################################################################################
 
-def read_image(path, source):
-    """An image file as a uint8 (H, W, 3) RGB array. A file PIL cannot decode is one ValueError
-    naming where it came from (`source`: the argument) and the file."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert('RGB'))
-    # PIL's ways of saying "not an image"
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{source}: cannot decode {path} ({e})") from None
-
-
-def stack_images(images, names):
-    """Stack same-sized (H, W, 3) images, or say which two differ."""
-    for name, im in zip(names, images):
-        if im.shape != images[0].shape:
-            raise ValueError(f"images of mixed sizes in one batch: {names[0]} is {images[0].shape} "
-                             f"but {name} is {im.shape}; resize them to one size first")
-    return np.stack(images)
-
-
-class ImageFiles:
-    """A flat folder's images in sorted order, decoded one batch at a time. name: the argument it
-    came from (SAMPLES or REF), named in errors."""
-    def __init__(self, path, name='images'):
-        self.name = name
-        self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                            if f.lower().endswith(IMAGE_EXTS))
-        if not self.files:
-            raise ValueError(f"{path}: no images found (looked for {'/'.join(IMAGE_EXTS)})")
-
-    def __len__(self):
-        return len(self.files)
-
-    def batches(self, batch_size):
-        """uint8 (n, H, W, 3) arrays of batch_size images in order (the last may hold fewer)."""
-        for start in range(0, len(self.files), batch_size):
-            files = self.files[start:start + batch_size]
-            yield stack_images([read_image(f, self.name) for f in files], files)
-
-
-class NpzImages:
-    """An .npz's arr_0, uint8 (N, H, W, 3), read batch by batch as ADM's evaluator reads it, never
-    whole: 50,000 images of 512 px are 39 GB. Its shape and dtype are read from the .npy header and
-    checked at open. name: the argument it came from (SAMPLES or REF), named in errors."""
-    def __init__(self, path, name='images'):
-        self.path = path
-        self.name = name
-        with self.arr_0() as (_, shape, fortran_order, dtype):
-            self.shape = shape
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(f"{name} {path}: arr_0 must be uint8 (N, H, W, 3), got {dtype} "
-                             f"{shape}")
-        if fortran_order:
-            raise ValueError(f"{name} {path}: arr_0 is stored in Fortran order; save it C-ordered "
-                             f"(np.ascontiguousarray) to be read batch by batch")
+class Images:
+    """A folder's images (sorted, decoded batch by batch) or an .npz's arr_0, uint8 (N, H, W, 3),
+    read as the evaluator reads it but never whole: ZipFile streams stored (np.savez) and deflated
+    (np.savez_compressed) members alike. name: the argument (SAMPLES, REF), named in errors."""
+    def __init__(self, path, name):
+        self.path, self.name = path, name
+        self.files = None
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                                if f.lower().endswith(IMAGE_EXTS))
+            self.count = len(self.files)
+        else:
+            with self.arr_0() as (_, self.shape, fortran_order, dtype):
+                self.count = self.shape[0]
+            if dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3 or fortran_order:
+                raise ValueError(f"{name} {path}: arr_0 must be uint8 (N, H, W, 3), C-ordered; "
+                                 f"got {dtype} {self.shape}")
+        if self.count < 2:
+            raise ValueError(f"{name} {path}: {self.count} images ({'/'.join(IMAGE_EXTS)} in a "
+                             f"folder); a covariance needs at least 2")
 
     @contextlib.contextmanager
     def arr_0(self):
-        """The member arr_0.npy, opened and read past its header: (file, shape, fortran_order,
-        dtype). ZipFile.open streams both stored (np.savez) and deflated (np.savez_compressed)
-        members."""
-        with zipfile.ZipFile(self.path) as archive, archive.open('arr_0.npy') as f:
+        """arr_0.npy opened and read past its header -> (file, shape, fortran_order, dtype)."""
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                header = np.lib.format.read_array_header_1_0(f)
-            else:
-                header = np.lib.format.read_array_header_2_0(f)
-            yield (f, *header)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            yield (f, *read(f))
 
-    def __len__(self):
-        return self.shape[0]
-
-    def batches(self, batch_size):
-        """uint8 (n, H, W, 3) arrays of batch_size images in order (the last may hold fewer)."""
+    def batches(self, size):
+        """uint8 (n, H, W, 3) arrays of `size` images in order (the last may hold fewer)."""
+        if self.files:
+            for start in range(0, self.count, size):
+                images = [self.read(f) for f in self.files[start:start + size]]
+                if len({image.shape for image in images}) > 1:
+                    raise ValueError(f"{self.name} {self.path}: images of mixed sizes; resize "
+                                     f"them to one size first")
+                yield np.stack(images)
+            return
         with self.arr_0() as (f, *_):
-            for start in range(0, len(self), batch_size):
-                batch = np.empty((min(batch_size, len(self) - start), *self.shape[1:]), np.uint8)
-                # one image at a time: ZipFile's read copies what it reads, once or twice
-                for image in batch:
+            for start in range(0, self.count, size):
+                batch = np.empty((min(size, self.count - start), *self.shape[1:]), np.uint8)
+                for image in batch:          # one at a time: ZipFile's read copies what it reads
                     if f.readinto(image) < image.nbytes:
                         raise ValueError(f"{self.name} {self.path}: arr_0 holds fewer than the "
-                                         f"{len(self)} images its header promises")
+                                         f"{self.count} images its header promises")
                 yield batch
 
-
-def as_uint8_batch(batch):
-    """A batch as the evaluator reads arr_0: a uint8 (N, H, W, 3) array, or a clear error."""
-    if isinstance(batch, (list, tuple)):
-        names = [f"image {i}" for i in range(len(batch))]
-        batch = stack_images([np.asarray(im) for im in batch], names)
-    batch = np.asarray(batch)
-    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), as in ADM's arr_0, got "
-                         f"{batch.dtype} {batch.shape}")
-    return batch
+    def read(self, path):
+        """An image file as uint8 (H, W, 3) RGB, or an error naming it."""
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:        # PIL's ways of saying "not an image"
+            raise ValueError(f"{self.name}: cannot decode {path} ({e})") from None
 
 
 @torch.inference_mode()
-def inception_outputs(images, model, batch_size=50, device=None, progress=False, desc='inception'):
-    """pool3 features (N, 2048) and spatial features (N, 2023) of images, float32 numpy, as the
-    evaluator reads them. images: ImageFiles or NpzImages (read one batch at a time), a uint8
-    (N, H, W, 3) array or list of (H, W, 3) arrays, or any other iterable yielding such batches
-    (e.g. a sampler's generator)."""
-    device = device or next(model.parameters()).device
-    total = len(images) if hasattr(images, '__len__') else None
-    if hasattr(images, 'batches'):
-        batches = images.batches(batch_size)
-    elif hasattr(images, '__getitem__'):
-        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    else:
-        batches = images
-    pool3 = []
-    spatial = []
-    bar = tqdm(total=total, disable=not progress, unit='img', desc=desc)
+def extract(images, network, batch_size=50, desc=None):
+    """network.features of every image, batch by batch -> float32 numpy arrays, one per feature.
+    images: an Images, or any iterable of uint8 (n, H, W, 3) batches."""
+    batches = images.batches(batch_size) if isinstance(images, Images) else images
+    outputs = []
     # float32 convolutions as in the graph, not cuDNN's default TF32 (10-bit mantissas)
-    with bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    with tqdm(total=getattr(images, "count", None), unit="img", desc=desc, disable=desc is None) \
+            as bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for batch in batches:
-            batch = as_uint8_batch(batch)
-            x = preprocess(torch.from_numpy(batch).to(device))      # (n, 3, 299, 299)
-            batch_pool3, batch_spatial = model(x)                   # (n, 2048), (n, 2023)
-            pool3.append(batch_pool3.float().cpu().numpy())
-            spatial.append(batch_spatial.float().cpu().numpy())
+            outputs.append([f.float().cpu().numpy() for f in network.features(batch)])
             bar.update(len(batch))
-    if not pool3:
-        raise ValueError("no images given")
-    return np.concatenate(pool3), np.concatenate(spatial)
+    return [np.concatenate(parts) for parts in zip(*outputs)]
+
 
 #################################################################################
 #                  Statistics, Fréchet distance, Inception Score                #
@@ -492,26 +454,21 @@ def feature_statistics(feats):
     the features' own precision (float32 for the network's), np.cov in float64."""
     if len(feats) < 2:
         raise ValueError(f"need at least 2 images to estimate a covariance, got {len(feats)}")
-    feats = np.asarray(feats)
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians, in
     float64."""
-    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
-    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = len(mu1)
-    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
-                         f"mu2 {mu2.shape}, sigma2 {sigma2.shape}")
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    if not mu1.shape == mu2.shape == sigma1.shape[:1] == sigma2.shape[:1]:
+        raise ValueError(f"statistics of other features: mu {mu1.shape} and {mu2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # Near-singular product (e.g. fewer samples than dimensions): regularise both slightly.
-        offset = np.eye(d) * eps
+        offset = np.eye(len(mu1)) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         # S1 S2 has real non-negative eigenvalues in exact arithmetic; rounding may leave tiny
@@ -576,7 +533,7 @@ def pairwise_distances(u, v):
     return (d + (v * v).sum(dim=1)[None]).clamp_min(0)
 
 
-def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK, bar=None):
+def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK):
     """Each feature's squared distance (N,) to its k-th nearest neighbour in feats (N, D), as the
     evaluator's ManifoldEstimator, in blocks of `block` rows and columns. A row includes the point
     itself (at distance about 0), so the radius is the row's (k + 1)-th smallest distance."""
@@ -586,15 +543,12 @@ def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK, bar=None):
         for cols in feats.split(block):
             d = pairwise_distances(rows, cols)                   # (r, c)
             nearest.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
-            if bar is not None:
-                bar.update()
         radii.append(torch.cat(nearest, dim=1).kthvalue(k + 1, dim=1).values)   # (r,)
     return torch.cat(radii)
 
 
 @torch.inference_mode()
-def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device='cpu',
-                     progress=False):
+def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device="cpu"):
     """(precision, recall) of pool3 features samples (N, D) against ref (M, D), as the evaluator
     computes them: precision = share of samples inside some reference ball, recall = share of
     references inside some sample ball; a ball reaches from its point to the point's k-th nearest
@@ -605,222 +559,114 @@ def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device='c
                          f"{len(samples)}")
     ref = torch.as_tensor(ref, dtype=torch.float32, device=device)
     samples = torch.as_tensor(samples, dtype=torch.float32, device=device)
-    nr = math.ceil(len(ref) / block)
-    ns = math.ceil(len(samples) / block)
     ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=device)
     sample_inside = torch.zeros(len(samples), dtype=torch.bool, device=device)
-    bar = tqdm(total=nr * nr + ns * ns + nr * ns, disable=not progress, unit='block',
-               desc='precision/recall')
-    with bar:
-        ref_radii = manifold_radii(ref, k, block, bar)           # (M,)
-        sample_radii = manifold_radii(samples, k, block, bar)    # (N,)
-        for i in range(0, len(ref), block):
-            for j in range(0, len(samples), block):
-                # reference rows, sample columns, as the evaluator orders them
-                d = pairwise_distances(ref[i:i + block], samples[j:j + block])    # (m, n)
-                ref_inside[i:i + block] |= (d <= sample_radii[None, j:j + block]).any(dim=1)
-                sample_inside[j:j + block] |= (d <= ref_radii[i:i + block, None]).any(dim=0)
-                bar.update()
+    ref_radii = manifold_radii(ref, k, block)                    # (M,)
+    sample_radii = manifold_radii(samples, k, block)             # (N,)
+    for i in range(0, len(ref), block):
+        for j in range(0, len(samples), block):
+            # reference rows, sample columns, as the evaluator orders them
+            d = pairwise_distances(ref[i:i + block], samples[j:j + block])    # (m, n)
+            ref_inside[i:i + block] |= (d <= sample_radii[None, j:j + block]).any(dim=1)
+            sample_inside[j:j + block] |= (d <= ref_radii[i:i + block, None]).any(dim=0)
     return sample_inside.double().mean().item(), ref_inside.double().mean().item()
 
 #################################################################################
-#                                   CLI                                          #
+#                                   The command line                            #
 #################################################################################
 
-@dataclass
-class Source:
-    """What one argument holds: images, and what a statistics file or reference batch carries."""
-    name: str                  # SAMPLES or REF, named in messages
-    path: str
-    images: object = None      # NpzImages (arr_0) or ImageFiles, read batch by batch; or None
-    fid_stats: tuple = None    # (mu, sigma) of pool3, precomputed in the file
-    sfid_stats: tuple = None   # (mu_s, sigma_s) of the spatial features, precomputed in the file
-    pool3: np.ndarray = None   # pool3 features (N, 2048), as --save-stats saves them
-
-    def count(self):
-        """The number of images (or of saved feature vectors) behind this input."""
-        if self.images is not None:
-            return len(self.images)
-        return len(self.pool3)
+ADM_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool3")      # a reference batch's and --save-stats'
+FDD_KEYS = ("fdd_mu", "fdd_sigma")
 
 
-def load_input(path, name):
-    """The Source of a folder of images or of an .npz (arr_0, mu/sigma, mu_s/sigma_s, pool3)."""
-    if os.path.isdir(path):
-        return Source(name, path, images=ImageFiles(path, name))
-    if not os.path.isfile(path):
+def statistics(path, name, keys, network, batch_size):
+    """The statistics `keys` of one input (SAMPLES or REF): those its .npz holds (as the evaluator
+    reads a reference batch's), the rest computed from its images -> (dict, a line saying which).
+    network(kind): the network "inception" or "dinov2"."""
+    if not os.path.exists(path):
         raise ValueError(f"{name} {path}: no such file or folder")
-    if not path.endswith('.npz'):
-        raise ValueError(f"{name} {path}: expected a folder of images or an .npz (arr_0 images, or "
-                         f"statistics)")
+    held = {}
+    if os.path.isfile(path):
+        try:
+            with np.load(path) as f:
+                held = {k: f[k] for k in keys if k in f.files}
+        except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{name} {path}: not a readable .npz ({one_line(e)})") from None
+    missing = [k for k in keys if k not in held]
+    if not missing:
+        return held, f"{', '.join(keys)} from the file"
     try:
-        data = np.load(path)                 # lazy: a key is read when asked for
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{name} {path}: not a readable .npz ({e})") from None
-    source = Source(name, path)
-    with data:
-        if 'mu' in data and 'sigma' in data:
-            source.fid_stats = (data['mu'], data['sigma'])
-        if 'mu_s' in data and 'sigma_s' in data:
-            source.sfid_stats = (data['mu_s'], data['sigma_s'])
-        if 'pool3' in data:
-            source.pool3 = data['pool3']
-        keys = list(data.keys())
-    if 'arr_0' in keys:
-        source.images = NpzImages(path, name)                    # its header only, for now
-    if source.images is None and source.fid_stats is None and source.pool3 is None:
-        raise ValueError(f"{name} {path}: found keys {keys}; expected arr_0 (images), or mu and "
-                         f"sigma (statistics)")
-    return source
-
-
-def needs_images(source, full):
-    """Whether the report (full: all five numbers, else FID alone) needs the network on this input's
-    images: only for what its file does not hold, as the evaluator reads a file's own statistics."""
-    if full:
-        return source.fid_stats is None or source.sfid_stats is None or source.pool3 is None
-    return source.fid_stats is None
-
-
-def check_input(source, full):
-    """Say, before any image is read, what this input lacks for the report."""
-    bare = f"{source.name} {source.path} holds no images"
-    if source.fid_stats is None and source.images is None:
-        raise ValueError(f"{bare} and no mu/sigma for FID")
-    if full and source.sfid_stats is None and source.images is None:
-        raise ValueError(f"{bare} and no mu_s/sigma_s for sFID (the spatial statistics that ADM's "
-                         f"reference batches and --save-stats files carry); give its images, or "
-                         f"pass --fid-only")
-    if full and source.pool3 is None and source.images is None:
-        scores = "precision and recall need"
-        if source.name == 'SAMPLES':
-            scores = "the Inception Score, precision and recall need"
-        raise ValueError(f"{bare}: {scores} its images or their pool3 features (as --save-stats "
-                         f"saves them); or pass --fid-only")
-    if needs_images(source, full) and len(source.images) < 2:
-        raise ValueError(f"{source.name} {source.path}: need at least 2 images to estimate a "
-                         f"covariance, got {len(source.images)}")
-
-
-def measure(source, model, args, full):
-    """FID statistics of one input, with full also its sFID statistics and pool3 features: the
-    file's own where it holds them, else computed from its images; and a line saying which."""
-    pool3 = source.pool3
-    spatial = None
-    if needs_images(source, full):
-        pool3, spatial = inception_outputs(source.images, model, args.batch_size, args.device,
-                                           progress=True, desc=source.name)
-    result = {'pool3': pool3, 'fid_stats': source.fid_stats or feature_statistics(pool3)}
-    if full:
-        result['sfid_stats'] = source.sfid_stats or feature_statistics(spatial)
-    held = [('mu, sigma', source.fid_stats)]
-    if full:
-        held += [('mu_s, sigma_s', source.sfid_stats), ('pool3', source.pool3)]
-    used = ', '.join(key for key, value in held if value is not None)
-    computed = ', '.join(key for key, value in held if value is None)
-    where = f"precomputed in {os.path.basename(source.path)}"
-    if not needs_images(source, full):
-        result['how'] = f"{where} ({used})"
-    elif used:
-        result['how'] = f"{used} {where}; {computed} computed from its {len(pool3)} images"
-    else:
-        result['how'] = f"computed from its {len(pool3)} images"
-    return result
+        images = Images(path, name)
+    except KeyError:                                         # the zip has no arr_0.npy
+        raise ValueError(f"{name} {path} holds neither {', '.join(missing)} nor images (arr_0) to "
+                         f"compute them from; give its images, or ask for less") from None
+    computed = {}
+    if set(missing) & set(ADM_KEYS):
+        pool3, spatial = extract(images, network("inception"), batch_size, f"{name}, Inception")
+        computed.update(zip(ADM_KEYS, (*feature_statistics(pool3), *feature_statistics(spatial),
+                                       pool3)))
+    if set(missing) & set(FDD_KEYS):
+        (cls,) = extract(images, network("dinov2"), batch_size, f"{name}, DINOv2")
+        computed.update(zip(FDD_KEYS, feature_statistics(cls.astype(np.float64))))  # dgm-eval's
+    held.update({k: computed[k] for k in missing})               # the file's own win
+    return {k: held[k] for k in keys}, f"{', '.join(missing)} from its {images.count} images"
 
 
 def main(argv=None):
-    """The command line: check the flags and what each input holds, measure both, report."""
-    parser = argparse.ArgumentParser(description="FID, sFID, Inception Score, precision and recall "
-                                                 "as ADM's evaluator computes them.")
-    parser.add_argument('samples', metavar='SAMPLES', help="folder of images, .npz with arr_0 "
-                        "(uint8 N×H×W×3), or a statistics .npz")
-    parser.add_argument('ref', metavar='REF', nargs='?', help="the same kinds, e.g. ADM's "
-                        "VIRTUAL_imagenet256_labeled.npz; optional with --save-stats")
-    parser.add_argument('--fid-only', action='store_true', help="FID alone, from pool3 statistics "
-                        "(no spatial statistics, IS or nearest neighbours)")
-    parser.add_argument('--json', action='store_true', help="print the report as one JSON object")
-    parser.add_argument('--save-stats', metavar='OUT.npz', help="write SAMPLES' mu, sigma, mu_s, "
-                        "sigma_s and pool3 features here")
-    parser.add_argument('--overwrite', action='store_true',
-                        help="let --save-stats replace an existing file")
-    parser.add_argument('--weights', default=None, help=f"path to {WEIGHTS_NAME} "
-                        f"(default: $FID_WEIGHTS, else torch's hub cache, downloaded on first use)")
-    parser.add_argument('--batch-size', type=int, default=50,
-                        help="images per Inception forward pass (default 50)")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help="cuda, cuda:N or cpu (default: cuda if available)")
-    args = parser.parse_intermixed_args(argv)
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("samples", metavar="SAMPLES", help="a folder of images or an .npz")
+    p.add_argument("ref", metavar="REF", nargs="?", help="the same, e.g. ADM's reference batch "
+                   "VIRTUAL_imagenet256_labeled.npz (optional with --save-stats)")
+    p.add_argument("--fid-only", action="store_true", help="FID alone (pool3 statistics)")
+    p.add_argument("--fdd", action="store_true", help="also FDD (DINOv2 ViT-L/14, dgm-eval's)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write SAMPLES' statistics here")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
+    args = p.parse_intermixed_args(argv)
     if args.ref is None and args.save_stats is None:
-        parser.error("give REF to score SAMPLES against, or --save-stats OUT.npz to cache SAMPLES' "
-                     "statistics")
+        p.error("give REF to score SAMPLES against, or --save-stats OUT.npz")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.save_stats and os.path.exists(args.save_stats):
+        p.error(f"--save-stats {args.save_stats} exists: choose another file")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    networks = {}
+
+    def network(kind):
+        """The released network of this kind, loaded once."""
+        if kind not in networks:
+            inception = kind == "inception"
+            networks[kind] = released(FIDInceptionV3() if inception else DINOv2(),
+                                      INCEPTION_URL if inception else DINOV2_URL, device)
+        return networks[kind]
+
+    ref_keys = (("mu", "sigma") if args.fid_only else ADM_KEYS) + FDD_KEYS * args.fdd
+    sample_keys = ADM_KEYS + FDD_KEYS * args.fdd if args.save_stats else ref_keys
     try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
-        if args.save_stats and os.path.exists(args.save_stats) and not args.overwrite:
-            raise ValueError(f"--save-stats {args.save_stats} exists: pass --overwrite to replace "
-                             f"it, or choose another file")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device}: not a device (cuda, cuda:N or "
-                             f"cpu)") from None
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device "
-                             f"cpu")
-
-        # what each input holds, checked before any image is read
-        full = not args.fid_only
-        full_samples = full or args.save_stats is not None    # a saved file serves a full report
-        samples = load_input(args.samples, 'SAMPLES')
-        ref = load_input(args.ref, 'REF') if args.ref else None
-        if args.save_stats and samples.images is None:
-            raise ValueError(f"--save-stats: SAMPLES {args.samples} holds no images to compute "
-                             f"statistics from")
-        check_input(samples, full_samples)
-        if ref is not None:
-            check_input(ref, full)
-        for source in (samples, ref):
-            if ref is not None and full and source.count() < NEIGHBOURS + 1:
-                raise ValueError(f"{source.name} {source.path}: precision and recall need at least "
-                                 f"{NEIGHBOURS + 1} images (each one's ball reaches its "
-                                 f"{NEIGHBOURS}rd nearest neighbour), got {source.count()}")
-
-        # the network reads only the inputs whose file lacks what the report needs, and gives the
-        # Inception Score its logits
-        model = None
-        ref_needs_model = ref is not None and (full or needs_images(ref, full))
-        if needs_images(samples, full_samples) or ref_needs_model:
-            model = load_inception(args.weights, args.device)
-        sample_stats = measure(samples, model, args, full_samples)
-        report = {'SAMPLES': sample_stats['how']}
-        if ref is not None:
-            ref_stats = measure(ref, model, args, full)
-            report['REF'] = ref_stats['how']
-            report['FID'] = frechet_distance(*sample_stats['fid_stats'], *ref_stats['fid_stats'])
-        if ref is not None and full:
-            report['sFID'] = frechet_distance(*sample_stats['sfid_stats'], *ref_stats['sfid_stats'])
-            pool3 = torch.as_tensor(sample_stats['pool3'], dtype=torch.float32, device=args.device)
-            report['IS'] = inception_score(model.logits(pool3).cpu())   # logits (N, 1008)
-            precision, recall = precision_recall(ref_stats['pool3'], sample_stats['pool3'],
-                                                 device=args.device, progress=True)
-            report['Precision'] = precision
-            report['Recall'] = recall
-
-        if args.save_stats:
-            mu, sigma = sample_stats['fid_stats']
-            mu_s, sigma_s = sample_stats['sfid_stats']
-            with open(args.save_stats, 'wb') as f:   # a file object: numpy appends no second .npz
-                np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
-                         pool3=sample_stats['pool3'])
-            print(f"saved the statistics of {args.samples} to {args.save_stats}", file=sys.stderr)
-        if args.json:
-            print(json.dumps(report))
-        else:
-            for key, value in report.items():
-                print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    except (ValueError, FileNotFoundError) as e:
+        ours, report = statistics(args.samples, "SAMPLES", sample_keys, network, args.batch_size)
+        report = {"SAMPLES": report}
+        if args.ref:
+            ref, report["REF"] = statistics(args.ref, "REF", ref_keys, network, args.batch_size)
+            report["FID"] = frechet_distance(ours["mu"], ours["sigma"], ref["mu"], ref["sigma"])
+        if args.ref and not args.fid_only:
+            report["sFID"] = frechet_distance(ours["mu_s"], ours["sigma_s"], ref["mu_s"],
+                                              ref["sigma_s"])
+            pool3 = torch.as_tensor(ours["pool3"], dtype=torch.float32, device=device)
+            report["IS"] = inception_score(network("inception").logits(pool3).cpu())
+            report["Precision"], report["Recall"] = precision_recall(ref["pool3"], ours["pool3"],
+                                                                     device=device)
+        if args.ref and args.fdd:
+            report["FDD"] = frechet_distance(ours["fdd_mu"], ours["fdd_sigma"], ref["fdd_mu"],
+                                             ref["fdd_sigma"])
+    except ValueError as e:
         raise SystemExit(f"fid.py: error: {e}")
+    if args.save_stats:
+        with open(args.save_stats, "wb") as f:        # a file object: numpy adds no second .npz
+            np.savez(f, **ours)
+        print(f"saved {', '.join(ours)} of {args.samples} to {args.save_stats}", file=sys.stderr)
+    print(json.dumps(report) if args.json else "\n".join(
+        f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in report.items()))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -10,34 +10,34 @@ architecture:
                      recover the dense grid
     dense blocks     top: all N tokens, for high-frequency detail
 
-and lets the sparse grid grow as denoising proceeds: s = 6 for t in [0.75, 1] (the noisiest
-quarter), then growing linearly to s = 10 at t = 0, for a 16 x 16 token grid. Layouts
+and lets the sparse grid grow as denoising proceeds: s = 6 for the noisiest quarter of the
+trajectory, then growing linearly to s = 10 at the data, for a 16 x 16 token grid. Layouts
 [P Poolingformers, S SDTMs, K sparse blocks per SDTM, T dense top blocks], each SDTM =
 1 sparse-generation + K sparse + 1 recovery + 1 dense block:
 
     XL (depth 28): [2, 4, 3, 2], the paper's    L (24): [2, 4, 2, 2]    S/B (12): [1, 2, 2, 1]
 
 L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense top) and at least
-2 SDTMs (one collapses in the paper's ablation); B's layout lands at 13.8 GFLOPs against the paper's
-14.3. Mixed timesteps in one batch are exact and sync-free: every sample is pooled to its own
-grid, padded to the largest side of the schedule, and padded sparse tokens are masked out as keys
-and never upsampled (see `sparse_grid`). Trained by fine-tuning a dense DiT of the same size
-(`from_dit`).
-References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024).
+2 SDTMs (one collapses in the paper's ablation). Mixed timesteps in one batch are exact and
+sync-free: every sample is pooled to its own grid, padded to the largest side of the schedule, and
+padded sparse tokens are masked out as keys and never upsampled (see `sparse_grid`).
+
+As the paper runs it, SparseDiT is a conversion (`from_dit`): the released DiT-XL/2 (the DiT
+paper's model: DDPM with learned variance, a position table, no q/k norm; sprint.ModelConfig's
+diffusion, positions and qk_norm) becomes Poolingformers + SDTMs + dense top and is fine-tuned
+with DiT's loss (`train.py --model sparsedit --init DiT-XL-2-256x256.pt`). Built on SPRINT's SiT
+backbone (flow matching, RoPE, q/k norm) it converts a DiT that train.py trained, and compares
+with SPRINT like for like. References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024).
 
 Where this differs from the paper, and why:
-- The backbone is sprint.py's (a DiT trained with flow matching as SiT, 2D RoPE, q/k RMSNorm),
-  not the paper's DDPM DiT (noise prediction with learned variance, a fixed sinusoidal position
-  table): one loop and one sampler serve all three models, and SparseDiT compares with SPRINT like
-  for like. Hence the official DiT-XL/2 checkpoints (8 output channels, no q/k norm, a position
-  table) cannot initialise it; `from_dit` takes a DiT trained by train.py.
-- The paper adds sinusoidal position encodings to the tokens at every sparse/dense transition. Here
-  positions live in attention (RoPE), so pooled tokens are rotated at the centres of their cells
-  (`pooled_grid`) and dense tokens at their own cells: the same positional information, in the form
-  the backbone already uses.
-- The paper keeps the lowest density for the first T/4 of its DDPM sampling steps (t from T, noise,
-  down to 0). Flow matching runs t from 1 (noise) to 0, so that first quarter is t in [0.75, 1]
-  (SPARSEST_FROM).
+- Positions at the sparse/dense transitions. The paper re-adds sinusoidal encodings to the tokens
+  there; its official code adds the table only at the input, and so does this one: the released
+  DiT's blocks learned from tokens with the table added once, and a pooled token already holds the
+  mean of its cell's table entries. With RoPE, positions live in attention: pooled tokens are
+  rotated at the centres of their cells (`pooled_grid`), dense tokens at their own. Either way the
+  module stays the identity at initialisation (W1 = 0, W2 = I, zero gates).
+- The paper's FLOPs average its density schedule over the sampling steps (`flops`); a training
+  step pads every sample to the largest grid and costs that (`training_flops`).
 """
 from typing import NamedTuple
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sprint import Attention, Backbone, Block, block_macs, modulate, rope
+from sprint import SPRINT, Attention, Backbone, Block, DiT, block_macs, modulate
 
 
 #################################################################################
@@ -58,7 +58,7 @@ from sprint import Attention, Backbone, Block, block_macs, modulate, rope
 LAYOUTS = {4: (1, 1, 0, 0), 12: (1, 2, 2, 1), 24: (2, 4, 2, 2), 28: (2, 4, 3, 2)}
 # sparse grid sides for a 16 x 16 token grid (256 px, patch 2), scaled for other grids
 DENSITY = (6, 10)
-SPARSEST_FROM = 0.75       # t in [0.75, 1] (the first quarter of sampling) uses the smallest grid
+SPARSEST_FROM = 0.75       # noise levels in [0.75, 1] (the first quarter of sampling): smallest grid
 
 
 def parse_layout(cfg):
@@ -89,11 +89,11 @@ def parse_density(cfg):
     return int(lo), int(hi)
 
 
-def density_schedule(t, min_side, max_side):
-    """Sparse grid side for times t (tensor): min_side on [0.75, 1], growing linearly to max_side at
-    t = 0 (the paper's timestep-adaptive token density: fewest tokens while the input is
-    noisiest)."""
-    frac = (t.float() / SPARSEST_FROM).clamp(0, 1)                 # 1 while noisiest, 0 at the data
+def density_schedule(level, min_side, max_side):
+    """Sparse grid side for noise levels (tensor, 1 = pure noise): min_side on [0.75, 1], growing
+    linearly to max_side at 0 (the paper's timestep-adaptive token density: fewest tokens while the
+    input is noisiest; with DDPM's 250 steps the first quarter of them, timesteps >= 750)."""
+    frac = (level.float() / SPARSEST_FROM).clamp(0, 1)             # 1 while noisiest, 0 at the data
     return torch.round(max_side - (max_side - min_side) * frac).long()
 
 
@@ -147,15 +147,15 @@ class PoolingAttention(nn.Module):
 
 class Poolingformer(Block):
     """A Block whose attention is pooling attention; adaLN-Zero and MLP unchanged."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__(dim, num_heads, mlp_ratio)
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=True):
+        super().__init__(dim, num_heads, mlp_ratio, qk_norm)
         self.attn = PoolingAttention(dim)
 
 
 class CrossAttention(Attention):
     """Queries from x, keys and values from ctx, each sequence with its own RoPE positions."""
-    def __init__(self, dim, num_heads):
-        super().__init__(dim, num_heads)
+    def __init__(self, dim, num_heads, qk_norm=True):
+        super().__init__(dim, num_heads, qk_norm)
         del self.qkv                                           # q and kv see different sequences
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -169,9 +169,9 @@ class CrossAttention(Attention):
 class CrossBlock(Block):
     """A Block attending from x to ctx (both through this block's LayerNorm and adaLN): sparse
     token generation and recovery."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__(dim, num_heads, mlp_ratio)
-        self.attn = CrossAttention(dim, num_heads)
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=True):
+        super().__init__(dim, num_heads, mlp_ratio, qk_norm)
+        self.attn = CrossAttention(dim, num_heads, qk_norm)
 
     def forward(self, x, ctx, c, rope, ctx_rope, mask=None):
         modulation = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
@@ -187,15 +187,15 @@ class SDTM(nn.Module):
     """The paper's Sparse-Dense Token Module: sparse token generation (X_s = AvgPool(X) attends to
     X) -> K sparse transformer blocks -> sparse-dense token recovery (X_m = Up(X_s) W1 + X W2
     attends to X_s) -> one dense block."""
-    def __init__(self, dim, num_heads, mlp_ratio, n_sparse):
+    def __init__(self, new_block, dim, n_sparse):
         super().__init__()
-        self.generation = CrossBlock(dim, num_heads, mlp_ratio)
-        self.sparse = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(n_sparse))
-        self.recovery = CrossBlock(dim, num_heads, mlp_ratio)
+        self.generation = new_block(CrossBlock)
+        self.sparse = nn.ModuleList(new_block() for _ in range(n_sparse))
+        self.recovery = new_block(CrossBlock)
         # X_m = Up(X_s) W1 + X W2 with W1 = 0, W2 = I: the module starts as the identity on X
         self.W1 = nn.Parameter(torch.zeros(dim, dim))
         self.W2 = nn.Parameter(torch.eye(dim))
-        self.dense = Block(dim, num_heads, mlp_ratio)
+        self.dense = new_block()
 
     def forward(self, x, c, rope, grid: SparseGrid):
         xs = grid.pool @ x                                         # X_s = AvgPool(X): (B, S, D)
@@ -217,12 +217,11 @@ class SparseDiT(Backbone):
     """Poolingformers -> SDTMs -> dense top blocks, with a sparse grid side that follows t."""
     def __init__(self, cfg):
         super().__init__(cfg)
-        D, H, r = cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio
         P, S, K, T = self.layout = parse_layout(cfg)
         self.min_side, self.max_side = parse_density(cfg)
-        self.poolingformers = nn.ModuleList(Poolingformer(D, H, r) for _ in range(P))
-        self.sdtms = nn.ModuleList(SDTM(D, H, r, K) for _ in range(S))
-        self.top = nn.ModuleList(Block(D, H, r) for _ in range(T))
+        self.poolingformers = nn.ModuleList(self.new_block(Poolingformer) for _ in range(P))
+        self.sdtms = nn.ModuleList(SDTM(self.new_block, cfg.hidden_size, K) for _ in range(S))
+        self.top = nn.ModuleList(self.new_block() for _ in range(T))
         # every side of the schedule, stacked and padded to the largest (S_max = max_side² tokens)
         sides = range(self.min_side, self.max_side + 1)
         pools, positions, ups = zip(*(pooled_grid(cfg.grid, s) for s in sides))
@@ -239,10 +238,10 @@ class SparseDiT(Backbone):
 
     def grid_side(self, t):
         """The sparse grid side of each sample, (B,) long, from its own t (B,)."""
-        return density_schedule(t, self.min_side, self.max_side)
+        return density_schedule(self.noise_level(t), self.min_side, self.max_side)
 
     def sampling_kwargs(self, t):
-        """A sampling batch shares one t (a float): run that t's grid unpadded, with no mask."""
+        """A sampling batch shares one t (a number): run that t's grid unpadded, with no mask."""
         return {"side": int(self.grid_side(torch.tensor([t])))}
 
     def sparse_grid(self, t, side=None):
@@ -251,9 +250,8 @@ class SparseDiT(Backbone):
 
         Padding keeps shapes static (no host sync, one compiled graph) and is exact: padded sparse
         tokens are masked out as keys and no dense token reads them. It costs the largest grid's
-        work in the sparse blocks whatever t is; flops() counts the schedule (what per-side batches
-        do), and a sampler, whose batch shares one t, can pass side=grid_side(t) to run the small
-        grid itself.
+        work in the sparse blocks whatever t is (training_flops); a sampler, whose batch shares one
+        t, passes side=grid_side(t) and runs the small grid itself (flops).
         """
         if side is None:
             k = self.grid_side(t) - self.min_side              # (B,) index into the stacked grids
@@ -272,13 +270,13 @@ class SparseDiT(Backbone):
             pos = self.grid_pos[k, :side * side]
             up = self.grid_up[k].expand(len(t), -1)
             mask = None
-        return SparseGrid(pool, up[..., None], rope(pos, self.head_dim), mask)
+        return SparseGrid(pool, up[..., None], self.rope(pos), mask)
 
     def forward(self, x, t, y, side=None):
-        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); side: one grid side for
-        the batch."""
+        """The prediction for x (B, C, H, W) at times t (B,) and labels y (B,); side: one grid side
+        for the batch."""
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
-        cos_sin = rope(self.pos, self.head_dim)
+        cos_sin = self.rope(self.pos)
         grid = self.sparse_grid(t, side)
         for block in self.poolingformers:
             h = block(h, c, cos_sin)
@@ -314,20 +312,26 @@ class SparseDiT(Backbone):
         top = T * block_macs(N, D, r)                  # the dense top blocks
         return self.embed_macs() + P * pooling + S * sdtm + top
 
+    def training_flops(self, drop=0.0):
+        """What a training step runs: every sample padded to the largest grid."""
+        return 2 * self.macs(self.max_side)
+
     def pass_flops(self, t, skip_middle=False):
         return self.flops(t)
 
     def flops(self, t=None):
-        """Forward FLOPs per image (2 per multiply-add) at time t (float), or the mean over times t
-        (1-D); t=None: the mean over 1000 uniform times, i.e. over a whole sampling trajectory."""
+        """Forward FLOPs per image (2 per multiply-add) at time t (a number), or the mean over times
+        t (1-D); t=None: the mean over 1000 uniform noise levels, i.e. over a sampling trajectory
+        (the paper's figure)."""
         cpu = torch.device("cpu")                      # also for a model built on "meta"
         if t is None:
-            t = torch.linspace(0, 1, 1000, device=cpu)
-        t = torch.as_tensor(t, device=cpu).float().reshape(-1)
-        schedule = density_schedule(t, self.min_side, self.max_side)
+            level = torch.linspace(0, 1, 1000, device=cpu)
+        else:
+            level = self.noise_level(torch.as_tensor(t, device=cpu).float().reshape(-1))
+        schedule = density_schedule(level, self.min_side, self.max_side)
         sides, counts = torch.unique(schedule, return_counts=True)
         total = sum(c * self.macs(s) for s, c in zip(sides.tolist(), counts.tolist()))
-        return 2 * total / len(t)
+        return 2 * total / len(level)
 
     #### Initialisation from a dense DiT ####
 
@@ -340,22 +344,14 @@ class SparseDiT(Backbone):
         layer i."""
         return [(name + ".", m) for name, m in self.named_modules() if isinstance(m, Block)]
 
-    def from_dit(self, dit_cfg, dit):
-        """A dense DiT's state dict mapped onto this model: blocks in order, Q/K/V slices, recovery
-        W1 = 0, W2 = I. The DiT must match this model's width, heads, patches, input and classes,
-        and its total depth."""
-        cfg = self.cfg
-        fields = ("hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
-                  "num_classes", "mlp_ratio")
-        differ = [f"{f} {getattr(dit_cfg, f)} vs {getattr(cfg, f)}" for f in fields
-                  if getattr(dit_cfg, f) != getattr(cfg, f)]
-        if sum(dit_cfg.depths) != sum(cfg.depths):
-            differ.append(f"depth {sum(dit_cfg.depths)} vs {sum(cfg.depths)}")
-        if differ:
-            raise ValueError(f"this DiT-{dit_cfg.size}/{dit_cfg.patch_size} cannot initialise "
-                             f"SparseDiT-{cfg.size}/{cfg.patch_size} (DiT vs SparseDiT: "
-                             f"{', '.join(differ)}); use a DiT of the same --size, --patch-size, "
-                             f"--image-size and --num-classes")
+    def from_dit(self, dit):
+        """A dense DiT's state dict (named as sprint.DiT's) mapped onto this model: blocks in order,
+        Q/K/V slices, recovery W1 = 0, W2 = I. The depths must agree (checked here); widths,
+        patches and classes are load_state_dict's to check."""
+        depth = len({key.split(".")[1] for key in dit if key.startswith("blocks.")})
+        if depth != len(self.layers()):
+            raise ValueError(f"a DiT of depth {depth} cannot initialise a SparseDiT of depth "
+                             f"{len(self.layers())}: give the DiT's --size (or --depths)")
         # the embedders and the final layer as they are
         sd = {k: v for k, v in dit.items() if not k.startswith("blocks.")}
         for i, (prefix, layer) in enumerate(self.layers()):
@@ -367,8 +363,15 @@ class SparseDiT(Backbone):
                     qkv = dit[f"blocks.{i}.attn.qkv.{key[len(part):]}"]
                     thirds = qkv.unflatten(0, (3, -1))
                     sd[prefix + key] = thirds[self.QKV_PARTS[part]].flatten(0, 1)
-        D = cfg.hidden_size
+        D = self.cfg.hidden_size
         for j in range(len(self.sdtms)):
             sd[f"sdtms.{j}.W1"] = torch.zeros(D, D)
             sd[f"sdtms.{j}.W2"] = torch.eye(D)
         return sd
+
+
+#################################################################################
+#                  The models of both papers, by name (--model)                 #
+#################################################################################
+
+MODELS = {"dit": DiT, "sprint": SPRINT, "sparsedit": SparseDiT}

@@ -13,15 +13,18 @@ Training drops 75% of the tokens in g (structured: one kept token per 2x2 group)
 samples drop g altogether (path drop), which makes path-drop guidance (PDG) possible at sampling
 time: the unconditional branch skips g.
 
-The backbone every model here shares is a DiT trained with flow matching, as SiT, with 2D RoPE and
-q/k RMSNorm; it is numerically equal to the official SPRINT code (tests/test_sprint.py checks the
-official fixtures). The dense baseline built on it is called DiT throughout (`--model dit`).
-References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), the official code
-snap-research/Sprint.
+The backbone every model here shares is a DiT. As SPRINT runs it (SiT: flow matching, 2D RoPE,
+q/k RMSNorm) it is numerically equal to the official SPRINT code (tests/test_sprint.py checks the
+official fixtures); as the DiT paper runs it (DDPM with learned variance, a fixed sin-cos position
+table, no q/k norm: what SparseDiT converts) it is equal to facebookresearch/DiT's models.py
+(tests/test_dit.py). Which one is three fields of ModelConfig. The dense model is called DiT
+throughout (`--model dit`). References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), the
+official code snap-research/Sprint.
 """
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,14 +44,15 @@ SIZES = {
     "L": (1024, 16, (2, 20, 2)),
     "XL": (1152, 16, (2, 24, 2)),
 }
+DDPM_STEPS = 1000          # the DiT paper's diffusion: integer timesteps 0..999
 
 
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model; stored in every checkpoint. Fields left at 0 or () come
-    from `size`; train.py's and sample.py's MODELS map `model` to its class."""
+    from `size`; sparsedit.MODELS maps `model` to its class."""
     model: str = "sprint"            # dit | sprint | sparsedit
-    size: str = "B"                  # a key of SIZES
+    size: str = "B"                  # a key of SIZES (or a name, with the next three fields given)
     patch_size: int = 2
     input_size: int = 32             # side of the (latent) image, e.g. 32 for 256 px SD-VAE latents
     in_channels: int = 4
@@ -58,11 +62,15 @@ class ModelConfig:
     depths: tuple = ()               # (encoder, middle, decoder); a DiT runs sum(depths) blocks
     mlp_ratio: float = 4.0
     extra: dict = field(default_factory=dict)   # SparseDiT's layout and density (sparsedit.py)
+    # SPRINT's SiT: "flow", "rope", True. The DiT paper's: "ddpm" (noise prediction with learned
+    # variance: 2C output channels; the integer timestep 0..999), "table" (a fixed 2D sin-cos
+    # table added after the patch embedding), False (no q/k norm)
+    diffusion: str = "flow"
+    positions: str = "rope"
+    qk_norm: bool = True
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise ValueError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
-        hidden_size, num_heads, depths = SIZES[self.size]
+        hidden_size, num_heads, depths = SIZES.get(self.size, (0, 0, ()))
         self.hidden_size = self.hidden_size or hidden_size
         self.num_heads = self.num_heads or num_heads
         self.depths = tuple(self.depths or depths)
@@ -70,20 +78,24 @@ class ModelConfig:
             raise ValueError(f"--patch-size {self.patch_size} does not divide the input side "
                              f"{self.input_size}")
         if self.hidden_size % (4 * self.num_heads):
-            raise ValueError("2D RoPE needs a head dimension divisible by 4")
+            raise ValueError("2D RoPE and the sin-cos table need a head dimension divisible by 4")
         if len(self.depths) != 3 or min(self.depths) < 0 or sum(self.depths) < 1:
-            depths = " ".join(map(str, self.depths))
-            raise ValueError(f"--depths {depths}: give three block counts >= 0 (encoder, middle, "
-                             f"decoder), at least one block in all")
+            raise ValueError(f"--depths {' '.join(map(str, self.depths))}: give three block "
+                             f"counts >= 0 (encoder, middle, decoder), at least one block in all")
 
     @property
     def grid(self):
         """Token grid side: N = grid**2 tokens."""
         return self.input_size // self.patch_size
 
+    @property
+    def out_channels(self):
+        """C (a velocity), or 2C for DDPM's learned variance (noise, then the variance's v)."""
+        return self.in_channels * (2 if self.diffusion == "ddpm" else 1)
+
 
 #################################################################################
-#                  Embedding layers, 2D RoPE, attention, blocks                 #
+#           Embedding layers, positions, attention, blocks                      #
 #################################################################################
 
 def modulate(x, shift, scale):
@@ -117,7 +129,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (no x1000) -> [cos(t f), sin(t f)] with 128 frequencies -> MLP."""
+    """t as the model's diffusion has it (flow: [0, 1], no x1000; DDPM: 0..999) ->
+    [cos(t f), sin(t f)] with 128 frequencies -> MLP."""
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
@@ -147,6 +160,19 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+def sincos_table(grid, dim):
+    """The DiT paper's fixed position table (N, dim), tokens row-major: the first half of the
+    channels encodes the token's column, the second its row, each as [sin(pos w), cos(pos w)]
+    with w_i = 10000^(-i / (dim/4)) (DiT's get_2d_sincos_pos_embed, from MAE)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))             # (dim/4,)
+    row, col = np.divmod(np.arange(grid * grid), grid)
+
+    def encode(pos):
+        angles = np.outer(pos, omega)                                      # (N, dim/4)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    return torch.from_numpy(np.concatenate([encode(col), encode(row)], axis=1)).float()
+
+
 def rope(pos, head_dim, theta=10000.0):
     """2D RoPE angles for positions pos (..., n, 2) -> (cos, sin), each (..., 1, n, head_dim/2).
 
@@ -164,7 +190,10 @@ def rope(pos, head_dim, theta=10000.0):
 
 
 def apply_rope(x, cos_sin):
-    """Rotate channel pairs (2i, 2i+1) of x (B, H, n, d) as complex numbers; computed in float32."""
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, n, d) as complex numbers; computed in float32.
+    cos_sin None (a model with a position table): x as it is."""
+    if cos_sin is None:
+        return x
     cos, sin = cos_sin
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)                    # (B, H, n, d/2) each
     rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -186,12 +215,12 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention: fused qkv, q/k RMSNorm, 2D RoPE, SDPA (flash on GPU)."""
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=True):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = RMSNorm(dim // num_heads)
-        self.k_norm = RMSNorm(dim // num_heads)
+        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x, chunks):
@@ -227,10 +256,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """A transformer block with adaLN-Zero conditioning:
     x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -244,7 +273,7 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) + LayerNorm + Linear D -> p*p*C, in (c, p1, p2) order."""
+    """adaLN (shift, scale) + LayerNorm + Linear D -> p*p*C_out, in (c, p1, p2) order."""
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -270,23 +299,36 @@ def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
 #################################################################################
 
 class Backbone(nn.Module):
-    """What every model here shares: patch, time and label embedding, the RoPE grid, the final
-    layer, DiT's initialisation, and the cost accounting. cfg is a ModelConfig."""
+    """What every model here shares: patch, time and label embedding, positions (RoPE or the
+    table), the final layer, DiT's initialisation, and the cost accounting. cfg: a ModelConfig."""
     has_sparse_path = False          # SPRINT's deep path, which path drop and PDG skip
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+        D, p = cfg.hidden_size, cfg.patch_size
         self.num_tokens = cfg.grid**2
         self.head_dim = D // cfg.num_heads
-        self.x_embedder = PatchEmbed(p, C, D)
+        self.x_embedder = PatchEmbed(p, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
-        self.final_layer = FinalLayer(D, p, C)
+        self.final_layer = FinalLayer(D, p, cfg.out_channels)
         r = torch.arange(cfg.grid, dtype=torch.float32)
         # (row, col) of each token, row-major: (N, 2)
         self.register_buffer("pos", torch.cartesian_prod(r, r), persistent=False)
+        if cfg.positions == "table":                   # fixed, and in DiT's checkpoints
+            self.register_buffer("pos_embed", sincos_table(cfg.grid, D)[None])   # (1, N, D)
+
+    def new_block(self, kind=Block):
+        """A block of this model's width, heads, MLP ratio and q/k norm (kind: Block or a
+        subclass)."""
+        cfg = self.cfg
+        return kind(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm)
+
+    def rope(self, pos):
+        """RoPE angles of token positions pos (..., n, 2); None for a model with a position
+        table."""
+        return rope(pos, self.head_dim) if self.cfg.positions == "rope" else None
 
     def initialize_weights(self):
         """DiT's init: xavier linears, N(0, .02) label table and timestep MLP, zero adaLN and final
@@ -307,18 +349,27 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def embed(self, x, t, y):
-        """Tokens (B, N, D) and conditioning c = TimestepEmbed(t) + LabelEmbed(y), (B, D)."""
-        return self.x_embedder(x), self.t_embedder(t) + self.y_embedder(y)
+        """Tokens (B, N, D) (plus the position table, if any) and conditioning
+        c = TimestepEmbed(t) + LabelEmbed(y), (B, D)."""
+        h = self.x_embedder(x)
+        if self.cfg.positions == "table":
+            h = h + self.pos_embed
+        return h, self.t_embedder(t) + self.y_embedder(y)
 
     def unembed(self, x, c):
-        """(B, N, D) -> velocity (B, C, H, W)."""
-        return unpatchify(self.final_layer(x, c), self.cfg.patch_size, self.cfg.in_channels)
+        """(B, N, D) -> the prediction (B, C_out, H, W): velocity, or DDPM's noise and v."""
+        return unpatchify(self.final_layer(x, c), self.cfg.patch_size, self.cfg.out_channels)
+
+    def noise_level(self, t):
+        """A time in the model's units -> [0, 1], 1 the pure noise: flow's t as it is, DDPM's
+        integer timestep / 1000."""
+        return t / DDPM_STEPS if self.cfg.diffusion == "ddpm" else t
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def sampling_kwargs(self, t):
-        """Forward inputs for a sampling batch that shares the time t (a float); SparseDiT's grid
+        """Forward inputs for a sampling batch that shares the time t (a number); SparseDiT's grid
         side."""
         return {}
 
@@ -326,16 +377,16 @@ class Backbone(nn.Module):
 
     def embed_macs(self):
         """Multiply-adds outside the blocks: patch embed, timestep MLP, final layer (per image)."""
-        D, N = self.cfg.hidden_size, self.num_tokens
-        pc = self.cfg.patch_size**2 * self.cfg.in_channels
-        patch_embed = N * pc * D                        # Linear p*p*C -> D per token
+        cfg, D, N = self.cfg, self.cfg.hidden_size, self.num_tokens
+        p2 = cfg.patch_size**2
+        patch_embed = N * p2 * cfg.in_channels * D      # Linear p*p*C -> D per token
         t_mlp = 256 * D + D * D                         # frequencies -> D -> D, per image
-        final = 2 * D * D + N * D * pc                  # adaLN D -> 2D per image, Linear per token
+        final = 2 * D * D + N * D * p2 * cfg.out_channels   # adaLN D -> 2D; Linear per token
         return patch_embed + t_mlp + final
 
     def training_flops(self, drop=0.0):
-        """Forward FLOPs per image of a training forward at a token drop (a training step costs
-        about three forwards)."""
+        """Forward FLOPs per image of a training forward as it runs, at a token drop (a training
+        step costs about three forwards)."""
         return self.flops()
 
     def pass_flops(self, t, skip_middle=False):
@@ -343,24 +394,17 @@ class Backbone(nn.Module):
         pass)."""
         return self.flops()
 
-    def estimate_mfu(self, flops_per_s, peak):
-        """Model FLOPs utilisation, as nanoGPT's estimate_mfu: achieved FLOP/s (from flops()) over a
-        matmul peak measured on this device (train.matmul_peak), not a datasheet figure."""
-        return flops_per_s / peak
-
 
 class DiT(Backbone):
     """The dense baseline: every block sees all N tokens (XL: 28 blocks)."""
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.blocks = nn.ModuleList(
-            Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(sum(cfg.depths))
-        )
+        self.blocks = nn.ModuleList(self.new_block() for _ in range(sum(cfg.depths)))
         self.initialize_weights()
 
     def forward(self, x, t, y):
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
-        cos_sin = rope(self.pos, self.head_dim)
+        cos_sin = self.rope(self.pos)
         for block in self.blocks:
             h = block(h, c, cos_sin)
         return self.unembed(h, c)
@@ -377,12 +421,12 @@ class DiT(Backbone):
 #################################################################################
 
 def group_shape(drop, grid):
-    """The smallest n x n group (n < grid divides it) in which keeping k tokens drops exactly
+    """The smallest n x n group (n divides the grid) in which keeping k tokens drops exactly
     `drop` -> (n, k).
 
     0.75 -> 2x2 keep 1, 0.5 -> 2x2 keep 2, 0.875 -> 4x4 keep 2, 0.625 -> 4x4 keep 6.
     """
-    for n in range(2, grid):
+    for n in range(2, grid + 1):
         k = (1 - drop) * n * n
         if grid % n == 0 and abs(k - round(k)) < 1e-6 and 1 <= round(k) < n * n:
             return n, round(k)
@@ -401,7 +445,7 @@ def num_kept(drop, num_tokens):
     return round(m)
 
 
-def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None, generator=None):
+def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None):
     """Kept token indices (B, M), row-major over the grid, drawn per sample on `device`.
 
     structured: cut the grid into n x n groups and keep k uniformly random tokens in each (the
@@ -409,16 +453,12 @@ def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None,
     ablation). Shapes depend only on the arguments, never on random values: no host sync, one
     compiled graph.
     """
+    M = num_kept(drop, grid * grid)
     if mask_type == "random":
-        M = num_kept(drop, grid * grid)
-        scores = torch.rand(batch_size, grid * grid, device=device, generator=generator)
-        return scores.argsort(dim=1)[:, :M]
-    if mask_type != "structured":
-        raise ValueError(f"--mask-type {mask_type!r}: choose structured or random")
-    num_kept(drop, grid * grid)
+        return torch.rand(batch_size, grid * grid, device=device).argsort(dim=1)[:, :M]
     n, k = group_shape(drop, grid)
     g = grid // n                                                          # groups per side
-    scores = torch.rand(batch_size, g * g, n * n, device=device, generator=generator)
+    scores = torch.rand(batch_size, g * g, n * n, device=device)
     pick = scores.argsort(-1)[..., :k]                                     # (B, G, k) within-group
     group = torch.arange(g * g, device=device)[:, None]                    # (G, 1)
     row = (group // g) * n + pick // n                                     # (B, G, k)
@@ -438,14 +478,14 @@ class SPRINT(Backbone):
     def __init__(self, cfg):
         super().__init__(cfg)
         if min(cfg.depths) < 1:
-            depths = " ".join(map(str, cfg.depths))
-            raise ValueError(f"--depths {depths}: SPRINT needs at least one encoder, one middle "
-                             f"and one decoder block")
-        D, (n_enc, n_mid, n_dec) = cfg.hidden_size, cfg.depths
-        self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_enc))
-        self.middle = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_mid))
-        self.decoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(n_dec))
+            raise ValueError(f"--depths {' '.join(map(str, cfg.depths))}: SPRINT needs at least "
+                             f"one encoder, one middle and one decoder block")
+        n_enc, n_mid, n_dec = cfg.depths
+        self.encoder = nn.ModuleList(self.new_block() for _ in range(n_enc))
+        self.middle = nn.ModuleList(self.new_block() for _ in range(n_mid))
+        self.decoder = nn.ModuleList(self.new_block() for _ in range(n_dec))
         # sparse-dense residual fusion: ~0.3% of the parameters at XL
+        D = cfg.hidden_size
         self.fuse = nn.Linear(2 * D, D)
         # fills the dropped positions; a buffer, so it is never trained
         self.register_buffer("mask_token", torch.zeros(1, 1, D))
@@ -462,7 +502,7 @@ class SPRINT(Backbone):
             unconditional pass).
         """
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
-        cos_sin = rope(self.pos, self.head_dim)
+        cos_sin = self.rope(self.pos)
         for block in self.encoder:
             h = block(h, c, cos_sin)                                       # h_f: (B, N, D)
         g = self.deep_path(h, c, cos_sin, ids_keep, path_drop, skip_middle)   # (B, N, D)
@@ -483,7 +523,7 @@ class SPRINT(Backbone):
             index = ids_keep.unsqueeze(-1).expand(-1, -1, D)               # (B, M, D)
             g = h.gather(1, index)                                         # (B, M, D)
             # kept tokens keep their positions
-            cos_sin = rope(self.pos[ids_keep], self.head_dim)
+            cos_sin = self.rope(self.pos[ids_keep])
         for block in self.middle:
             g = block(g, c, cos_sin)
         if ids_keep is not None:
@@ -502,12 +542,10 @@ class SPRINT(Backbone):
     def flops(self, drop=0.0, skip_middle=False):
         """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; skip_middle: g
         skipped."""
-        cfg, N = self.cfg, self.num_tokens
+        cfg, N, D = self.cfg, self.num_tokens, self.cfg.hidden_size
         n_enc, n_mid, n_dec = cfg.depths
-        D = cfg.hidden_size
         dense = (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio)
-        # Linear 2D -> D per token
-        fuse = N * 2 * D * D
+        fuse = N * 2 * D * D                                   # Linear 2D -> D per token
         macs = self.embed_macs() + dense + fuse
         if not skip_middle:
             macs += n_mid * block_macs(round((1 - drop) * N), D, cfg.mlp_ratio)

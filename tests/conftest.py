@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # the specification of the methods and of their scripts runs first, the command lines after it,
 # the experiments' own tests last
-ORDER = ("test_sprint", "test_sparsedit", "test_train", "test_sample", "test_fid", "test_data")
+ORDER = ("test_sprint", "test_sparsedit", "test_dit", "test_train", "test_sample", "test_fid",
+         "test_data")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,6 +1,7 @@
-"""Checkpoint files as a specification (sample.py reads them, train.py --init and --resume too):
-official SPRINT files load under our names, in any precision; our checkpoints carry their config
-and prefer the EMA weights; a file that does not fit says why in one message."""
+"""Checkpoint files as a specification (sample.py reads them, train.py --init too): the released
+SPRINT files load under our names in any precision, their architecture read off their tensors, the
+REPA one's projector head set aside in one line; our checkpoints carry their config and prefer the
+EMA weights; a file that does not fit, or is cut short, is one message naming it."""
 import json
 import struct
 from pathlib import Path
@@ -8,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sample import create_model, load_model, load_weights, read_safetensors
-from sprint import SPRINT, ModelConfig
+from sample import load_model
+from sprint import SPRINT
 from tiny import randomize, tiny_model
-from train import init_from
+
+OFFICIAL = {"encoder.": "encoder_blocks.", "middle.": "middle_blocks.", "decoder.": "decoder_blocks.",
+            "fuse.": "renoise_linear."}
 
 
 def write_safetensors(path, tensors, dtype="BF16"):
@@ -30,102 +33,91 @@ def write_safetensors(path, tensors, dtype="BF16"):
     Path(path).write_bytes(struct.pack("<Q", len(meta)) + meta + b"".join(blobs))
 
 
-#################################################################################
-#                    Official files, our files, the EMA weights                 #
-#################################################################################
-
-@pytest.mark.parametrize("dtype", ["F16", "BF16"])
-def test_safetensors_half_precision(tmp_path, dtype):
-    model = randomize(tiny_model())
-    # DDP's and torch.compile's wrapper prefixes are stripped
-    sd = {("module._orig_mod." + k): v for k, v in model.state_dict().items()}
-    write_safetensors(tmp_path / "w.safetensors", sd, dtype)
-    read = read_safetensors(tmp_path / "w.safetensors")
-    expected = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
-    assert read["module._orig_mod.fuse.weight"].dtype == expected
-    fresh = load_weights(tiny_model(), tmp_path / "w.safetensors")
-    # rounding of weights of size <= 0.4: half of bf16's 2^-8 or float16's 2^-11 relative step
-    tol = 2e-3 if dtype == "BF16" else 2e-4
-    assert torch.allclose(fresh.fuse.weight, model.fuse.weight, atol=tol)
-
-
-def test_official_names_are_mapped_to_ours(tmp_path):
-    model = randomize(tiny_model())
-    official = {}
+def official_layout(model):
+    """A model's state dict under the official SPRINT code's names, as its released files hold it."""
+    sd = {}
     for name, tensor in model.state_dict().items():
-        for ours, theirs in (("encoder.", "encoder_blocks."), ("middle.", "middle_blocks."),
-                             ("decoder.", "decoder_blocks."), ("fuse.", "renoise_linear.")):
+        for ours, theirs in OFFICIAL.items():
             name = name.replace(ours, theirs)
-        official[name] = tensor
-    write_safetensors(tmp_path / "official.safetensors", official, "F32")
-    loaded = load_weights(tiny_model(), tmp_path / "official.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                 model.state_dict().values()))
+        sd[name] = tensor
+    return sd
 
 
-def test_our_checkpoint_roundtrip_prefers_ema(tmp_path):
+#################################################################################
+#              Released SPRINT files: names, precision, REPA's head             #
+#################################################################################
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_released_safetensors_load_under_our_names_in_any_precision(tmp_path, dtype):
+    model = randomize(tiny_model())
+    write_safetensors(tmp_path / "w.safetensors", official_layout(model), dtype)
+    loaded = load_model(tmp_path / "w.safetensors", input_size=8)
+    assert isinstance(loaded, SPRINT) and loaded.cfg.depths == (1, 2, 1)
+    assert (loaded.cfg.hidden_size, loaded.cfg.num_heads, loaded.cfg.num_classes) == (32, 2, 10)
+    # rounding of weights of size <= 0.4: half of bf16's 2^-8 or float16's 2^-11 relative step
+    tol = {"F32": 0, "F16": 2e-4, "BF16": 2e-3}[dtype]
+    for (name, ours), theirs in zip(loaded.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=0, msg=name)
+
+
+def test_the_repa_files_projector_head_is_set_aside_in_one_line(tmp_path, capsys):
+    """sprint_XL_REPA_imagenet256 also holds REPA's projector (Linear D -> 2048, SiLU, 2048 ->
+    2048, SiLU, 2048 -> 768), used only in training: the file samples as the plain one."""
+    model = randomize(tiny_model()).eval()
+    plain = official_layout(model)
+    head = {"projectors.0.weight": (2048, 32), "projectors.0.bias": (2048,),
+            "projectors.2.weight": (2048, 2048), "projectors.2.bias": (2048,),
+            "projectors.4.weight": (768, 2048), "projectors.4.bias": (768,)}
+    repa = {**plain, **{name: torch.randn(shape) for name, shape in head.items()}}
+    write_safetensors(tmp_path / "plain.safetensors", plain, "F32")
+    write_safetensors(tmp_path / "repa.safetensors", repa, "F32")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        outputs = [load_model(tmp_path / f"{name}.safetensors", input_size=8)(x, t, y)
+                   for name in ("plain", "repa")]
+    assert torch.equal(*outputs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["ignored projectors.* of the checkpoint: REPA's projector head, for training "
+                     "only"]
+
+
+#################################################################################
+#           Our files: the config they carry, EMA first; files that do not fit  #
+#################################################################################
+
+def test_our_checkpoint_carries_its_config_and_prefers_ema(tmp_path):
     model = randomize(tiny_model(), 1)
     ema = randomize(tiny_model(), 2)
     ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "config": vars(model.cfg)}
     torch.save(ckpt, tmp_path / "c.pt")
-    loaded = load_model(tmp_path / "c.pt")
-    assert torch.equal(loaded.fuse.weight, ema.fuse.weight)
+    assert torch.equal(load_model(tmp_path / "c.pt").fuse.weight, ema.fuse.weight)
     assert torch.equal(load_model(tmp_path / "c.pt", ema=False).fuse.weight, model.fuse.weight)
 
 
-#################################################################################
-#                  Files that do not fit: one message, naming why               #
-#################################################################################
-
-def test_a_file_without_a_config_is_checked_key_by_key(tmp_path):
-    big = tiny_model(hidden_size=64)
-    torch.save({"model": big.state_dict()}, tmp_path / "big.pt")
-    small = tiny_model().state_dict()
-    # every tensor whose size follows the width differs: all but the mask token's buffer count
-    differ = sum(big.state_dict()[k].shape != small[k].shape for k in small)
-    with pytest.raises(ValueError, match=r"shape mismatch: decoder.0.adaLN_modulation.1.bias: "
-                                         rf"file \(384,\) vs model \(192,\).* \({differ} in all\)"):
-        load_weights(tiny_model(), tmp_path / "big.pt")
-    torch.save({"model": tiny_model("dit").state_dict()}, tmp_path / "dit.pt")
-    with pytest.raises(ValueError, match=r"missing: decoder\.0.*\n  unexpected: blocks\.0"):
-        load_weights(tiny_model(), tmp_path / "dit.pt")
-
-
-def test_a_file_with_a_config_says_which_model_or_size_it_holds(tmp_path):
+def test_a_file_that_does_not_fit_is_load_state_dicts_report_on_one_line(tmp_path):
     dit = tiny_model("dit")
-    torch.save({"model": dit.state_dict(), "config": vars(dit.cfg)}, tmp_path / "dit.pt")
-    message = r"^--init .*dit\.pt holds a dit-B model, not a sprint one: use --model dit$"
-    with pytest.raises(ValueError, match=message):
-        init_from(tiny_model(), str(tmp_path / "dit.pt"))
-    wide = tiny_model(hidden_size=64)
-    torch.save({"model": wide.state_dict(), "config": vars(wide.cfg)}, tmp_path / "wide.pt")
-    with pytest.raises(ValueError, match=r"^--init .*wide\.pt does not fit this sprint-B model "
-                                         r"\(file vs model: hidden_size 64 vs 32\)"):
-        init_from(tiny_model(), str(tmp_path / "wide.pt"))
-
-
-def test_not_a_checkpoint_and_no_config(tmp_path):
+    torch.save({"model": dit.state_dict(), "config": vars(tiny_model().cfg)}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path / "odd.pt")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'odd.pt'} does not fit this "
+                                                      f"sprint model: Error(s) in loading")
+    assert "Missing key(s) in state_dict: " in message and '"blocks.0.attn.qkv.weight"' in message
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="neither a PyTorch checkpoint"):
-        load_weights(tiny_model(), tmp_path / "notes.txt")
-    write_safetensors(tmp_path / "w.safetensors", tiny_model().state_dict(), "F32")
-    with pytest.raises(ValueError, match="carries no model config"):
-        load_model(tmp_path / "w.safetensors")
-    assert isinstance(load_model(tmp_path / "w.safetensors", cfg=tiny_model().cfg), SPRINT)
+    with pytest.raises(ValueError, match=r"notes\.txt: not a readable checkpoint"):
+        load_model(tmp_path / "notes.txt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt: neither train\.py's checkpoint nor a "
+                                         r"released SPRINT or DiT file \(no 'x_embedder"):
+        load_model(tmp_path / "other.pt")
 
 
 def test_a_truncated_checkpoint_is_one_message_naming_the_file(tmp_path):
     torch.save({"model": tiny_model().state_dict()}, tmp_path / "whole.pt")
-    write_safetensors(tmp_path / "whole.safetensors", tiny_model().state_dict(), "F32")
+    write_safetensors(tmp_path / "whole.safetensors", official_layout(tiny_model()), "F32")
     for suffix in (".pt", ".safetensors"):
         data = (tmp_path / f"whole{suffix}").read_bytes()
         (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
-        message = rf"cut{suffix}: not a readable checkpoint \(truncated\?\)$"
-        with pytest.raises(ValueError, match=message):
-            load_weights(tiny_model(), tmp_path / f"cut{suffix}")
-
-
-def test_an_unknown_model_name_is_refused_where_the_model_is_built():
-    with pytest.raises(ValueError, match="--model 'unet': choose dit, sprint, sparsedit"):
-        create_model(ModelConfig(model="unet"))
-
+        with pytest.raises(ValueError, match=rf"cut{suffix}: not a readable checkpoint \(cut "
+                                             rf"short\? \w+\)$"):
+            load_model(tmp_path / f"cut{suffix}", input_size=8)

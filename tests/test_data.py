@@ -1,7 +1,8 @@
 """train.py's data as a specification: the embedded data, image folders, .npz files and folders
 of memory-mapped arrays set the model's channels, size and classes; a memory-mapped set is read
 batch by batch (a rank's memory does not grow with it) and a non-finite latent stops the run by its
-index; tools/encode_latents.py streams into that layout and never leaves a half-written folder."""
+index; tools/encode_latents.py streams each image and its mirror into that layout, never leaves a
+half-written folder, and train.py holds out whole images, both views."""
 import os
 import pickle
 import sys
@@ -42,7 +43,7 @@ def test_the_embedded_data_is_fixed_and_its_classes_differ():
 def test_an_image_folder_is_decoded_in_workers_and_sets_the_classes(tmp_path):
     folder = image_folder(tmp_path / "images", classes=3)
     run_dir = run(tmp_path, "--data", str(folder), "--num-workers", "1", "--steps", "2",
-                  "--eval-every", "2")
+                  "--eval-every", "2", "--image-size", "16")
     cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
     assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (3, 16, 3)
     assert any("eval_loss" in rec for rec in records(run_dir))
@@ -54,7 +55,7 @@ def test_arrays_of_pixels_or_latents_set_channels_size_and_classes(tmp_path, kin
     y = np.arange(40) % 5
     if kind == "pixels in an .npz":
         data = tmp_path / "data.npz"
-        np.savez(data, x=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y=y)   # grey N x H x W
+        np.savez(data, x=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y=y)
     else:
         data = tmp_path / "latents"
         data.mkdir()
@@ -63,7 +64,7 @@ def test_arrays_of_pixels_or_latents_set_channels_size_and_classes(tmp_path, kin
     run_dir = run(tmp_path, "--data", str(data), "--image-size", "8", "--patch-size", "2",
                   "--latent-scale", "0.5", "--steps", "2", "--sample-every", "2")
     cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
-    channels = 1 if kind == "pixels in an .npz" else 4
+    channels = 3 if kind == "pixels in an .npz" else 4
     assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (channels, 8, 5)
     # latents: channels 0-2, normalised
     assert (run_dir / "samples" / "0000002.png").is_file()
@@ -83,7 +84,7 @@ def test_pixels_are_resized_to_the_image_size_with_antialiasing_and_latents_are_
     assert load("--data", str(tmp_path / "wide.npz"))[0][np.arange(2)][0].shape == (2, 3, 16, 16)
     np.savez(tmp_path / "latents.npz", x=np.zeros((12, 4, 8, 8), np.float16), y=np.arange(12) % 3)
     with pytest.raises(ValueError, match=r"--image-size 16: .*latents\.npz holds 8x8 latents, "
-                                         r"which cannot be resized"):
+                                         r"which are not resized"):
         load("--data", str(tmp_path / "latents.npz"), "--image-size", "16")
 
 
@@ -165,23 +166,40 @@ def fake_vae(monkeypatch):
     return state
 
 
-def test_encoding_writes_every_image_then_its_mirror_and_train_py_reads_them(tmp_path, fake_vae):
+def test_encoding_writes_every_image_and_its_mirror_and_train_py_reads_them(tmp_path, fake_vae):
     folder = image_folder(tmp_path / "images", classes=2, per_class=3, size=(40, 32))
     encode = tool("encode_latents")
     encode.main([str(folder), str(tmp_path / "latents"), "--size", "16", "--device", "cpu",
-               "--batch-size", "4", "--num-workers", "0"])
+                 "--batch-size", "4", "--num-workers", "0"])
     x = np.load(tmp_path / "latents" / "x.npy")
     y = np.load(tmp_path / "latents" / "y.npy")
-    assert x.shape == (12, 4, 2, 2) and x.dtype == np.float16       # 6 images, then 6 mirrors
-    assert y.tolist() == [0, 0, 0, 1, 1, 1] * 2
+    assert x.shape == (6, 2, 4, 2, 2) and x.dtype == np.float16     # 6 images, 2 views each
+    assert y.tolist() == [0, 0, 0, 1, 1, 1]
     pixels = train.ImageFolder(folder, 16)[range(6)][0].float() / 127.5 - 1
     expected = torch.nn.functional.avg_pool2d(pixels, 8).half().numpy()
-    assert np.array_equal(x[:6, :3], expected) and not x[:, 3].any()
+    assert np.array_equal(x[:, 0, :3], expected) and not x[:, :, 3].any()
     # the mirrors (summed in another order: equal to float16 rounding)
-    assert np.allclose(x[6:, :3].astype(np.float32), expected[..., ::-1], rtol=0, atol=1e-3)
+    assert np.allclose(x[:, 1, :3].astype(np.float32), expected[..., ::-1], rtol=0, atol=1e-3)
     assert not (tmp_path / "latents.partial").exists()
     dataset, num_classes = load("--data", str(tmp_path / "latents"))
-    assert num_classes == 2 and torch.equal(dataset[[7]][0], torch.from_numpy(x[[7]]))
+    assert num_classes == 2 and torch.equal(dataset[[4]][0], torch.from_numpy(x[[4]]))
+    # a training step draws one view of each image (train.py's flip): it trains on them
+    run_dir = run(tmp_path, "--data", str(tmp_path / "latents"), "--patch-size", "1",
+                  "--global-batch-size", "4", "--steps", "2")
+    assert torch.load(run_dir / "checkpoints" / "0000002.pt")["config"]["input_size"] == 2
+
+
+def test_the_held_out_images_are_never_trained_on_mirrored(tmp_path, fake_vae):
+    """An image and its mirror are the same image: the held-out split keeps both on one side. Each
+    image is a class of its own here, so a label on both sides would be an image on both."""
+    folder = image_folder(tmp_path / "images", classes=20, per_class=1, size=(16, 16))
+    tool("encode_latents").main([str(folder), str(tmp_path / "latents"), "--size", "16",
+                                 "--device", "cpu", "--num-workers", "0"])
+    dataset, _ = load("--data", str(tmp_path / "latents"))
+    train_idx, held_out = train.split(len(dataset))
+    trained = set(dataset[train_idx][1].tolist())
+    assert len(held_out) and not trained & set(dataset[held_out][1].tolist())
+    assert len(trained) + len(held_out) == 20
 
 
 def test_an_interrupted_encoding_leaves_no_folder_that_passes_for_complete(tmp_path, fake_vae):
@@ -194,13 +212,13 @@ def test_an_interrupted_encoding_leaves_no_folder_that_passes_for_complete(tmp_p
         encode.main(argv)
     # neither the folder nor its partial one (a kill's would be named latents.partial)
     assert sorted(os.listdir(tmp_path)) == ["images"]
-    with pytest.raises(ValueError, match="latents: no such file or folder"):
+    with pytest.raises(ValueError, match="latents: not an image folder.* No such file"):
         load("--data", str(tmp_path / "latents"))
     # rerun: starts afresh and completes
     fake_vae.calls = 0
     fake_vae.fail = {}
     encode.main(argv)
-    assert np.load(tmp_path / "latents" / "x.npy").shape == (12, 4, 2, 2)
+    assert np.load(tmp_path / "latents" / "x.npy").shape == (6, 2, 4, 2, 2)
     assert sorted(os.listdir(tmp_path)) == ["images", "latents"]
 
 

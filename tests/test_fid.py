@@ -1,9 +1,10 @@
-"""fid.py as a specification of ADM's evaluator: the network is pytorch-fid's FID Inception-v3;
-the graph's preprocessing, the evaluator's FID and precision are what TensorFlow computed
-(tests/fixtures/adm_evaluator_ops.npz), its radii and recall within the float16 steps measured
-below; sFID reads the right features in the right order; the Fréchet distance and Inception Score
-obey their definitions. The command line is tested in test_fid_cli.py, its memory in
-test_fid_memory.py."""
+"""fid.py as a specification of ADM's evaluator and of dgm-eval's FDD: the network is pytorch-fid's
+FID Inception-v3; the graph's preprocessing, the evaluator's FID and precision are what TensorFlow
+computed (tests/fixtures/adm_evaluator_ops.npz), its radii and recall within the float16 steps
+measured below; sFID reads the right features in the right order; FDD's input, DINOv2 features
+and distance are what DINOv2's and dgm-eval's code computed (tests/fixtures/dinov2_fdd.npz); the
+Fréchet distance and Inception Score obey their definitions. The command line is tested in
+test_fid_cli.py, its memory in test_fid_memory.py."""
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ import fid
 FIXTURES = ROOT / 'tests' / 'fixtures'
 FIXTURE = np.load(FIXTURES / 'fid_inception_io.npz')     # pytorch-fid's network, fixed weights
 ADM = np.load(FIXTURES / 'adm_evaluator_ops.npz')        # the evaluator's operations, in TensorFlow
+DINO = np.load(FIXTURES / 'dinov2_fdd.npz')              # DINOv2's and dgm-eval's own code
 
 
 def fixture_weights():
@@ -181,6 +183,37 @@ def test_fid_is_the_evaluators_on_the_same_features():
     fd = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
     assert abs(fd - ADM['fid']) < 1e-6                           # measured 1.8e-7 of 16.2
 
+#### FDD: dgm-eval's transform, DINOv2's features, the distance ####
+
+def dino_model():
+    """DINOv2 at the fixture's width and depth, its state dict loaded strictly as the released
+    file's is."""
+    size = {k: int(DINO[f'config_{k}']) for k in ('embed_dim', 'depth', 'num_heads', 'patch_size',
+                                                   'img_size')}
+    model = fid.DINOv2(size['embed_dim'], size['depth'], size['num_heads'], size['patch_size'],
+                       size['img_size'])
+    model.load_state_dict({k[3:]: torch.from_numpy(DINO[k]) for k in DINO.files
+                           if k.startswith('sd/')})
+    return model.eval()
+
+
+def test_fdd_input_is_dgm_evals_transform():
+    # PIL's bicubic to 224 x 224, [0, 1], ImageNet mean and std: to float rounding
+    pixels = fid.dinov2_input(DINO['imgs_a'][:4]).numpy()
+    assert pixels.shape == (4, 3, 224, 224)
+    assert np.abs(pixels - DINO['pixels_a']).max() < 1e-6                # measured 0
+
+
+def test_dinov2_features_and_fdd_are_dinov2s_and_dgm_evals(one_thread):
+    model = dino_model()
+    a, b, odd = (fid.extract([images], model, batch_size=100)[0]
+                 for images in (DINO['imgs_a'], DINO['imgs_b'], DINO['odd_img'][None]))
+    assert rel_err(a, DINO['feats_a']) < 1e-5 and rel_err(b, DINO['feats_b']) < 1e-5   # 3e-7
+    assert rel_err(odd, DINO['odd_feat']) < 1e-5                         # a 200 x 300 image
+    fd = fid.frechet_distance(*fid.feature_statistics(a.astype(np.float64)),
+                              *fid.feature_statistics(b.astype(np.float64)))
+    assert abs(fd / DINO['fd'] - 1) < 1e-5                               # measured 4e-9
+
 #### Fréchet distance and Inception Score follow their definitions ####
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -231,7 +264,7 @@ def test_fid_between_gaussians_matches_the_closed_form():
 def test_fid_fails_loudly_on_invalid_covariances():
     with pytest.raises(ValueError, match='imaginary part'):
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
-    with pytest.raises(ValueError, match='statistics do not match'):
+    with pytest.raises(ValueError, match='statistics of other features'):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 

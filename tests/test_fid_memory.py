@@ -9,15 +9,11 @@ import torch
 import fid
 from tiny import peak_growth
 
-class StandIn(torch.nn.Module):
-    """FIDInceptionV3's outputs, pool3 (N, 2048) and spatial (N, 2023), from the input's mean: the
-    network's own memory is not what is measured."""
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        mean = x.mean(dim=(1, 2, 3))[:, None] * self.scale      # (N, 1)
+class StandIn:
+    """FIDInceptionV3's features, pool3 (N, 2048) and spatial (N, 2023), from the mean of the
+    graph's input: the network's own memory is not what is measured."""
+    def features(self, batch):
+        mean = fid.preprocess(torch.from_numpy(batch)).mean(dim=(1, 2, 3))[:, None]   # (N, 1)
         return mean.expand(-1, 2048), mean.expand(-1, 2023)
 
 
@@ -26,9 +22,9 @@ def test_arr_0_is_read_in_batches_whether_stored_or_deflated(tmp_path):
     np.savez(tmp_path / 'stored.npz', arr_0=images)
     np.savez_compressed(tmp_path / 'deflated.npz', arr_0=images)
     for name in ('stored.npz', 'deflated.npz'):
-        source = fid.NpzImages(str(tmp_path / name))
+        source = fid.Images(str(tmp_path / name), "SAMPLES")
         batches = list(source.batches(3))
-        assert len(source) == 7 and [len(b) for b in batches] == [3, 3, 1]
+        assert source.count == 7 and [len(b) for b in batches] == [3, 3, 1]
         assert np.array_equal(np.concatenate(batches), images)
 
 
@@ -40,8 +36,7 @@ def test_an_npz_of_images_is_read_batch_by_batch(tmp_path, one_thread):
     path = tmp_path / 'big.npz'
     np.savez(path, arr_0=images)
     def features():
-        source = fid.load_input(str(path), 'SAMPLES')
-        return fid.inception_outputs(source.images, StandIn(), batch_size=1)[0]
+        return fid.extract(fid.Images(str(path), "SAMPLES"), StandIn(), batch_size=1)[0]
     # pages shared with files left out: torch's kernels, paged in on first use, are not measured
     pool3, grown = peak_growth(features, files=False)
     assert len(pool3) == 24

@@ -12,6 +12,7 @@ import torch
 
 import sample
 import sprint
+from sparsedit import MODELS
 from tiny import npz, peak_growth, run_sample, sampling_model, two_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
@@ -25,6 +26,7 @@ class Recorder(torch.nn.Module):
         self.cfg = model.cfg
         self.calls = []
         self.sampling_kwargs = model.sampling_kwargs
+        self.noise_level = model.noise_level
 
     def forward(self, x, t, y, skip_middle=False):
         self.calls.append((x.shape[0], float(t[0]), skip_middle))
@@ -103,7 +105,7 @@ def test_sparsedit_runs_the_grid_of_the_shared_t_unpadded():
         num_classes=4,
         extra={"layout": [1, 1, 0, 1]},
     )
-    model, x, y = sample.create_model(cfg), torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    model, x, y = MODELS[cfg.model](cfg), torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -140,6 +142,9 @@ class GaussianVelocity(torch.nn.Module):
 
     def sampling_kwargs(self, t):
         return {}
+
+    def noise_level(self, t):
+        return t
 
     def forward(self, x, t, y):
         t = t.double().view(-1, 1, 1, 1)
@@ -181,7 +186,7 @@ def test_same_seed_same_images_whatever_the_batching(ckpts, tmp_path):
     # per-sample noise: batching is irrelevant
     assert np.abs(a["arr_0"].astype(int) - d["arr_0"]).max() <= 1
     # shards are removed once merged
-    assert not (tmp_path / "a.npz.parts").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz", "c.npz", "d.npz"]
 
 
 def test_labels_cycle_through_classes_and_noise_does_not_depend_on_them():
@@ -216,20 +221,21 @@ def test_an_interrupted_run_continues_from_its_shards(ckpts, tmp_path, monkeypat
     monkeypatch.setattr(sample, "sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sample(*args, "--out", tmp_path / "resumed.npz")
-    assert sorted(os.listdir(tmp_path / "resumed.npz.parts")) == [
-        "000000.npz",
-        "000001.npz",
-        "run.json",
-    ]
+    (parts,) = tmp_path.glob("resumed.npz.parts-*")                   # named by the settings
+    assert sorted(os.listdir(parts)) == ["000000.npz", "000001.npz"]  # whole shards only
     calls.clear()
-    with pytest.raises(SystemExit, match="other settings.*cfg_scale"):
-        run_sample(*args, "--out", tmp_path / "resumed.npz", "--cfg-scale", 2)
-    run_sample(*args, "--out", tmp_path / "resumed.npz")
+    # other settings: their own shards, never mixed with these
+    run_sample(*args, "--out", tmp_path / "resumed.npz", "--cfg-scale", 2, "--num-samples", 1)
+    assert len(calls) == 1 and sorted(os.listdir(parts)) == ["000000.npz", "000001.npz"]
+    (tmp_path / "resumed.npz").unlink()
+    calls.clear()
+    run_sample(*args, "--out", tmp_path / "resumed.npz")             # the same command again
     assert len(calls) == 2                                          # only batches 2 and 3 were left
     full, resumed = npz(tmp_path / "full.npz"), npz(tmp_path / "resumed.npz")
     assert np.array_equal(full["arr_0"], resumed["arr_0"]) and np.array_equal(
         full["arr_1"], resumed["arr_1"]
     )
+    assert not parts.exists()
 
 
 def test_the_npz_is_written_shard_by_shard_not_whole(tmp_path):
@@ -239,14 +245,15 @@ def test_the_npz_is_written_shard_by_shard_not_whole(tmp_path):
     parts = tmp_path / "s.npz.parts"
     parts.mkdir()
     rng = np.random.default_rng(0)
-    for k in range(20):
-        images = np.full((64, 128, 128, 3), k, np.uint8)
-        np.savez(sample.shard_path(parts, k), arr_0=images, arr_1=rng.integers(0, 9, 64))
-    labels = [npz(sample.shard_path(parts, k))["arr_1"] for k in range(20)]
-    _, grown = peak_growth(lambda: sample.merge_shards(parts, 20, str(tmp_path / "s.npz"), 1280))
+    shards = [str(parts / f"{k:06d}.npz") for k in range(20)]
+    for k, shard in enumerate(shards):
+        np.savez(shard, arr_0=np.full((64, 128, 128, 3), k, np.uint8),
+                 arr_1=rng.integers(0, 9, 64))
+    labels = [npz(shard)["arr_1"] for shard in shards]
+    _, grown = peak_growth(lambda: sample.merge_shards(shards, str(tmp_path / "s.npz"), 1280))
     assert grown < 30e6, f"resident memory grew by {grown / 1e6:.0f} MB"
     merged = npz(tmp_path / "s.npz")
     assert merged["arr_0"].shape == (1280, 128, 128, 3) and merged["arr_0"].dtype == np.uint8
     assert np.array_equal(merged["arr_0"][::64, 0, 0, 0], np.arange(20))
     assert np.array_equal(merged["arr_1"], np.concatenate(labels))
-    assert sorted(os.listdir(tmp_path)) == ["s.npz"]             # the shards are gone
+    assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.npz.parts"]   # no temporary file left

@@ -1,15 +1,15 @@
-"""SparseDiT (arXiv 2412.06028) as a specification: Poolingformer, SDTM, timestep-adaptive density,
-initialisation from a DiT, FLOPs against the paper."""
+"""SparseDiT (arXiv 2412.06028) as a specification: Poolingformer, SDTM, timestep-adaptive density
+(over flow times and DDPM timesteps), initialisation from a DiT, FLOPs against the paper and, in
+training, against what runs."""
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from sample import create_model
-from sparsedit import Poolingformer, SparseDiT, pooled_grid
+from sparsedit import MODELS, Poolingformer, SparseDiT, pooled_grid
 from sprint import Block, DiT, ModelConfig, rope
-from train import init_from
 
 
 def tiny(**extra):
@@ -109,19 +109,11 @@ def test_forward_has_static_shapes_and_no_host_sync():
         assert model(x, t, y).shape == x.shape
 
 
-def test_init_from_dit_maps_blocks_in_order_and_slices_qkv(tmp_path):
-    dit_cfg = dataclasses.replace(tiny(), model="dit", extra={})
-    dit, ema = randomize(create_model(dit_cfg)), randomize(create_model(dit_cfg))
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.add_(1.0)
-    path = tmp_path / "dit.pt"
-    torch.save(
-        {"model": dit.state_dict(), "ema": ema.state_dict(), "config": dataclasses.asdict(dit_cfg)},
-        path,
-    )
-    model = init_from(randomize(SparseDiT(tiny())), path)                   # EMA weights by default
-    D, blocks = 64, ema.blocks
+def test_from_dit_maps_blocks_in_order_and_slices_qkv():
+    dit = randomize(DiT(dataclasses.replace(tiny(), model="dit", extra={})))
+    model = SparseDiT(tiny())
+    model.load_state_dict(model.from_dit(dit.state_dict()))           # strict: every key mapped
+    D, blocks = 64, dit.blocks
     # layer 0; SDTM 1 starts at layer 6
     pf, sdtm = model.poolingformers[0], model.sdtms[1]
     assert torch.equal(pf.attn.v.weight, blocks[0].attn.qkv.weight[2 * D:])
@@ -135,13 +127,37 @@ def test_init_from_dit_maps_blocks_in_order_and_slices_qkv(tmp_path):
     assert torch.equal(sdtm.sparse[1].attn.qkv.weight, blocks[8].attn.qkv.weight)
     assert torch.equal(sdtm.dense.adaLN_modulation[1].weight, blocks[10].adaLN_modulation[1].weight)
     assert torch.equal(model.top[0].mlp.fc2.weight, blocks[11].mlp.fc2.weight)
-    assert torch.equal(model.final_layer.linear.weight, ema.final_layer.linear.weight)
+    assert torch.equal(model.final_layer.linear.weight, dit.final_layer.linear.weight)
     assert torch.equal(sdtm.W1, torch.zeros(D, D)) and torch.equal(sdtm.W2, torch.eye(D))
+    shallow = DiT(dataclasses.replace(tiny(), model="dit", depths=(1, 8, 2), extra={}))
+    with pytest.raises(ValueError, match="a DiT of depth 11 cannot initialise a SparseDiT of "
+                                         "depth 12"):
+        model.from_dit(shallow.state_dict())
 
-    wide = dataclasses.replace(dit_cfg, hidden_size=128)
-    torch.save({"model": create_model(wide).state_dict(), "config": dataclasses.asdict(wide)}, path)
-    with pytest.raises(ValueError, match="--init .*hidden_size 128 vs 64"):
-        init_from(model, path)
+
+def test_ddpm_timesteps_follow_the_density_schedule_as_noise_levels():
+    """The DiT paper's model counts t in 0..999 (999: noise); the grid is the smallest for the
+    noisiest quarter of DDPM's timesteps, as for flow times in [0.75, 1]."""
+    flow = SparseDiT(tiny())
+    ddpm = SparseDiT(dataclasses.replace(tiny(), diffusion="ddpm", positions="table",
+                                         qk_norm=False))
+    t = torch.tensor([999, 750, 500, 250, 0])
+    assert ddpm.grid_side(t).tolist() == flow.grid_side(t / 1000).tolist() == [3, 3, 4, 4, 5]
+    assert ddpm.flops(t=999) == 2 * ddpm.macs(3) and ddpm.sampling_kwargs(999) == {"side": 3}
+
+
+def test_a_training_step_costs_the_padded_grid_and_the_logged_flops_say_so():
+    """A training batch pads every sample to the largest grid: FlopCounterMode on a mixed-t batch
+    of SparseDiT-XL/2 (on the meta device) counts what training_flops, the figure train.py logs,
+    says (within the pooling matrix's 0.2%); the schedule's mean, the paper's figure, is 15% less."""
+    with torch.device("meta"):
+        model = SparseDiT(ModelConfig(model="sparsedit", size="XL", input_size=32))
+        x, y = torch.randn(4, 4, 32, 32), torch.zeros(4, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.tensor([1.0, 0.8, 0.3, 0.0]), y)
+    ran = counter.get_total_flops() / 4                           # per image
+    assert abs(model.training_flops() / ran - 1) < 0.005
+    assert model.training_flops() == model.flops(t=0.0) > 1.15 * model.flops()
 
 
 def paper_gflops(model):

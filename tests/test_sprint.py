@@ -1,13 +1,16 @@
-"""sprint.py as a specification: the official SPRINT outputs, token drop, path drop, RoPE, sizes,
-initialisation, one compiled graph, FLOPs against the papers."""
+"""sprint.py as a specification: the official SPRINT outputs (the released file's layout, read as
+sample.py reads it), token drop, path drop, RoPE, sizes, initialisation, one compiled graph, FLOPs
+against the papers and against what a forward runs."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from sample import create_model, load_weights
+from sample import load_model
+from sparsedit import MODELS
 from tiny import randomize, tiny_model
 from sprint import (
     ModelConfig,
@@ -37,21 +40,22 @@ def rel(a, b):
 #                  Conformance with the official SPRINT code                    #
 #################################################################################
 
+def create_model(cfg):
+    return MODELS[cfg.model](cfg)
+
+
 @pytest.fixture(scope="module")
 def official():
+    """The official file read as a released one is (its architecture from its tensors, the latent
+    side given), checked against the official code's configuration."""
     io = np.load(FIXTURES / "official_sprint_tiny_io.npz")
     c = json.loads(str(io["config"]))
-    cfg = ModelConfig(
-        model="sprint",
-        input_size=c["context_size"],
-        patch_size=c["patch_size"],
-        in_channels=c["in_channels"],
-        hidden_size=c["hidden_size"],
-        num_heads=c["num_heads"],
-        num_classes=c["num_classes"],
-        depths=tuple(c["depths"]),
-    )
-    model = load_weights(create_model(cfg), FIXTURES / "official_sprint_tiny.safetensors").eval()
+    model = load_model(FIXTURES / "official_sprint_tiny.safetensors", input_size=c["context_size"])
+    cfg = model.cfg
+    assert (cfg.model, cfg.patch_size, cfg.in_channels, cfg.hidden_size, cfg.num_heads,
+            cfg.num_classes, list(cfg.depths)) == ("sprint", c["patch_size"], c["in_channels"],
+                                                   c["hidden_size"], c["num_heads"],
+                                                   c["num_classes"], c["depths"])
     data = {k: torch.from_numpy(io[k]) for k in io.files if k != "config"}
     return model, {k: v.float() if v.is_floating_point() else v for k, v in data.items()}
 
@@ -241,6 +245,21 @@ def test_compiled_training_forward_has_no_graph_break():
 #################################################################################
 #                                FLOPs accounting                               #
 #################################################################################
+
+@pytest.mark.parametrize("name, drop", [("dit", 0.0), ("sprint", 0.0), ("sprint", 0.75)])
+def test_the_counted_flops_are_what_a_training_forward_runs(name, drop):
+    """FlopCounterMode counts every matmul and attention a forward of XL/2 at 256 px runs (on the
+    meta device: shapes only); the models' own accounting agrees exactly."""
+    with torch.device("meta"):
+        model = create_model(ModelConfig(model=name, size="XL", input_size=32))
+        x, t, y = torch.randn(2, 4, 32, 32), torch.rand(2), torch.zeros(2, dtype=torch.long)
+        sparse = {}
+        if drop:
+            sparse = dict(ids_keep=sample_ids_keep(2, 16, drop), path_drop=torch.rand(2) < 0.1)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, y, **sparse)
+    assert counter.get_total_flops() / 2 == model.training_flops(drop)   # a batch of 2 images
+
 
 def test_flops_match_the_papers():
     """Forward FLOPs at 256 px (32 x 32 x 4 latents, patch 2). Sources: DiT-XL/2 118.6 GFLOPs

@@ -1,7 +1,8 @@
 """train.py as a specification: both SPRINT stages in one loop, fine-tuning sees every token, the
-official warm-up, a killed run resumes exactly, DDP ranks stay equal with one writer, and the log
-measures training seconds. Data sources: test_data.py; the command line and bad input:
-test_train_cli.py."""
+official warm-up, a run resumes exactly from its step alone (also after kill -9), two DDP processes
+train as one does, with one writer, and the log measures training seconds. Data sources:
+test_data.py; the command line and bad input: test_train_cli.py."""
+import argparse
 import os
 import signal
 import subprocess
@@ -52,17 +53,20 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
 def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
     official = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=5)
-    # starting at step 100
-    stage = train.Stage(begin=100, token_drop=None, lr=2e-4, warmup=5, ema_decay=0.9999)
-    # the lr of the s-th optimizer step
+    args = argparse.Namespace(steps=100, drop=0.75, path_drop=0.1, lr=1e-4, warmup=0,
+                              ema_decay=0.9999, ft_lr=2e-4, ft_warmup=5, ft_ema_decay=0.9999)
+    # stage 2 starts at step 100; the lr of its s-th optimizer step
     for s in range(8):
-        assert stage.lr_at(100 + s) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        stage = train.stage_at(args, 100 + s, sparse_path=True)
+        assert stage.lr == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        assert (stage.drop, stage.path_drop) == (0.0, 0.1)
         opt.step()
         official.step()
-    assert [stage.ema_decay_at(100 + s) for s in (0, 4, 5)] == [0.999, 0.999, 0.9999]
-    no_warmup = train.Stage(begin=0, token_drop=None, lr=2e-4, warmup=0, ema_decay=0.9999)
-    # no warm-up: the lr from the start
-    assert no_warmup.lr_at(0) == 2e-4
+    assert [train.stage_at(args, 100 + s, True).ema_decay for s in (0, 4, 5)] == [0.999, 0.999,
+                                                                                  0.9999]
+    # stage 1, no warm-up: the lr from the start; no sparse path: no drop at all
+    assert train.stage_at(args, 0, True) == (0.75, 0.1, 1e-4, 0.9999)
+    assert train.stage_at(args, 0, False)[:2] == (0.0, 0.0)
 
 
 def test_the_held_out_loss_is_measured_at_the_end_of_each_stage(tmp_path):
@@ -83,7 +87,7 @@ def test_resume_alone_continues_the_run_with_its_own_flags(tmp_path):
     run_dir = run(tmp_path, "--drop", "0.5", "--steps", "2", "--finetune-steps", "2")
     whole = (run_dir / "checkpoints" / "0000004.pt").rename(tmp_path / "whole.pt")
     # no other flag: the run's own (a tiny model, drop 0.5) and not the defaults (B, 0.75)
-    train.main(["--resume", str(run_dir / "checkpoints" / "0000002.pt")])
+    train.main(["--resume", str(run_dir / "checkpoints" / "0000002.pt")])       # no --results-dir
     assert_same_training_state(whole, run_dir / "checkpoints" / "0000004.pt")
 
 
@@ -99,14 +103,15 @@ def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
                                half / "checkpoints" / "0000004.pt")
 
 
-def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path,
+                                                                           monkeypatch):
     # a checkpoint every step; the resume crosses into stage 2
     flags = ["--data", tiny.TOY_DATA, "--image-size", "16", "--steps", "2", "--finetune-steps", "6",
              "--ckpt-every", "1", "--eval-every", "0", "--sample-every", "0"]
     proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "000-sprint-B-4" / "checkpoints"
+    ckpts = tmp_path / "killed" / "000-sprint-toy-4" / "checkpoints"
     deadline = time.time() + 120
     while not list(ckpts.glob("*.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -114,51 +119,48 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
     assert proc.wait() == -signal.SIGKILL
     assert len(list(ckpts.glob("*.pt"))) < 8                            # killed mid-run
     # the rest in process
-    assert run(tmp_path, *flags, "--resume", str(ckpts.parent)) == ckpts.parent.resolve()
+    # the same command again, with --resume, in this process
+    monkeypatch.chdir(tmp_path)
+    resumed = train.main([*TINY, *flags, "--results-dir", "killed", "--resume", str(ckpts.parent)])
+    assert resumed == str(ckpts.parent)
     whole = run(tmp_path / "whole", *flags) / "checkpoints"
     assert_same_training_state(ckpts / "0000008.pt", whole / "0000008.pt")
 
 
 #################################################################################
-#                         DDP: equal ranks, one writer                          #
+#          DDP: two processes train as one does, and only rank 0 writes         #
 #################################################################################
 
-def test_ddp_on_two_processes_keeps_the_ranks_equal_and_only_rank_0_writes(tmp_path):
+def test_two_gloo_processes_train_as_one_process_does_and_only_rank_0_writes(tmp_path):
+    """Every random draw covers the global batch and each rank takes its rows, the data order
+    too: two processes of 4 see what one process of 8 sees, and DDP averages their gradients."""
     flags = [*TINY, "--data", tiny.TOY_DATA, "--steps", "2", "--ckpt-every", "1", "--eval-every",
              "1", "--sample-every", "2"]
-    for code, stderr in two_ranks("train.py", *flags, cwd=tmp_path):
+    (tmp_path / "two").mkdir()
+    for code, stderr in two_ranks("train.py", *flags, cwd=tmp_path / "two"):
         assert code == 0, stderr
-    assert os.listdir(tmp_path) == ["results"]
-    assert os.listdir(tmp_path / "results") == ["000-sprint-B-4"]
-    recs = records(tmp_path / "results" / "000-sprint-B-4")
-    # one writer: no repeated lines
-    assert [rec["step"] for rec in recs if "loss" in rec] == [1, 2]
-    digests = [rec["rank_weights"] for rec in recs if "checkpoint" in rec]
-    assert len(digests) == 2 and all(len(d) == 2 and d[0] == d[1] for d in digests)
-    ckpt = torch.load(tmp_path / "results" / "000-sprint-B-4" / "checkpoints" / "0000002.pt",
-                      weights_only=True)
-    # every rank's RNG state, for resume
-    assert len(ckpt["rng"]) == 2
+    assert os.listdir(tmp_path / "two") == ["results"]
+    two = tmp_path / "two" / "results" / "000-sprint-toy-4"
+    assert os.listdir(tmp_path / "two" / "results") == [two.name]
+    one = run(tmp_path / "one", *flags)
+    steps = [[rec for rec in records(d) if "loss" in rec] for d in (one, two)]
+    assert [rec["step"] for rec in steps[1]] == [1, 2]                 # one writer: no repeats
+    # the first step's loss: the same inputs, summed in another order
+    assert steps[1][0]["loss"] == pytest.approx(steps[0][0]["loss"], rel=1e-6)
+    a, b = (torch.load(d / "checkpoints" / "0000002.pt", weights_only=True) for d in (one, two))
+    for k in a["ema"]:
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=1e-4, atol=1e-4)
 
 
 #################################################################################
-#          Flags: visible defaults, the toy data's only where left out          #
+#             Flags: the toy run by default; what a size builds                 #
 #################################################################################
 
-def test_the_toy_datas_defaults_never_change_a_flag_the_user_gave():
-    args, given = train.parse_args(["--size", "XL", "--lr", "1e-4", "--steps", "5"])
-    train.resolve_flags(args, given, world=1)
-    # --size XL stays XL, --lr stays its default value, given; the rest is the toy schedule
-    assert (args.size, args.lr, args.steps) == ("XL", 1e-4, 5)
-    assert (args.image_size, args.global_batch_size, args.ft_lr) == (16, 32, 1e-3)
-    args, given = train.parse_args([])
-    train.resolve_flags(args, given, world=1)
-    assert (args.size, args.lr, args.drop, args.path_drop) == ("toy", 1e-3, 0.75, 0.1)
-    # with --data, the argparse defaults: the papers' recipe
-    args, given = train.parse_args(["--data", "x.npz", "--model", "dit"])
-    train.resolve_flags(args, given, world=1)
-    assert (args.size, args.lr, args.steps, args.drop, args.path_drop) == ("B", 1e-4, 400_000,
-                                                                           0.0, 0.0)
+def test_without_flags_train_py_is_the_toy_run():
+    args, _ = train.parse_args([])
+    assert (args.model, args.size, args.data, args.drop, args.path_drop) == ("sprint", "toy", None,
+                                                                            0.75, 0.1)
+    assert (args.global_batch_size, args.lr, args.steps, args.ema_decay) == (32, 1e-3, 2000, 0.995)
 
 
 def test_size_xl_on_the_embedded_data_builds_an_xl_model(tmp_path, monkeypatch):
@@ -167,10 +169,10 @@ def test_size_xl_on_the_embedded_data_builds_an_xl_model(tmp_path, monkeypatch):
     class Built(Exception):
         """Raised once the config is known: an XL model is not allocated here."""
 
-    def create_model(cfg):
+    def create(cfg):
         built.append(cfg)
         raise Built
-    monkeypatch.setattr(train, "create_model", create_model)
+    monkeypatch.setitem(train.MODELS, "sprint", create)
     with pytest.raises(Built):
         train.main(["--size", "XL", "--results-dir", str(tmp_path)])
     cfg = built[0]
@@ -198,6 +200,6 @@ def test_log_records_training_seconds_without_evaluation_and_resume_continues_th
     assert {rec["step"] for rec in recs if "eval_loss" in rec} == {0, 1, 2, 3}
     ckpt = torch.load(run_dir / "checkpoints" / "0000003.pt", weights_only=True)
     assert ckpt["train_s"] == seconds[-1]
-    run(tmp_path, "--resume", str(run_dir), "--steps", "4", "--eval-every", "0")
+    run(tmp_path, "--resume", str(run_dir), "--steps", "4")
     resumed = [rec["train_s"] for rec in records(run_dir)][len(recs):]
     assert len(resumed) > 0 and all(s > ckpt["train_s"] for s in resumed)

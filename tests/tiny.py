@@ -1,6 +1,6 @@
 """Tiny models, runs and data that several test files share: train.py runs of a 16-token model on
-400 images of the embedded data, checkpoints in train.py's layout, image folders, two-process launches, and the
-resident memory of this process."""
+400 images of the embedded data, checkpoints in train.py's layout, image folders, two-process
+launches, and the resident memory of this process."""
 import importlib.util
 import json
 import os
@@ -18,6 +18,7 @@ from PIL import Image
 import sample
 import sprint
 import train
+from sparsedit import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -33,11 +34,13 @@ TOY_DATA = None                                  # an .npz of 400 embedded image
 #################################################################################
 
 def run(tmp_path, *flags):
-    """train.main in this process on the tiny model and 400 images of the embedded data at 16 px
-    -> the run folder."""
-    args = ["--data", TOY_DATA, "--image-size", "16", "--eval-every", "0", "--sample-every", "0",
-            *flags]
-    return Path(train.main([*TINY, "--results-dir", str(tmp_path / "results"), *args]))
+    """train.main in this process on the tiny model, by default on 400 images of the embedded data
+    at 16 px -> the run folder."""
+    data = [] if "--data" in flags or "--resume" in flags else ["--data", TOY_DATA]
+    args = [*TINY, *data, "--eval-every", "0", "--sample-every", "0", *flags]
+    if "--resume" in flags:                         # a resumed run takes its own flags
+        args = list(flags)
+    return Path(train.main([*args, "--results-dir", str(tmp_path / "results")]))
 
 
 def records(run_dir):
@@ -46,10 +49,10 @@ def records(run_dir):
 
 
 def assert_same_training_state(a, b):
-    """Two checkpoints hold the same step, data position, weights, EMA and optimizer state."""
+    """Two checkpoints hold the same step, weights, EMA and optimizer state."""
     a = torch.load(a, weights_only=True)
     b = torch.load(b, weights_only=True)
-    assert a["step"] == b["step"] and a["data"] == b["data"]
+    assert a["step"] == b["step"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     for i, state in a["opt"]["state"].items():
@@ -89,7 +92,8 @@ def tiny_model(model="sprint", **kw):
     """An 8 x 8 latent, 16-token model with 1/2/1 blocks of width 32 and 10 classes."""
     cfg = dict(model=model, input_size=8, patch_size=2, in_channels=4, hidden_size=32, num_heads=2,
                depths=(1, 2, 1), num_classes=10)
-    return sample.create_model(sprint.ModelConfig(**{**cfg, **kw}))
+    cfg = sprint.ModelConfig(**{**cfg, **kw})
+    return MODELS[cfg.model](cfg)
 
 
 def randomize(model, seed=0):
@@ -106,7 +110,7 @@ def sampling_model(model="sprint", in_channels=3, seed=0):
     would output 0)."""
     cfg = sprint.ModelConfig(model=model, input_size=8, patch_size=2, in_channels=in_channels,
                              hidden_size=32, num_heads=2, depths=(1, 1, 1), num_classes=4)
-    m = sample.create_model(cfg)
+    m = MODELS[model](cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():

@@ -7,10 +7,10 @@ training step, or of sample.py's guided sampling step with CFG and with PDG, as 
     python tools/benchmark.py sample --model sprint --size XL --batch 64 --compile
 
 Times are the median of --reps calls after 3 warm-up calls (compilation happens there), timed with
-CUDA events on a GPU. FLOPs come from the models' own counts (a training step is about three
-forwards); MFU is against a matmul peak measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU),
-not a datasheet figure. A model whose cost follows t (SparseDiT's density schedule) is timed at 8
-evenly spread t and averaged over them.
+CUDA events on a GPU, in bf16 autocast there (fp32 on a CPU) as the scripts run. FLOPs come from
+the models' own counts (a training step is about three forwards); MFU is against a matmul peak
+measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU), not a datasheet figure. A model whose
+cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged.
 """
 import argparse
 import copy
@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import train                                                                     # noqa: E402
-from sample import MODELS, create_model, guided_passes, guided_velocity           # noqa: E402
-from sample import trajectory_passes                                              # noqa: E402
-from sprint import SIZES, ModelConfig                                             # noqa: E402
+from sample import autocast, guided_velocity, trajectory_passes                  # noqa: E402
+from sparsedit import MODELS                                                     # noqa: E402
+from sprint import SIZES, ModelConfig                                            # noqa: E402
 
 
 def time_ms(fn, device, reps=20, warmup=3):
@@ -48,18 +48,18 @@ def time_ms(fn, device, reps=20, warmup=3):
 
 
 def matmul_peak(device):
-    """Measured matmul FLOP/s: train.py's bf16 peak on CUDA, fp32 1024^3 on a CPU."""
-    if device.type == "cuda":
-        return train.matmul_peak(device)
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    return 2 * 1024**3 / (time_ms(lambda: a @ b, device, reps=10) / 1e3)
+    """This device's matmul FLOP/s, measured: bf16 8192^3 products on CUDA, fp32 1024^3 on a CPU;
+    what MFU is reported against, rather than a datasheet figure."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (time_ms(lambda: a @ b, device, reps=10) / 1e3)
 
 
 def build(args, device):
     """A model of --model and --size for 256 px SD-VAE latents (--image-size / 8), 1000 classes."""
     cfg = ModelConfig(args.model, args.size, args.patch_size, args.image_size // 8, 4, 1000)
-    return create_model(cfg).to(device)
+    return MODELS[cfg.model](cfg).to(device)
 
 
 def benchmark_train(args, device):
@@ -67,20 +67,19 @@ def benchmark_train(args, device):
     raw = build(args, device)
     ema = copy.deepcopy(raw).requires_grad_(False)
     opt = train.make_optimizer(raw, 1e-4, device)
-    # train.py's defaults: SPRINT's drop and path drop with a sparse path, none without
-    sparse = train.SPARSE if raw.has_sparse_path else dict(drop=0.0, path_drop=0.0)
-    drop = sparse["drop"] if args.drop is None else args.drop
+    drop = 0.75 if args.drop is None and raw.has_sparse_path else args.drop or 0.0
     if drop and not raw.has_sparse_path:
         raise SystemExit(f"benchmark.py: error: --model {args.model} has no sparse path: leave "
                          f"--drop out")
-    token_drop = train.TokenDrop(drop, args.mask_type, sparse["path_drop"])
+    # train.py's stage 1: SPRINT's drop and 10% path drop with a sparse path, neither without
+    stage = train.Stage(drop, 0.1 * raw.has_sparse_path, 1e-4, 0.9999)
     B = args.batch
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     model = torch.compile(raw) if args.compile else raw
 
     def step():
-        train.train_step(model, raw, ema, opt, x, y, token_drop, args.precision, 0.9999)
+        train.train_step(model, raw, ema, opt, x, y, B, slice(None), stage, args.mask_type, None)
 
     ms = time_ms(step, device, args.reps)
     flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
@@ -94,7 +93,7 @@ def benchmark_train(args, device):
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.model}-{args.size}/{args.patch_size} | {drop} | {B} | {args.compile} | "
           f"{ms:.1f} | {B / ms * 1e3:.1f} | {flops_per_s / 1e12:.3g} | "
-          f"{raw.estimate_mfu(flops_per_s, peak):.1%} of {peak / 1e12:.3g} TFLOP/s | {memory} |")
+          f"{flops_per_s / peak:.1%} of {peak / 1e12:.3g} TFLOP/s | {memory} |")
     return ms
 
 
@@ -118,12 +117,13 @@ def benchmark_sample(args, device):
     flops = {}
     for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
         guidance = dict(cfg_scale=4.0, pdg=mode == "pdg")   # any scale but 1 costs the same
-        with train.autocast(device, args.precision):
+        with autocast(device):
             times = [time_ms(lambda: guided_velocity(net, x, t, y, **guidance), device, args.reps)
                      for t in ts]
         ms[mode] = sum(times) / len(ts)
-        passes = [model.pass_flops(t, skip) for t in ts for _, skip in guided_passes(t, **guidance)]
-        flops[mode] = B * sum(passes) / len(ts)
+        # a guided step: the conditional pass and the unconditional one (PDG: without g)
+        flops[mode] = B * sum(model.pass_flops(t) + model.pass_flops(t, mode == "pdg")
+                              for t in ts) / len(ts)
         print(f"| {args.model}-{args.size}/{args.patch_size} | {mode.upper()} | {B} | "
               f"{args.compile} | {ms[mode]:.2f} | {B * 1e3 / (ms[mode] * evals):.3g} | "
               f"{flops[mode] / ms[mode] / 1e9:.3g} |")
@@ -147,12 +147,9 @@ def main(argv=None):
                    help="sample: the run that img/s is for")
     p.add_argument("--steps", type=int, default=250, help="sample: its steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on "
-                   "a CPU")
     p.add_argument("--reps", type=int, default=20, help="timed calls (the median)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.what == "train":
         return benchmark_train(args, device)

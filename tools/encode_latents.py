@@ -3,17 +3,17 @@ An image folder -> SD-VAE latents in the memory-mapped layout that `train.py --d
 
     python tools/encode_latents.py /path/to/imagenet/train imagenet256_sdvae --size 256
 
-DIR/x.npy holds float16 latents (2N, 4, size/8, size/8): rows [0, N) the images, rows [N, 2N) their
-mirror images (SiT's flip augmentation); DIR/y.npy their int64 labels (2N,). Images are read as
-train.py reads an image folder (ADM's centre crop; a file PIL cannot decode is named). Train on the
-result with --latent-scale 0.18215. Needs the optional diffusers package.
+DIR/x.npy holds float16 latents (N, 2, 4, size/8, size/8): each image's and its mirror image's
+(SiT's flip augmentation: train.py draws one of the two each step, and its held-out images are
+whole images, both views); DIR/y.npy their int64 labels (N,). Images are read as train.py reads an
+image folder (ADM's centre crop; a file PIL cannot decode is named). Train on the result with
+--latent-scale 0.18215. Needs the optional diffusers package.
 
 Memory stays flat whatever N: x.npy is preallocated (numpy's open_memmap writes its header and
-size) and each batch is written into its rows through an ordinary file handle, so nothing of it
-stays mapped. A latent that is not finite stops the encoding, naming its image. Everything is
-written into DIR.partial/ and renamed to DIR only once complete: an interrupted encoding never
-leaves a folder that train.py would take for a whole one (an error or Ctrl-C removes DIR.partial;
-after a kill, rerunning starts afresh).
+size) and each batch is written into its rows through an ordinary file handle. A latent that is not
+finite stops the encoding, naming its image. Everything is written into DIR.partial/ and renamed
+to DIR only once complete: an interrupted encoding never leaves a folder that train.py would take
+for a whole one (an error or Ctrl-C removes DIR.partial; after a kill, rerunning starts afresh).
 """
 import argparse
 import os
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from sample import load_vae                                                      # noqa: E402
-from train import ImageFolder, nonfinite_rows                                    # noqa: E402
+from train import ImageFolder                                                    # noqa: E402
 
 
 def preallocate(path, shape, dtype):
@@ -44,7 +44,9 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
     """Encode `folder` (ImageNet layout) into out/x.npy and out/y.npy, as the module says."""
     if os.path.exists(out):
         raise ValueError(f"{out} exists: choose another output folder (nothing is overwritten)")
-    images = ImageFolder(folder, size, name="FOLDER")
+    images = ImageFolder(folder, size)
+    if not images.files:
+        raise ValueError(f"FOLDER {folder}: no images found (in a sub-folder per class)")
     encoder = load_vae(vae, device)
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)                 # a killed run's leftovers
@@ -60,29 +62,27 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
 
 def write_latents(images, encoder, folder, size, device, batch, workers):
     """Every image and its mirror image through the VAE, into folder/x.npy and folder/y.npy."""
-    n = len(images)
-    shape = (2 * n, 4, size // 8, size // 8)
+    shape = (len(images), 2, 4, size // 8, size // 8)
     x_start = preallocate(os.path.join(folder, "x.npy"), shape, np.float16)
-    y_start = preallocate(os.path.join(folder, "y.npy"), (2 * n,), np.int64)
+    y_start = preallocate(os.path.join(folder, "y.npy"), shape[:1], np.int64)
     row_bytes = int(np.prod(shape[1:])) * 2                    # float16
-    order = BatchSampler(SequentialSampler(range(n)), batch, drop_last=False)
+    order = BatchSampler(SequentialSampler(range(len(images))), batch, drop_last=False)
     batches = DataLoader(images, sampler=order, batch_size=None, num_workers=workers)
     first = 0                                                  # the batch's first image
     with open(os.path.join(folder, "x.npy"), "r+b") as x, \
             open(os.path.join(folder, "y.npy"), "r+b") as y:
         for pixels, labels in tqdm(batches, "encoding", total=len(order)):
-            for row, view in ((first, pixels), (n + first, pixels.flip(3))):   # image, mirror
-                z = encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist.sample()
-                z = z.half().cpu().numpy()                     # (B, 4, size/8, size/8)
-                bad = nonfinite_rows(z)
-                if len(bad):
-                    mirror = " (its mirror image)" if row >= n else ""
-                    raise ValueError(f"{images.files[first + bad[0]][0]}{mirror}: its latent "
-                                     f"holds NaN or infinite values; nothing was written")
-                x.seek(x_start + row * row_bytes)
-                x.write(z.tobytes())
-                y.seek(y_start + row * 8)
-                y.write(labels.numpy().astype(np.int64).tobytes())
+            views = [encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist.sample()
+                     for view in (pixels, pixels.flip(3))]     # the image, its mirror
+            z = torch.stack(views, dim=1).half().cpu().numpy()   # (B, 2, 4, size/8, size/8)
+            bad = np.flatnonzero(~np.isfinite(z.reshape(len(z), -1)).all(axis=1))
+            if len(bad):
+                raise ValueError(f"{images.files[first + bad[0]][0]}: its latent holds NaN or "
+                                 f"infinite values; nothing was written")
+            x.seek(x_start + first * row_bytes)
+            x.write(z.tobytes())
+            y.seek(y_start + first * 8)
+            y.write(labels.numpy().astype(np.int64).tobytes())
             first += len(labels)
 
 

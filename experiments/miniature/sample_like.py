@@ -86,7 +86,7 @@ def main(argv=None):
         if args.num_samples < 1:
             raise ValueError(f"--num-samples {args.num_samples}: must be at least 1")
         labels = labels_like(read_labels(args.labels_from), args.num_samples, args.seed)
-        check_classes(labels, args.labels_from, sample.parse_args(sample_argv)[0].ckpt)
+        check_classes(labels, args.labels_from, sample.parse_args(sample_argv).ckpt)
     except ValueError as e:
         raise SystemExit(f"sample_like.py: error: {e}")
     return sample.main([*sample_argv, "--classes", *map(str, labels)])
