@@ -353,22 +353,24 @@ def one_line(error):
     return " ".join(str(error).split())
 
 
-def released(model, url, device="cpu"):
-    """`model` in eval mode with its released weights, from torch's hub cache: downloaded there once
-    (pytorch-fid's file checked against the sha256 digits in its name), or copied there by hand on
-    a machine without network. Random weights are never used; a file that does not fit is
-    load_state_dict's own report."""
+def released(network, url, device="cpu"):
+    """The network (a class) in eval mode with its released weights, from torch's hub cache:
+    downloaded there once (pytorch-fid's file checked against the sha256 digits in its name), or
+    copied there by hand on a machine without network. Random weights are never used; a file that
+    does not fit is load_state_dict's own report."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    with torch.device("meta"):                           # no random weights to draw first
+        model = network()
     try:
         with contextlib.redirect_stdout(sys.stderr):      # a download's notice; stdout: the report
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
                                                        weights_only=True)
         # BatchNorm's counters: unused in eval mode, not in the file
-        counters = {k: v for k, v in model.state_dict().items() if k.endswith("batches_tracked")}
-        model.load_state_dict({**counters, **state})
+        counters = {k: torch.tensor(0) for k in model.state_dict() if k.endswith("batches_tracked")}
+        model.load_state_dict({**counters, **state}, assign=True)
     except Exception as e:          # no network, a wrong hash, a damaged or foreign file: say which
-        raise ValueError(f"the weights {path} ({type(e).__name__}: {one_line(e)}); without "
-                         f"network, download {url} to that path") from None
+        raise ValueError(f"the weights {path} ({type(e).__name__}: {' '.join(str(e).split())}); "
+                         f"without network, download {url} to that path") from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -636,7 +638,7 @@ def main(argv=None):
         """The released network of this kind, loaded once."""
         if kind not in networks:
             inception = kind == "inception"
-            networks[kind] = released(FIDInceptionV3() if inception else DINOv2(),
+            networks[kind] = released(FIDInceptionV3 if inception else DINOv2,
                                       INCEPTION_URL if inception else DINOV2_URL, device)
         return networks[kind]
 

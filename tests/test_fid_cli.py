@@ -43,7 +43,7 @@ def cli(networks, monkeypatch):
 
     def leading_dims(mu1, sigma1, mu2, sigma2, k=64):
         return frechet_distance(mu1[:k], sigma1[:k, :k], mu2[:k], sigma2[:k, :k])
-    monkeypatch.setattr(fid, "released", lambda model, url, device="cpu": networks[url])
+    monkeypatch.setattr(fid, "released", lambda network, url, device="cpu": networks[url])
     monkeypatch.setattr(fid, "extract", once_per_image_set)
     monkeypatch.setattr(fid, "frechet_distance", leading_dims)
     return outputs
@@ -110,8 +110,17 @@ def test_save_stats_then_score_against_an_adm_reference_batch(tmp_path, networks
     assert abs(float(printed["FID"]) - 1) < 1e-4                 # printed to 4 decimals
 
 
+class CheapInception:
+    """pool3 and spatial features from the graph's input's means, for a test about FDD."""
+    def features(self, batch):
+        mean = fid.preprocess(torch.from_numpy(batch)).mean(dim=(2, 3))    # (N, 3)
+        return mean.repeat(1, 683)[:, :2048], mean.repeat(1, 675)[:, :2023]
+
+
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
-def test_fdd_is_printed_beside_fid_and_its_statistics_are_saved(tmp_path, cli, capsys):
+def test_fdd_is_printed_beside_fid_and_its_statistics_are_saved(tmp_path, networks, cli, capsys,
+                                                               monkeypatch):
+    monkeypatch.setitem(networks, fid.INCEPTION_URL, CheapInception())
     samples = write_images(tmp_path / "samples", [(24, 20)] * 5, seed=1)
     ref = write_images(tmp_path / "ref", [(30, 30)] * 5, seed=2)
     ref_stats = tmp_path / "ref_stats.npz"
@@ -226,24 +235,24 @@ def test_the_weights_download_once_into_the_hub_cache_hash_checked(tmp_path, mon
     good = server / f"pt_inception-test-{hashlib.sha256(data).hexdigest()[:8]}.pth"
     (server / "weights.pth").rename(good)                          # torch.hub's name convention
     cached = tmp_path / "hub" / "checkpoints" / good.name
-    assert fid.released(StandIn(), f"file://{good}").bn.bias.item() == 3.0
+    assert fid.released(StandIn, f"file://{good}").bn.bias.item() == 3.0
     assert cached.read_bytes() == data
     out, err = capsys.readouterr()
     assert out == "" and str(cached) in err      # torch.hub's note on stderr: stdout is the report
     good.unlink()                                                # the second use reads the cache
-    assert fid.released(StandIn(), f"file://{good}").bn.running_var.item() == 5.0
+    assert fid.released(StandIn, f"file://{good}").bn.running_var.item() == 5.0
 
     bad = server / "pt_inception-test-00000000.pth"               # a hash its content has not
     bad.write_bytes(data)
     with pytest.raises(ValueError) as e:
-        fid.released(StandIn(), f"file://{bad}")
+        fid.released(StandIn, f"file://{bad}")
     message = str(e.value)
     assert "\n" not in message and 'invalid hash value (expected "00000000", got "' in message
     assert f"without network, download file://{bad} to that path" in message
     assert os.listdir(tmp_path / "hub" / "checkpoints") == [good.name]   # nothing of the bad one
     offline = tmp_path / "nowhere" / "dinov2_vitl14_pretrain.pth"   # no network, no copy
     with pytest.raises(ValueError, match=re.escape(str(cached.parent / offline.name))):
-        fid.released(StandIn(), f"file://{offline}")
+        fid.released(StandIn, f"file://{offline}")
 
 
 def test_weights_that_do_not_fit_are_load_state_dicts_report(tmp_path, monkeypatch, networks):
@@ -255,7 +264,7 @@ def test_weights_that_do_not_fit_are_load_state_dicts_report(tmp_path, monkeypat
     (tmp_path / "checkpoints").mkdir()
     torch.save(state, tmp_path / "checkpoints" / "odd.pth")       # in the cache: not downloaded
     with pytest.raises(ValueError) as e:
-        fid.released(fid.FIDInceptionV3(), "file:///elsewhere/odd.pth")
+        fid.released(fid.FIDInceptionV3, "file:///elsewhere/odd.pth")
     message = str(e.value)
     for part in ['Missing key(s) in state_dict: "Mixed_7c.branch_pool.conv.weight"',
                  'Unexpected key(s) in state_dict: "AuxLogits.fc.weight"',
