@@ -7,22 +7,17 @@ model's diffusion (flow matching as SiT; DiT's DDPM loss for a model converted f
         --latent-scale 0.18215 --global-batch-size 256 --lr 1e-4 --ema-decay 0.9999 --steps 400000
     torchrun --nproc_per_node=8 train.py --model sparsedit --size XL --init DiT-XL-2-256x256.pt ...
 
-The defaults are the toy run; README.md's recipes give the papers' sizes and schedules. Stage 1
-trains at --drop; stage 2 (--finetune-steps) on all tokens, from the stage-1 EMA weights with a
-fresh optimizer, its own lr, warm-up and EMA (SPRINT Sec. 3.3): lr from 1% up over the warm-up
-(the official LinearLR), EMA decay 0.999 meanwhile. Path drop stays on in both stages.
-
-Exact resume from the step alone: epoch e's data order comes from (seed, e), every other random
-draw of step s (times, noise, dropped labels, kept tokens, dropped paths, flips) from (seed, s),
-drawn for the whole global batch on every rank, each rank taking its rows. So a checkpoint is the
-weights, EMA, optimizer, step and config, `--resume RUN` continues exactly after a kill, and no
-draw depends on the number of processes. Data: an image folder (ImageNet layout), a folder with
-x.npy and y.npy (memory-mapped), an .npz with x and y, or none: coloured shapes drawn in code.
+The defaults are the toy run; README.md's recipes give the papers' sizes and schedules. Stage 2
+(--finetune-steps) trains on all tokens from the stage-1 EMA weights with a fresh optimizer, its own
+lr, warm-up and EMA (SPRINT Sec. 3.3). Exact resume from the step alone: epoch e's data order comes
+from (seed, e) and every other random draw of step s from (seed, s), drawn for the whole global
+batch on every rank, each rank taking its rows; so a checkpoint is the weights, EMA, optimizer,
+step and config, and no draw depends on the number of processes. Data: an image folder (ImageNet
+layout), a folder with x.npy and y.npy (memory-mapped), an .npz with x and y, or none (toy shapes).
 """
 import argparse
 import copy
 import glob
-import itertools
 import json
 import math
 import os
@@ -41,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sample import (DDPM, autocast, checkpoint_weights, load_weights, read_checkpoint, sample,
-                    save_grid, setup_distributed)
+                    sample_inputs, save_grid, setup_distributed)
 from sparsedit import MODELS, SparseDiT
 from sprint import DDPM_STEPS, SIZES, ModelConfig, sample_ids_keep
 
@@ -73,8 +68,7 @@ def parser():
                    help="sparsedit: Poolingformers, SDTMs, sparse blocks per SDTM, top blocks")
     p.add_argument("--density", type=number(1), nargs=2, help="sparsedit: sparse grid sides")
     p.add_argument("--data", help="an image folder, x.npy and y.npy's folder, or an .npz")
-    p.add_argument("--image-size", type=number(1), help="images' side (default: the data's own, "
-                   "16 for the toy data, 64 for folders)")
+    p.add_argument("--image-size", type=number(1), help="default: the data's, 16 toy, 64 folders")
     p.add_argument("--latent-scale", type=float, help="times float latents (SD-VAE: 0.18215)")
     p.add_argument("--num-workers", type=number(0), help="default: 8 for images, 0 for arrays")
     p.add_argument("--drop", type=number(0, 1, float), default=0.75, help="SPRINT's token drop")
@@ -90,10 +84,9 @@ def parser():
     p.add_argument("--ft-warmup", type=number(0), default=100, help="stage 2 (official: 5000)")
     p.add_argument("--ft-ema-decay", type=float, default=0.995, help="(official: 0.9999)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--init", help="start from a checkpoint's EMA weights with a fresh optimizer "
-                       "(stage 2; a SparseDiT from a DiT: ours or DiT-XL-2-256x256.pt)")
-    start.add_argument("--resume", help="continue a run (its folder or a checkpoint) exactly, with "
-                       "its flags; only --steps and --finetune-steps may grow")
+    start.add_argument("--init", help="a checkpoint's EMA weights, a fresh optimizer (stage 2; a "
+                       "DiT for SparseDiT: ours or DiT-XL-2-256x256.pt)")
+    start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0, help="weights, data order, every random draw")
     p.add_argument("--results-dir", default="results", help="where numbered run folders go")
@@ -110,8 +103,7 @@ def parse_args(argv):
     args = parser().parse_args(argv)
     if args.resume is None:
         return args, (None, None)
-    found = sorted(glob.glob(os.path.join(args.resume, "checkpoints", "*.pt")))
-    path = found[-1] if os.path.isdir(args.resume) and found else args.resume
+    path = max(glob.glob(os.path.join(args.resume, "checkpoints", "*.pt")), default=args.resume)
     if not os.path.isfile(path):
         raise ValueError(f"--resume {args.resume}: no such checkpoint, nor a run folder with one")
     try:
@@ -175,8 +167,7 @@ def embedded_dataset(size=16, n=4000, seed=0):
 
 
 def center_crop_arr(img, size):
-    """ADM's preprocessing (DiT's too): halve with a box filter while large, resize bicubic, crop
-    the centre."""
+    """ADM's (and DiT's): halve with a box filter while large, resize bicubic, crop the centre."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -251,8 +242,8 @@ def load_data(args):
     if os.path.isdir(args.data) and not os.path.isfile(os.path.join(args.data, "x.npy")):
         images = ImageFolder(args.data, args.image_size or 64)
         if not images.files:
-            raise ValueError(f"--data {args.data}: no images found (looked for "
-                             f"{'/'.join(IMAGE_EXTS)} in a sub-folder per class)")
+            raise ValueError(f"--data {args.data}: no images ({'/'.join(IMAGE_EXTS)}) in a "
+                             f"sub-folder per class")
         return images, images.num_classes
     try:
         data = Arrays(args.data, args.image_size)
@@ -280,17 +271,16 @@ def load_data(args):
 
 
 def split(n):
-    """A fixed held-out subset of rows (min(256, n/10), the same for every run and seed) and the
-    training rest. A row is an image with all its views (its mirror too): no held-out image is
-    trained on in another form."""
+    """The rows to train on and a fixed held-out subset (min(256, n/10), the same for every run),
+    a row an image with all its views: no held-out image is trained on mirrored."""
     perm = np.random.default_rng(0).permutation(n)
     k = min(256, n // 10)
     return perm[k:], np.sort(perm[:k])
 
 
 def epoch_batches(indices, global_batch, rank, world, seed, step):
-    """This rank's slice of each global batch from `step` on, endlessly. Epoch e is a permutation
-    seeded by (seed, e), the same on every rank: together they see every item once an epoch."""
+    """This rank's slice of each global batch from `step` on, endlessly: epoch e is a permutation
+    seeded by (seed, e), the same on every rank (together they see every item once an epoch)."""
     per_epoch = len(indices) // global_batch
     L = global_batch // world
     epoch, batch = divmod(step, per_epoch)
@@ -306,37 +296,32 @@ def epoch_batches(indices, global_batch, rank, world, seed, step):
 #                      The model, its EMA and the optimizer                     #
 #################################################################################
 
-def build_model(args, data, device, resumed=None):
+def build_model(args, channels, side, num_classes, device, resumed=None):
     """(model, its EMA, AdamW): a resumed run's state, or the flags' model for this data with
     --init's weights if given. The model then takes --init's diffusion, positions and q/k norm
     (the DiT paper's, from a released DiT), and a SparseDiT converts a DiT (SparseDiT.from_dit)."""
-    init_cfg, weights = None, None
-    if resumed:
-        cfg = ModelConfig(**resumed["config"])
-    else:
-        try:
-            if args.init:
-                init_cfg, weights = checkpoint_weights(read_checkpoint(args.init), args.init,
-                                                       input_size=data.side)
-        except ValueError as e:
-            raise ValueError(f"--init {e}") from None
+    try:
+        init_cfg, weights = None, None
+        if args.init and not resumed:
+            init_cfg, weights = checkpoint_weights(read_checkpoint(args.init), args.init,
+                                                   input_size=side)
         paper = {k: getattr(init_cfg, k) for k in ("diffusion", "positions", "qk_norm")
                  if init_cfg}
         extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k)}
-        cfg = ModelConfig(args.model, args.size, args.patch_size, data.side, data.channels,
-                          data.num_classes, args.hidden_size or 0, args.num_heads or 0,
-                          tuple(args.depths or ()), extra=extra, **paper)
-    raw = MODELS[cfg.model](cfg)
-    if init_cfg and init_cfg.model != cfg.model:
-        if not (init_cfg.model == "dit" and isinstance(raw, SparseDiT)):
-            raise ValueError(f"--init {args.init} holds a {init_cfg.model} model: train it as "
-                             f"--model {init_cfg.model} (a dit also as --model sparsedit)")
-        weights = raw.from_dit(weights)
-    if weights:
-        try:
+        cfg = ModelConfig(**resumed["config"]) if resumed else ModelConfig(
+            args.model, args.size, args.patch_size, side, channels, num_classes,
+            args.hidden_size or 0, args.num_heads or 0, tuple(args.depths or ()), extra=extra,
+            **paper)
+        raw = MODELS[cfg.model](cfg)
+        if init_cfg and init_cfg.model != cfg.model:
+            if not (init_cfg.model == "dit" and isinstance(raw, SparseDiT)):
+                raise ValueError(f"{args.init} holds a {init_cfg.model} model: train it as "
+                                 f"--model {init_cfg.model} (a dit also as --model sparsedit)")
+            weights = raw.from_dit(weights)
+        if weights:
             load_weights(raw, weights, args.init)
-        except ValueError as e:
-            raise ValueError(f"--init {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--init {e}" if args.init and not resumed else str(e)) from None
     ema = copy.deepcopy(raw.to(device)).requires_grad_(False)
     opt = make_optimizer(raw, args.lr, device)
     for module, key in ((raw, "model"), (ema, "ema"), (opt, "opt")) if resumed else ():
@@ -346,9 +331,7 @@ def build_model(args, data, device, resumed=None):
 
 def make_optimizer(model, lr, device):
     """AdamW with weight decay 0 (SiT, DiT); the fused kernel on CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0,
-                             fused=device.type == "cuda")
-
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda")
 
 
 #################################################################################
@@ -448,8 +431,8 @@ def train_step(model, raw, ema, opt, x, y, G, rows, stage, mask_type, ddpm):
 
 @torch.no_grad()
 def held_out_loss(model, x, y, drop, mask_type, ddpm, batch=64, levels=8):
-    """The training loss on the held-out set at noise levels (i + 0.5)/levels, with fixed noise
-    and a fixed drop pattern (no path drop): every evaluation sees the same inputs."""
+    """The training loss on the held-out set at noise levels (i + 0.5)/levels, with the same
+    noise and drop pattern (no path drop) at every evaluation."""
     torch.manual_seed(0)                    # the next training step draws from its own seed
     total = 0.0
     for level in (torch.arange(levels, device=x.device) + 0.5) / levels:
@@ -463,8 +446,7 @@ def held_out_loss(model, x, y, drop, mask_type, ddpm, batch=64, levels=8):
 
 
 def log(run_dir, text=None, **record):
-    """Rank 0's log (the rank with a run folder): text to the console and log.txt, a record to
-    log.jsonl, a write a line (a kill leaves whole lines)."""
+    """Rank 0's log: text to the console and log.txt, a record to log.jsonl; a write a line."""
     for name, line in (("log.txt", text), ("log.jsonl", record and json.dumps(record))):
         if run_dir and line:
             with open(os.path.join(run_dir, name), "a") as f:
@@ -474,19 +456,14 @@ def log(run_dir, text=None, **record):
 
 
 def run_folder(args):
-    """results/NNN-model-size-patch, NNN from the number of runs there and never an existing one
-    (even when two start at once), with checkpoints/, samples/ (EMA grids), log.txt (for people)
-    and log.jsonl (for programs)."""
+    """results/NNN-model-size-patch (NNN: the runs there so far; a run that finds its folder taken
+    stops), with checkpoints/, samples/ (EMA grids), log.txt (for people), log.jsonl (programs)."""
     os.makedirs(args.results_dir, exist_ok=True)
-    for number in itertools.count(len(os.listdir(args.results_dir))):
-        path = os.path.join(args.results_dir, f"{number:03d}-{args.model}-{args.size}-"
-                                              f"{args.patch_size}")
-        try:
-            os.makedirs(os.path.join(path, "checkpoints"))
-        except FileExistsError:
-            continue
-        os.makedirs(os.path.join(path, "samples"))
-        return path
+    number = len(glob.glob(os.path.join(args.results_dir, "*")))
+    path = os.path.join(args.results_dir, f"{number:03d}-{args.model}-{args.size}-{args.patch_size}")
+    os.makedirs(os.path.join(path, "checkpoints"))              # never an existing run's
+    os.makedirs(os.path.join(path, "samples"))
+    return path
 
 
 def save_checkpoint(run_dir, step, raw, ema, opt, args, train_s):
@@ -517,55 +494,51 @@ def main(argv=None):
     rows = slice(rank * L, (rank + 1) * L)                 # this rank's rows of a global batch
     torch.backends.cuda.matmul.allow_tf32 = True           # fp32 matmuls in TF32 on the GPU
 
-    # Data: a fixed held-out subset for evaluation, the rest to train on
+    # Data: a fixed held-out subset for evaluation, the rest to train on, from the step on
     dataset, num_classes = load_data(args)
     train_idx, eval_idx = split(len(dataset))
     if len(train_idx) < G:
         raise ValueError(f"--global-batch-size {G}: the data holds {len(train_idx)} to train on")
     first = dataset[[0]][0]                                 # (1, [V,] C, H, W)
     pixels = first.dtype == torch.uint8
-    data = argparse.Namespace(channels=first.shape[-3], side=first.shape[-1], num_classes=num_classes)
+    start, train_s = (ckpt["step"], ckpt["train_s"]) if ckpt else (0, 0.0)
+    order = epoch_batches(train_idx, G, rank, world, args.seed, start)
+    workers = 8 * isinstance(dataset, ImageFolder) if args.num_workers is None else args.num_workers
+    loader = iter(DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
+                             pin_memory=device.type == "cuda", generator=torch.Generator()))
 
     def to_device(x, y):
         """A batch on the device: uint8 pixels -> [-1, 1], latents times --latent-scale."""
         x = x.to(device, non_blocking=True).float()
         x = x / 127.5 - 1 if pixels else x * (args.latent_scale or 1.0)
         return x, y.to(device, non_blocking=True)
-    workers = 8 * isinstance(dataset, ImageFolder) if args.num_workers is None else args.num_workers
-    start, train_s = (ckpt["step"], ckpt["train_s"]) if ckpt else (0, 0.0)
-    order = epoch_batches(train_idx, G, rank, world, args.seed, start)
-    loader = iter(DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
-                             pin_memory=device.type == "cuda", generator=torch.Generator()))
-    if rank == 0 and args.eval_every and len(eval_idx):
-        eval_x, eval_y = to_device(*dataset[eval_idx])
-        eval_x = eval_x[:, 0] if eval_x.ndim == 5 else eval_x   # each held-out image as it is
 
     # Model: the same initial weights on every rank, then --init's or a resumed run's state
     torch.manual_seed(args.seed)
-    raw, ema, opt = build_model(args, data, device, ckpt)
+    raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
     ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
-    drop = stage_at(args, 0, raw.has_sparse_path).drop
-    # a token drop this grid cannot realise fails here, naming --drop
+    drop = stage_at(args, 0, raw.has_sparse_path).drop     # a drop the grid cannot make fails here
     sparse_path_inputs(1, slice(None), raw.cfg.grid, drop, 0, args.mask_type, device)
     model = torch.compile(raw) if args.compile else raw
     if world > 1:              # buffers (RoPE grid, mask token, table) are equal by construction
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                     broadcast_buffers=False)
+    evaluate = rank == 0 and args.eval_every and len(eval_idx)
+    if evaluate:
+        eval_x, eval_y = to_device(*dataset[eval_idx])
+        eval_x = eval_x[:, 0] if eval_x.ndim == 5 else eval_x   # each held-out image as it is
     # the EMA sample grid: 4 rows of up to 10 classes, the same noise every time
-    classes = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long()
-    grid_y = classes.repeat(4).to(device)
-    noise = torch.Generator().manual_seed(args.seed)
-    grid_z = torch.randn(len(grid_y), data.channels, data.side, data.side, generator=noise)
+    classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
+    grid_z, grid_y, _ = sample_inputs(range(4 * len(classes)), args.seed, classes, num_classes,
+                                      first.shape[-3:], device)
     run_dir = None
     if rank == 0:
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
-        f"parameters, {raw.flops() / 1e9:.3g} GFLOPs/image, {raw.training_flops(drop) / 1e9:.3g} "
-        f"as trained; {len(train_idx)} + {len(eval_idx)} held out of {args.data or 'toy data'}; "
-        f"{world} process(es) x {L}; {run_dir}")
+        f"parameters, {raw.training_flops(drop) / 1e9:.3g} GFLOPs/image as trained; "
+        f"{len(train_idx)} + {len(eval_idx)} held out; {world} process(es) x {L}; {run_dir}")
 
-    buf = torch.zeros(args.log_every, 2, device=device)    # per-step (loss, grad norm), read at log
-    n = 0
+    pending = []                                # each step's (loss, grad norm) on the device
     pbar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -575,8 +548,11 @@ def main(argv=None):
             stage_end = step in (0, args.steps, total)
             due = {k: every and step % every == 0 for k, every in (
                 ("eval", args.eval_every), ("sample", args.sample_every), ("ckpt", args.ckpt_every))}
-            if step > start and (n == args.log_every or stage_end or any(due.values())):
-                vals = buf[:n].clone()
+            n = len(pending)
+            read = step > start and (n == args.log_every or stage_end or any(due.values()))
+            if read:
+                vals = torch.stack(pending)
+                pending = []
                 if world > 1:
                     dist.all_reduce(vals)
                 vals = vals.cpu() / world
@@ -584,34 +560,31 @@ def main(argv=None):
                 train_s += seconds                          # training only: evaluations come after
                 if not vals.isfinite().all():
                     i = int((~vals.isfinite().all(1)).nonzero()[0, 0])
-                    raise FloatingPointError(f"step {step - n + i + 1}: non-finite loss "
-                                             f"{vals[i, 0].item()}; stopped, the last checkpoint "
-                                             f"is {last_ckpt or 'none'}")
+                    raise FloatingPointError(f"step {step - n + i + 1}: non-finite loss; stopped, "
+                                             f"the last checkpoint is {last_ckpt or 'none'}")
                 flops = 3 * raw.training_flops(stage.drop) * n * G / seconds / world   # a process
                 figures = {"loss": vals[:, 0].mean().item(), "img/s": n * G / seconds,
                            "TFLOP/s": flops / 1e12}
                 pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
                 log(run_dir, step=step, stage=1 + (step > args.steps), train_s=train_s,
                     lr=stage.lr, grad_norm=vals[:, 1].mean().item(), **figures)
-                n = 0
-            if step == 0 or step > start:
-                if rank == 0 and args.eval_every and len(eval_idx) and (stage_end or due["eval"]):
-                    # all tokens (what sampling sees) and the stage-1 drop: the gap stage 2 closes
-                    losses = {name: held_out_loss(raw, eval_x, eval_y, ratio, args.mask_type, ddpm)
-                              for name, ratio in (("eval_loss", 0), ("eval_loss_drop", drop))
-                              if name == "eval_loss" or ratio}
-                    text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                    log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s,
-                        **losses)
-                if rank == 0 and args.sample_every and step and (step == total or due["sample"]):
-                    with autocast(device):
-                        imgs = sample(ema, grid_z.to(device), grid_y, "ddpm" if ddpm else "euler",
-                                      25, cfg_scale=4.0)
-                    if not pixels:                  # latents: channels 0-2, scaled, without a VAE
-                        imgs = (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1)
-                    save_grid(imgs, f"{run_dir}/samples/{step:07d}.png", nrow=len(classes))
-                if rank == 0 and step and (stage_end or due["ckpt"]):
-                    last_ckpt = save_checkpoint(run_dir, step, raw, ema, opt, args, train_s)
+            if evaluate and (step == 0 or step > start) and (stage_end or due["eval"]):
+                # all tokens (what sampling sees) and the stage-1 drop: the gap stage 2 closes
+                losses = {name: held_out_loss(raw, eval_x, eval_y, ratio, args.mask_type, ddpm)
+                          for name, ratio in (("eval_loss", 0), ("eval_loss_drop", drop))
+                          if name == "eval_loss" or ratio}
+                text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
+            if run_dir and step > start and args.sample_every and (step == total or due["sample"]):
+                with autocast(device):
+                    imgs = sample(ema, grid_z, grid_y, "ddpm" if ddpm else "euler", 25,
+                                  cfg_scale=4.0)
+                if not pixels:                      # latents: channels 0-2, scaled, without a VAE
+                    imgs = (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1)
+                save_grid(imgs, f"{run_dir}/samples/{step:07d}.png", nrow=len(classes))
+            if run_dir and step > start and (stage_end or due["ckpt"]):
+                last_ckpt = save_checkpoint(run_dir, step, raw, ema, opt, args, train_s)
+            if read or step == start:
                 t0 = time.perf_counter()
             if step == total:
                 break
@@ -631,9 +604,8 @@ def main(argv=None):
                 x = x[torch.arange(L, device=device), flip.long() % x.shape[1]]
             elif pixels:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            buf[n] = torch.stack(train_step(model, raw, ema, opt, x, y, G, rows, stage,
-                                            args.mask_type, ddpm))
-            n += 1
+            pending.append(torch.stack(train_step(model, raw, ema, opt, x, y, G, rows, stage,
+                                                  args.mask_type, ddpm)))
             pbar.update()
     finally:                     # also on an error: its message then starts on a line of its own
         pbar.close()

@@ -1,7 +1,6 @@
 """The miniature's runner against the core it runs: every command line it plans is one its script
 takes, the model it trains is the miniature's, a sample job reads the checkpoint its training job
 writes; sample_like.py gives the samples the data's class proportions, as sample.py's --classes."""
-import argparse
 import os
 import shlex
 from dataclasses import asdict
@@ -52,9 +51,8 @@ def test_the_arms_train_the_miniature_model_and_sample_their_own_checkpoints(tmp
             meta = torch.device("meta")                         # shapes only, no weights
             start = flags.init
             flags.init = None
-            data = argparse.Namespace(channels=3, side=8, num_classes=9)
             with meta:
-                cfg = train.build_model(flags, data, meta)[0].cfg     # as train.py builds it
+                cfg = train.build_model(flags, 3, 8, 9, meta)[0].cfg   # as train.py builds it
             flags.init = start
             assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (128, 4, (2, 8, 2))
             made[seed, arm] = train.run_folder(flags)          # NNN-model-size-patch, as train.py
