@@ -10,27 +10,24 @@ space: SPRINT's second number).
     python fid.py REF_IMAGES --save-stats ref_stats.npz --fdd          # a reference's, once
 
 SAMPLES and REF: a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as sample.py writes
-it), an ADM reference batch (arr_0, mu, sigma, mu_s, sigma_s) or a --save-stats file; as in the
-evaluator, statistics a file holds win over its images. Images are read batch by batch, never all
-at once. The networks' released weights download once into torch's hub cache.
+it), an ADM reference batch (arr_0, mu, sigma, mu_s, sigma_s) or a --save-stats file; statistics a
+file holds win over its images, as in the evaluator. Images are read batch by batch. The released
+weights download once into torch's hub cache.
 
-- ADM: the graph resizes inside itself (TF1's ResizeBilinear) and maps x to (x - 128) / 128
-  (`preprocess`, bit-exact against TensorFlow); its Inception-v3 as pytorch-fid ports it
-  (`FIDInceptionV3`). FID on pool3; sFID on mixed_6/conv's first 7 channels; IS on the logits
-  without their bias, in splits of 5,000; precision and recall with k = 3 balls in pool3 space and
-  the evaluator's float16 distances. pytorch-fid's own input moves pixels by up to 0.25 at 256 px:
-  its scores are not the papers'.
-- FDD as dgm-eval computes it (`--model dinov2`): PIL's bicubic resize to 224×224, ImageNet mean
-  and std (`dinov2_input`), DINOv2 ViT-L/14 as torch.hub builds it (`DINOv2`), the CLS token after
-  the final norm, the Fréchet distance in float64.
-
-References: FID (Heusel et al. 2017), sFID (Nash et al. 2021), IS (Salimans et al. 2016), precision
-and recall (Kynkäänniemi et al. 2019), the evaluator (Dhariwal & Nichol 2021), Inception-v3
-(Szegedy et al. 2016), DINOv2 (Oquab et al. 2023), dgm-eval and FDD (Stein et al. 2023);
-pytorch-fid (the weight file), torch-fidelity (the module of mixed_6/conv).
+ADM's: the graph resizes with TF1's ResizeBilinear and maps x to (x - 128) / 128 (`preprocess`,
+bit-exact against TensorFlow), then its Inception-v3 as pytorch-fid ports it (`FIDInceptionV3`);
+FID on pool3, sFID on mixed_6/conv's first 7 channels, IS on the logits without their bias in splits
+of 5,000, precision and recall with k = 3 balls in pool3 space and float16 distances (pytorch-fid's
+own input moves pixels by up to 0.25 at 256 px: its scores are not the papers'). FDD, dgm-eval's:
+PIL's bicubic resize to 224×224, ImageNet mean and std (`dinov2_input`), DINOv2 ViT-L/14 as
+torch.hub builds it (`DINOv2`), the CLS token after the final norm, the distance in float64.
+References: Heusel et al. 2017 (FID), Nash et al. 2021 (sFID), Salimans et al. 2016 (IS),
+Kynkäänniemi et al. 2019 (precision, recall), Dhariwal & Nichol 2021 (the evaluator), Szegedy et
+al. 2016 (Inception-v3), Oquab et al. 2023 (DINOv2), Stein et al. 2023 (dgm-eval, FDD).
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -61,16 +58,15 @@ def resize_bilinear_tf1(images, size=299):
     """TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False) of images (N, H, W, C),
     uint8 or float, to float32 (N, size, size, C)."""
     def taps(n_in):
-        # output pixel i reads source coordinate i * n_in / size, with no half-pixel shift (that of
-        # F.interpolate's align_corners=False), in float32 as TensorFlow computes it
+        # output pixel i reads source coordinate i * n_in / size (no half-pixel shift), in float32
         scale = torch.tensor(n_in, dtype=torch.float32, device=images.device) / size
         src = torch.arange(size, dtype=torch.float32, device=images.device) * scale
         low = src.long()                                         # floor: src is not negative
         return low, (low + 1).clamp(max=n_in - 1), src - src.floor()
     y0, y1, fy = taps(images.shape[1])
     x0, x1, fx = taps(images.shape[2])
-    # the four source pixels of each output pixel are gathered before the conversion to float: a
-    # batch of large uint8 images never becomes a float copy (N, H, W, C)
+    # the four source pixels of each output pixel, gathered before converting to float: a batch of
+    # large uint8 images never becomes a float copy
     top = images[:, y0]                                          # (N, size, W, C), as given
     bottom = images[:, y1]
     top_left = top[:, :, x0].float()                             # (N, size, size, C)
@@ -199,10 +195,11 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b/7c (8×8): 3x3 convolutions split into parallel 1x3 and 3x1; 7c max-pools."""
+    """Mixed_7b/7c (8×8): 3x3 convolutions split into parallel 1x3 and 3x1; the graph's 7c
+    max-pools where 7b averages."""
     def __init__(self, cin, max_pool=False):
         super().__init__()
-        self.max_pool = max_pool  # the TF graph's Mixed_7c max-pools where Mixed_7b averages
+        self.max_pool = max_pool
         self.branch1x1 = BasicConv2d(cin, 320, 1)
         self.branch3x3_1 = BasicConv2d(cin, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
@@ -274,18 +271,15 @@ class FIDInceptionV3(nn.Module):
 #             DINOv2 ViT-L/14 and dgm-eval's input, for FDD                     #
 #################################################################################
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def dinov2_input(batch):
-    """dgm-eval's transform of uint8 images (N, H, W, 3): each one resized to 224x224 by PIL's
-    (antialiased) bicubic, as torchvision's Resize does a PIL image, then ToTensor's [0, 1] and
+    """dgm-eval's transform of uint8 images (N, H, W, 3): each resized to 224x224 by PIL's
+    (antialiased) bicubic, as torchvision's Resize resizes a PIL image, ToTensor's [0, 1],
     Normalize's ImageNet mean and std -> (N, 3, 224, 224) float32."""
     x = np.stack([np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC))
                   for img in batch])
     x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
-    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]])[..., None, None]
+    return (x - mean) / std
 
 
 class ViTBlock(nn.Module):
@@ -348,11 +342,6 @@ class DINOv2(nn.Module):
 #             The released weights; images -> features, batch by batch          #
 #################################################################################
 
-def one_line(error):
-    """An exception's message on one line: its whitespace, newlines included, collapsed."""
-    return " ".join(str(error).split())
-
-
 def released(network, url, device="cpu"):
     """The network (a class) in eval mode with its released weights, from torch's hub cache:
     downloaded there once (pytorch-fid's file checked against the sha256 digits in its name), or
@@ -379,8 +368,7 @@ class Images:
     read as the evaluator reads it but never whole: ZipFile streams stored (np.savez) and deflated
     (np.savez_compressed) members alike. name: the argument (SAMPLES, REF), named in errors."""
     def __init__(self, path, name):
-        self.path, self.name = path, name
-        self.files = None
+        self.path, self.name, self.files = path, name, None
         if os.path.isdir(path):
             self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
                                 if f.lower().endswith(IMAGE_EXTS))
@@ -426,8 +414,7 @@ class Images:
     def read(self, path):
         """An image file as uint8 (H, W, 3) RGB, or an error naming it."""
         try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"))
+            return np.asarray(Image.open(path).convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:        # PIL's ways of saying "not an image"
             raise ValueError(f"{self.name}: cannot decode {path} ({e})") from None
 
@@ -468,18 +455,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"statistics of other features: mu {mu1.shape} and {mu2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # Near-singular product (e.g. fewer samples than dimensions): regularise both slightly.
+    if not np.isfinite(covmean).all():          # near-singular (fewer samples than dimensions)
         offset = np.eye(len(mu1)) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # S1 S2 has real non-negative eigenvalues in exact arithmetic; rounding may leave tiny
-        # imaginary parts. Only the trace enters the distance.
+    if np.iscomplexobj(covmean):                # rounding's tiny imaginary parts; S1 S2's are real
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3:
             raise ValueError(f"the square root of sigma1 @ sigma2 has an imaginary part up to "
-                             f"{imag:.3g}: the statistics are not valid covariances (or far too "
-                             f"few samples)")
+                             f"{imag:.3g}: the statistics are not valid covariances")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -502,13 +485,10 @@ def inception_score(logits, split_size=IS_SPLIT):
 #          Precision and recall, with the evaluator's float16 distances         #
 #################################################################################
 
-# The evaluator casts the features to float16 and computes |u|^2 - 2 u.v + |v|^2 with TensorFlow's
-# float16 ops, each of which rounds its result to float16: its radii are float16 numbers, which
-# exact distances do not reproduce (tests/test_fid.py). Here each op rounds its result once, as
-# TensorFlow on a GPU does. TensorFlow on a CPU adds the squares in float16 (Eigen's vectorised
-# order), which moves some squared norms by one float16 step: of the 1,100 radii it computed in
-# tests/fixtures/adm_evaluator_ops.npz, 766 are equal here and the others within 0.5; precision is
-# equal and recall is 1 of 600 references higher.
+# The evaluator computes |u|^2 - 2 u.v + |v|^2 with TensorFlow's float16 ops, each rounding its
+# result: its radii are float16 numbers, which exact distances do not reproduce. Here each op
+# rounds once, as TensorFlow on a GPU does; on a CPU it adds the squares in float16 (Eigen's order):
+# of the fixture's 1,100 radii 766 are equal here, the rest within 0.5 (tests/test_fid.py).
 
 def to_half(x):
     """x (float32) rounded to the nearest float16, kept in float32: a float16 operation's result."""
@@ -519,8 +499,7 @@ def pairwise_distances(u, v):
     """Squared Euclidean distances (R, C) between features u (R, D) and v (C, D), float32 tensors on
     one device, as the evaluator's DistanceBlock computes them: in float16 where the whole block is
     finite, else in float32."""
-    u16 = to_half(u)
-    v16 = to_half(v)
+    u16, v16 = to_half(u), to_half(v)
     # tf.square rounds each square, tf.reduce_sum adds them in float32 and rounds once
     norms_u = to_half(to_half(u16 * u16).sum(dim=1))            # (R,)
     norms_v = to_half(to_half(v16 * v16).sum(dim=1))            # (C,)
@@ -552,19 +531,16 @@ def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK):
 @torch.inference_mode()
 def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device="cpu"):
     """(precision, recall) of pool3 features samples (N, D) against ref (M, D), as the evaluator
-    computes them: precision = share of samples inside some reference ball, recall = share of
-    references inside some sample ball; a ball reaches from its point to the point's k-th nearest
-    neighbour in its own set, boundary included."""
+    computes them: the shares of samples inside some reference ball and of references inside some
+    sample ball, a ball reaching from its point to the point's k-th nearest neighbour in its set."""
     if min(len(ref), len(samples)) < k + 1:
         raise ValueError(f"precision and recall need at least {k + 1} feature vectors per set "
-                         f"(k = {k} neighbours besides the point itself), got {len(ref)} and "
-                         f"{len(samples)}")
+                         f"(each one's ball reaches its k = {k}th neighbour)")
     ref = torch.as_tensor(ref, dtype=torch.float32, device=device)
     samples = torch.as_tensor(samples, dtype=torch.float32, device=device)
     ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=device)
     sample_inside = torch.zeros(len(samples), dtype=torch.bool, device=device)
-    ref_radii = manifold_radii(ref, k, block)                    # (M,)
-    sample_radii = manifold_radii(samples, k, block)             # (N,)
+    ref_radii, sample_radii = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
     for i in range(0, len(ref), block):
         for j in range(0, len(samples), block):
             # reference rows, sample columns, as the evaluator orders them
@@ -579,12 +555,12 @@ def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device="c
 
 ADM_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool3")      # a reference batch's and --save-stats'
 FDD_KEYS = ("fdd_mu", "fdd_sigma")
+NETWORKS = {"inception": (FIDInceptionV3, INCEPTION_URL), "dinov2": (DINOv2, DINOV2_URL)}
 
 
 def statistics(path, name, keys, network, batch_size):
     """The statistics `keys` of one input (SAMPLES or REF): those its .npz holds (as the evaluator
-    reads a reference batch's), the rest computed from its images -> (dict, a line saying which).
-    network(kind): the network "inception" or "dinov2"."""
+    reads a reference batch's), the rest from its images -> (dict, a line saying which)."""
     if not os.path.exists(path):
         raise ValueError(f"{name} {path}: no such file or folder")
     held = {}
@@ -593,7 +569,8 @@ def statistics(path, name, keys, network, batch_size):
             with np.load(path) as f:
                 held = {k: f[k] for k in keys if k in f.files}
         except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{name} {path}: not a readable .npz ({one_line(e)})") from None
+            raise ValueError(f"{name} {path}: not a readable .npz ({' '.join(str(e).split())})"
+                             ) from None
     missing = [k for k in keys if k not in held]
     if not missing:
         return held, f"{', '.join(keys)} from the file"
@@ -601,7 +578,7 @@ def statistics(path, name, keys, network, batch_size):
         images = Images(path, name)
     except KeyError:                                         # the zip has no arr_0.npy
         raise ValueError(f"{name} {path} holds neither {', '.join(missing)} nor images (arr_0) to "
-                         f"compute them from; give its images, or ask for less") from None
+                         f"compute them from") from None
     computed = {}
     if set(missing) & set(ADM_KEYS):
         pool3, spatial = extract(images, network("inception"), batch_size, f"{name}, Inception")
@@ -632,15 +609,14 @@ def main(argv=None):
     if args.save_stats and os.path.exists(args.save_stats):
         p.error(f"--save-stats {args.save_stats} exists: choose another file")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    networks = {}
 
+    @functools.cache
     def network(kind):
-        """The released network of this kind, loaded once."""
-        if kind not in networks:
-            inception = kind == "inception"
-            networks[kind] = released(FIDInceptionV3 if inception else DINOv2,
-                                      INCEPTION_URL if inception else DINOV2_URL, device)
-        return networks[kind]
+        """The released network "inception" or "dinov2", loaded once."""
+        return released(*NETWORKS[kind], device)
+
+    def distance(a, b, mean="mu", covariance="sigma"):
+        return frechet_distance(a[mean], a[covariance], b[mean], b[covariance])
 
     ref_keys = (("mu", "sigma") if args.fid_only else ADM_KEYS) + FDD_KEYS * args.fdd
     sample_keys = ADM_KEYS + FDD_KEYS * args.fdd if args.save_stats else ref_keys
@@ -649,17 +625,15 @@ def main(argv=None):
         report = {"SAMPLES": report}
         if args.ref:
             ref, report["REF"] = statistics(args.ref, "REF", ref_keys, network, args.batch_size)
-            report["FID"] = frechet_distance(ours["mu"], ours["sigma"], ref["mu"], ref["sigma"])
+            report["FID"] = distance(ours, ref)
         if args.ref and not args.fid_only:
-            report["sFID"] = frechet_distance(ours["mu_s"], ours["sigma_s"], ref["mu_s"],
-                                              ref["sigma_s"])
+            report["sFID"] = distance(ours, ref, "mu_s", "sigma_s")
             pool3 = torch.as_tensor(ours["pool3"], dtype=torch.float32, device=device)
             report["IS"] = inception_score(network("inception").logits(pool3).cpu())
             report["Precision"], report["Recall"] = precision_recall(ref["pool3"], ours["pool3"],
                                                                      device=device)
         if args.ref and args.fdd:
-            report["FDD"] = frechet_distance(ours["fdd_mu"], ours["fdd_sigma"], ref["fdd_mu"],
-                                             ref["fdd_sigma"])
+            report["FDD"] = distance(ours, ref, "fdd_mu", "fdd_sigma")
     except ValueError as e:
         raise SystemExit(f"fid.py: error: {e}")
     if args.save_stats:

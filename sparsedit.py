@@ -62,8 +62,7 @@ SPARSEST_FROM = 0.75       # noise levels in [0.75, 1] (the first quarter of sam
 
 
 def parse_layout(cfg):
-    """cfg.extra["layout"] (or the default for the depth) as (P, S, K, T), checked against the
-    depth."""
+    """cfg.extra["layout"] (or the depth's default) as (P, S, K, T), checked against the depth."""
     depth = sum(cfg.depths)
     if "layout" not in cfg.extra and depth not in LAYOUTS:
         raise ValueError(f"--layout: no default layout for depth {depth}; give --layout P,S,K,T "
@@ -79,8 +78,7 @@ def parse_layout(cfg):
 
 
 def parse_density(cfg):
-    """cfg.extra["density"] (or 6 -> 10 scaled to the token grid) as (min_side, max_side),
-    checked."""
+    """cfg.extra["density"] (or 6 -> 10 scaled to the token grid) as (min_side, max_side)."""
     g = cfg.grid
     lo, hi = cfg.extra.get("density", [max(1, round(s * g / 16)) for s in DENSITY])
     if not 1 <= lo <= hi <= g:
@@ -98,14 +96,11 @@ def density_schedule(level, min_side, max_side):
 
 
 def pooled_grid(grid, side):
-    """Adaptive average pooling of a grid x grid token grid to side x side, as tensors.
-
-    -> pool (side², grid²) averaging matrix, pos (side², 2) cell centres (fractional: pooled
-    tokens sit at the centres of their cells for RoPE), up (grid²,) the cell each dense token takes
-    in nearest upsampling. Cells are those of F.adaptive_avg_pool2d: [floor(i g / s),
-    ceil((i + 1) g / s)), overlapping if s does not divide g; nearest upsampling (F.interpolate)
-    reads cell floor(r s / g), which contains row r.
-    """
+    """Adaptive average pooling of a grid x grid token grid to side x side -> the averaging matrix
+    pool (side², grid²), the cells' centres pos (side², 2) (fractional: where pooled tokens sit for
+    RoPE), and up (grid²,), the cell each dense token reads in nearest upsampling. Cells are
+    F.adaptive_avg_pool2d's, [floor(i g / s), ceil((i + 1) g / s)); F.interpolate's nearest reads
+    cell floor(r s / g), which contains row r."""
     i = torch.arange(side)
     start = (i * grid) // side
     end = -((-(i + 1) * grid) // side)
@@ -119,8 +114,7 @@ def pooled_grid(grid, side):
 
 
 class SparseGrid(NamedTuple):
-    """The sparse tokens' pooling, upsampling, RoPE and padding mask for one forward (per sample or
-    shared)."""
+    """The sparse tokens' pooling, upsampling, RoPE and padding mask of a forward."""
     pool: torch.Tensor       # (B, S, N) or (S, N): X_s = pool @ X
     up: torch.Tensor         # (B, N, 1): sparse token read by each dense token
     rope: tuple              # (cos, sin) at the cell centres
@@ -246,30 +240,18 @@ class SparseDiT(Backbone):
 
     def sparse_grid(self, t, side=None):
         """Each sample's own grid from its t, padded to the largest side; or one unpadded `side` for
-        the batch.
-
-        Padding keeps shapes static (no host sync, one compiled graph) and is exact: padded sparse
-        tokens are masked out as keys and no dense token reads them. It costs the largest grid's
-        work in the sparse blocks whatever t is (training_flops); a sampler, whose batch shares one
-        t, passes side=grid_side(t) and runs the small grid itself (flops).
-        """
+        the batch. Padding keeps shapes static (no host sync, one compiled graph) and is exact:
+        padded sparse tokens are masked out as keys and no dense token reads them. It costs the
+        largest grid's work whatever t is (training_flops); a sampler, whose batch shares one t,
+        passes side=grid_side(t) and runs that grid alone (flops)."""
         if side is None:
             k = self.grid_side(t) - self.min_side              # (B,) index into the stacked grids
-            pool = self.grid_pool[k]
-            pos = self.grid_pos[k]
-            up = self.grid_up[k]
-            mask = None
-            if self.max_side > self.min_side:
-                mask = self.grid_real[k][:, None, None, :]
+            pool, pos, up = self.grid_pool[k], self.grid_pos[k], self.grid_up[k]
+            mask = self.grid_real[k][:, None, None, :] if self.max_side > self.min_side else None
         else:
-            if not self.min_side <= side <= self.max_side:
-                raise ValueError(f"side {side}: outside the --density range "
-                                 f"{self.min_side}..{self.max_side}")
             k = side - self.min_side
-            pool = self.grid_pool[k, :side * side]
-            pos = self.grid_pos[k, :side * side]
-            up = self.grid_up[k].expand(len(t), -1)
-            mask = None
+            pool, pos = self.grid_pool[k, :side * side], self.grid_pos[k, :side * side]
+            up, mask = self.grid_up[k].expand(len(t), -1), None
         return SparseGrid(pool, up[..., None], self.rope(pos), mask)
 
     def forward(self, x, t, y, side=None):

@@ -13,13 +13,11 @@ Training drops 75% of the tokens in g (structured: one kept token per 2x2 group)
 samples drop g altogether (path drop), which makes path-drop guidance (PDG) possible at sampling
 time: the unconditional branch skips g.
 
-The backbone every model here shares is a DiT. As SPRINT runs it (SiT: flow matching, 2D RoPE,
-q/k RMSNorm) it is numerically equal to the official SPRINT code (tests/test_sprint.py checks the
-official fixtures); as the DiT paper runs it (DDPM with learned variance, a fixed sin-cos position
-table, no q/k norm: what SparseDiT converts) it is equal to facebookresearch/DiT's models.py
-(tests/test_dit.py). Which one is three fields of ModelConfig. The dense model is called DiT
-throughout (`--model dit`). References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), the
-official code snap-research/Sprint.
+The backbone all models share is a DiT, called DiT throughout (`--model dit`). As SPRINT runs it
+(SiT: flow matching, 2D RoPE, q/k RMSNorm) it equals the official SPRINT code (test_sprint.py); as
+the DiT paper runs it (DDPM with learned variance, a fixed sin-cos position table, no q/k norm:
+what SparseDiT converts) it equals facebookresearch/DiT's (test_dit.py): three ModelConfig fields.
+References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), snap-research/Sprint.
 """
 import math
 from dataclasses import dataclass, field
@@ -49,8 +47,8 @@ DDPM_STEPS = 1000          # the DiT paper's diffusion: integer timesteps 0..999
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model; stored in every checkpoint. Fields left at 0 or () come
-    from `size`; sparsedit.MODELS maps `model` to its class."""
+    """Everything needed to rebuild a model, stored in every checkpoint; fields left at 0 or () come
+    from `size`. sparsedit.MODELS maps `model` to its class."""
     model: str = "sprint"            # dit | sprint | sparsedit
     size: str = "B"                  # a key of SIZES (or a name, with the next three fields given)
     patch_size: int = 2
@@ -150,8 +148,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class table with one extra row: label num_classes is the null label of classifier-free
-    guidance."""
+    """A class table with one more row: label num_classes is the null label of guidance."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
@@ -174,13 +171,10 @@ def sincos_table(grid, dim):
 
 
 def rope(pos, head_dim, theta=10000.0):
-    """2D RoPE angles for positions pos (..., n, 2) -> (cos, sin), each (..., 1, n, head_dim/2).
-
-    The first half of each head rotates with the row, the second half with the column (official
-    layout); within a half of size h, channel pair i turns by pos * theta^(-2i/h). Positions may be
-    fractional (SparseDiT's pooled tokens sit at the centres of their cells). The extra axis
-    broadcasts over heads.
-    """
+    """2D RoPE angles for positions pos (..., n, 2) -> (cos, sin), each (..., 1, n, head_dim/2): the
+    first half of each head turns with the row, the second with the column (the official layout),
+    channel pair i of a half of size h by pos * theta^(-2i/h). Positions may be fractional
+    (SparseDiT's pooled tokens sit at the centres of their cells)."""
     h = head_dim // 2
     exponents = torch.arange(0, h, 2, device=pos.device, dtype=torch.float32) / h
     freqs = theta ** -exponents                                             # (h/2,)
@@ -299,8 +293,8 @@ def block_macs(n, dim, mlp_ratio=4.0, n_kv=None):
 #################################################################################
 
 class Backbone(nn.Module):
-    """What every model here shares: patch, time and label embedding, positions (RoPE or the
-    table), the final layer, DiT's initialisation, and the cost accounting. cfg: a ModelConfig."""
+    """What every model shares: patch, time and label embedding, positions (RoPE or the table), the
+    final layer, DiT's initialisation, the cost accounting. cfg: a ModelConfig."""
     has_sparse_path = False          # SPRINT's deep path, which path drop and PDG skip
 
     def __init__(self, cfg):
@@ -320,19 +314,16 @@ class Backbone(nn.Module):
             self.register_buffer("pos_embed", sincos_table(cfg.grid, D)[None])   # (1, N, D)
 
     def new_block(self, kind=Block):
-        """A block of this model's width, heads, MLP ratio and q/k norm (kind: Block or a
-        subclass)."""
+        """A Block (or subclass) of this model's width, heads, MLP ratio and q/k norm."""
         cfg = self.cfg
         return kind(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm)
 
     def rope(self, pos):
-        """RoPE angles of token positions pos (..., n, 2); None for a model with a position
-        table."""
+        """RoPE angles of token positions pos (..., n, 2); None with a position table."""
         return rope(pos, self.head_dim) if self.cfg.positions == "rope" else None
 
     def initialize_weights(self):
-        """DiT's init: xavier linears, N(0, .02) label table and timestep MLP, zero adaLN and final
-        layer."""
+        """DiT's: xavier linears, N(0, .02) label table and t MLP, zero adaLN and final layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -349,8 +340,7 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def embed(self, x, t, y):
-        """Tokens (B, N, D) (plus the position table, if any) and conditioning
-        c = TimestepEmbed(t) + LabelEmbed(y), (B, D)."""
+        """Tokens (B, N, D), the table added if any; c = TimestepEmbed(t) + LabelEmbed(y) (B, D)."""
         h = self.x_embedder(x)
         if self.cfg.positions == "table":
             h = h + self.pos_embed
@@ -361,16 +351,14 @@ class Backbone(nn.Module):
         return unpatchify(self.final_layer(x, c), self.cfg.patch_size, self.cfg.out_channels)
 
     def noise_level(self, t):
-        """A time in the model's units -> [0, 1], 1 the pure noise: flow's t as it is, DDPM's
-        integer timestep / 1000."""
+        """A time in the model's units -> [0, 1], 1 pure noise: flow's t, DDPM's timestep / 1000."""
         return t / DDPM_STEPS if self.cfg.diffusion == "ddpm" else t
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def sampling_kwargs(self, t):
-        """Forward inputs for a sampling batch that shares the time t (a number); SparseDiT's grid
-        side."""
+        """Forward inputs for a batch that shares the time t (a number): SparseDiT's grid side."""
         return {}
 
     #### Cost: each model's flops() counts its own forward; these price a pass of each kind ####
@@ -385,13 +373,11 @@ class Backbone(nn.Module):
         return patch_embed + t_mlp + final
 
     def training_flops(self, drop=0.0):
-        """Forward FLOPs per image of a training forward as it runs, at a token drop (a training
-        step costs about three forwards)."""
+        """Forward FLOPs per image of a training forward as it runs (a step: about three)."""
         return self.flops()
 
     def pass_flops(self, t, skip_middle=False):
-        """Forward FLOPs per image of one sampling pass at time t (skip_middle: PDG's unconditional
-        pass)."""
+        """Forward FLOPs per image of one sampling pass at t (skip_middle: PDG's unconditional)."""
         return self.flops()
 
 
@@ -436,8 +422,8 @@ def group_shape(drop, grid):
 
 
 def num_kept(drop, num_tokens):
-    """M = (1 - drop) * N, which must be a whole number of tokens; 0 < drop < 1 (0 drops nothing:
-    such a step passes no kept indices at all)."""
+    """M = (1 - drop) * N, a whole number of tokens, 0 < drop < 1 (a step without drop passes no
+    ids_keep)."""
     m = (1 - drop) * num_tokens
     if not 0 < drop < 1 or abs(m - round(m)) > 1e-6:
         raise ValueError(f"--drop {drop}: a token drop must lie in (0, 1) and keep a whole number "
@@ -446,13 +432,9 @@ def num_kept(drop, num_tokens):
 
 
 def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None):
-    """Kept token indices (B, M), row-major over the grid, drawn per sample on `device`.
-
-    structured: cut the grid into n x n groups and keep k uniformly random tokens in each (the
-    paper's choice: kept tokens stay spread over the image). random: M uniformly random tokens (the
-    ablation). Shapes depend only on the arguments, never on random values: no host sync, one
-    compiled graph.
-    """
+    """Kept token indices (B, M), row-major over the grid, drawn per sample on `device`. structured:
+    k uniformly random tokens in each n x n group (the paper's: kept tokens spread over the image);
+    random: M anywhere (the ablation). Shapes follow the arguments alone: no host sync."""
     M = num_kept(drop, grid * grid)
     if mask_type == "random":
         return torch.rand(batch_size, grid * grid, device=device).argsort(dim=1)[:, :M]
@@ -493,14 +475,10 @@ class SPRINT(Backbone):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, x, t, y, ids_keep=None, path_drop=None, skip_middle=False):
-        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,).
-
-        ids_keep: (B, M) kept token indices for the middle blocks (None: all tokens).
-        path_drop: (B,) bool, True replaces that sample's middle output by mask tokens (training's
-            10%).
-        skip_middle: the whole batch skips the middle blocks, mask tokens in their place (PDG's
-            unconditional pass).
-        """
+        """The prediction for x (B, C, H, W) at times t (B,), labels y (B,). ids_keep (B, M): the
+        tokens the middle blocks keep (None: all); path_drop (B,) bool: these samples' middle output
+        becomes mask tokens (training's 10%); skip_middle: the whole batch's, without running the
+        middle blocks at all (PDG's unconditional pass)."""
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
         cos_sin = self.rope(self.pos)
         for block in self.encoder:
@@ -512,8 +490,7 @@ class SPRINT(Backbone):
         return self.unembed(h, c)
 
     def deep_path(self, h, c, cos_sin, ids_keep, path_drop, skip_middle):
-        """The middle blocks on the kept tokens, scattered back to the grid with mask tokens
-        elsewhere."""
+        """The middle blocks on the kept tokens, scattered back among mask tokens."""
         B, N, D = h.shape
         mask = self.mask_token.to(h.dtype).expand(B, N, D)
         if skip_middle:                                                    # g does no work at all
@@ -540,8 +517,7 @@ class SPRINT(Backbone):
         return self.flops(skip_middle=skip_middle)
 
     def flops(self, drop=0.0, skip_middle=False):
-        """Forward FLOPs per image (2 per multiply-add) at a token-drop ratio; skip_middle: g
-        skipped."""
+        """Forward FLOPs per image (2 per multiply-add) at a token drop, or with g skipped."""
         cfg, N, D = self.cfg, self.num_tokens, self.cfg.hidden_size
         n_enc, n_mid, n_dec = cfg.depths
         dense = (n_enc + n_dec) * block_macs(N, D, cfg.mlp_ratio)
