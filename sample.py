@@ -1,26 +1,24 @@
 """
 Sampling from DiT / SPRINT / SparseDiT: SDE, Euler and Heun samplers for flow matching, DiT's DDPM
-sampler for the DiT paper's models, classifier-free guidance (CFG) and path-drop guidance (PDG,
-SPRINT Sec. 3.4); a grid, or a 50,000-sample .npz for fid.py under torchrun. Reads train.py's
-checkpoints and the released SPRINT (.safetensors) and DiT (.pt) files.
+sampler for the DiT paper's models, classifier-free (CFG) and path-drop guidance (PDG, SPRINT Sec.
+3.4); a grid, or 50,000 samples in an .npz for fid.py under torchrun. Reads train.py's checkpoints
+and the released SPRINT (.safetensors) and DiT (.pt) files.
 
-    python sample.py --pdg                       # a grid from the newest SPRINT checkpoint in results/
+    python sample.py --pdg                       # a grid, the newest SPRINT checkpoint in results/
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 3 --num-samples 50000 \
         --seed 888 --out samples.npz --vae stabilityai/sd-vae-ft-ema     # the papers' evaluation
     python sample.py --ckpt sprint_XL_imagenet512.safetensors --image-size 512 --pdg
     python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5 --vae stabilityai/sd-vae-ft-ema
 
-A flow model predicts the velocity v = eps - x of the path x_t = (1 - t) x + t eps, and sampling
-integrates from t = 1 (noise) to 0 (data); a DDPM model (the DiT paper's) predicts the noise and
-its variance, and sampling walks DiT's respaced timesteps from 999 to 0. Guidance mixes a
-conditional and an unconditional prediction, u + w (c - u): with CFG u is the network at the null
-label; with PDG, at the null label *with its deep sparse path skipped* (mask tokens in its place),
-which costs only the dense blocks. Sample i draws its label and noise from seed + i on any number
-of GPUs; an .npz is ADM's layout (arr_0 uint8 N x H x W x 3, arr_1 labels), streamed to disk.
+Guidance mixes a conditional and an unconditional prediction, u + w (c - u): with CFG u is the
+network at the null label; with PDG, at the null label *with its deep sparse path skipped* (mask
+tokens in its place), which costs only the dense blocks. Sample i draws its label and noise from
+seed + i on any number of GPUs; an .npz is ADM's layout (arr_0 uint8 N x H x W x 3, arr_1 labels).
 """
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -65,10 +63,8 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0
         both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), **kw)
         v_cond, v_uncond = both.chunk(2)
     out = v_uncond + cfg_scale * (v_cond - v_uncond)
-    if model.cfg.diffusion == "ddpm":
-        # DiT's forward_with_cfg guides only the first 3 of the 8 channels ("for exact
-        # reproducibility"); the 4th noise channel and the variance are the conditional pass's
-        out = torch.cat([out[:, :3], v_cond[:, 3:]], dim=1)
+    if model.cfg.diffusion == "ddpm":     # DiT's forward_with_cfg guides the first 3 of 8 channels
+        out = torch.cat([out[:, :3], v_cond[:, 3:]], dim=1)       # ("for exact reproducibility")
     return out
 
 
@@ -89,18 +85,16 @@ def noise_like(x, generators=None):
         return torch.randn_like(x)
     noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64)
                          for g in generators])
-    if x.is_cuda:                                   # from pinned memory: the host does not wait
-        noise = noise.pin_memory()
+    noise = noise.pin_memory() if x.is_cuda else noise   # pinned: the host does not wait
     return noise.to(x.device, x.dtype, non_blocking=True)
 
 
 @torch.no_grad()
 def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
-    """From noise z (B, C, H, W) to data -> (B, C, H, W) float32. sde: the official Euler-Maruyama
-    sampler (SiT, REPA, SPRINT): diffusion w(t) = 2t, drift v - w/2 * score with the score from the
-    velocity, -(x + (1 - t) v) / t, and a last deterministic step from 0.04 to 0; its noise from
-    `generators`, one per sample. euler, heun: the ODE dx/dt = v. ddpm: DiT's (ddpm_sample). The
-    flow state is kept in float64, the model runs in float32 (bf16 under autocast on CUDA)."""
+    """From noise z (B, C, H, W) to data (float32). sde: the official Euler-Maruyama sampler (SiT,
+    REPA, SPRINT): diffusion w(t) = 2t, drift v - w/2 * score, score -(x + (1 - t) v) / t, a last
+    deterministic step from 0.04 to 0, its noise from `generators` (one per sample). euler, heun:
+    the ODE dx/dt = v; ddpm: DiT's (ddpm_sample). The flow state is float64, the model float32."""
     if sampler == "ddpm":
         return ddpm_sample(model, z, y, steps, generators, **guidance)
 
@@ -133,12 +127,7 @@ def space_timesteps(steps, num_timesteps=DDPM_STEPS):
     """DiT's space_timesteps(1000, str(steps)): evenly strided over 0..999, rounded as DiT rounds
     a running float sum."""
     stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
-    kept = []
-    position = 0.0
-    for _ in range(steps):
-        kept.append(round(position))
-        position += stride
-    return kept
+    return [round(position) for position in itertools.accumulate([0.0] + [stride] * (steps - 1))]
 
 
 class DDPM:
@@ -150,15 +139,14 @@ class DDPM:
         alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, DDPM_STEPS))[self.timesteps]
         prev = np.append(1.0, alpha_bar[:-1])
         betas = 1 - alpha_bar / prev
-        posterior_variance = betas * (1 - prev) / (1 - alpha_bar)             # beta tilde
+        beta_tilde = betas * (1 - prev) / (1 - alpha_bar)                     # the posterior's
         coefficients = dict(sqrt_alpha_bar=np.sqrt(alpha_bar),
                             sqrt_one_minus_alpha_bar=np.sqrt(1 - alpha_bar),
-                            recip=np.sqrt(1 / alpha_bar),                     # x0 from eps
-                            recipm1=np.sqrt(1 / alpha_bar - 1),
+                            recip=np.sqrt(1 / alpha_bar), recipm1=np.sqrt(1 / alpha_bar - 1),
                             coef1=betas * np.sqrt(prev) / (1 - alpha_bar),    # posterior mean
                             coef2=(1 - prev) * np.sqrt(1 - betas) / (1 - alpha_bar),
                             # log beta tilde (clipped at step 0, where it is 0) and log beta
-                            min_log=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+                            min_log=np.log(np.append(beta_tilde[1], beta_tilde[1:])),
                             max_log=np.log(betas))
         self.coef = {k: torch.tensor(v, dtype=torch.float32, device=device)
                      for k, v in coefficients.items()}
@@ -184,8 +172,8 @@ class DDPM:
 
 @torch.no_grad()
 def ddpm_sample(model, z, y, steps=250, generators=None, **guidance):
-    """DiT's p_sample_loop over space_timesteps(steps): from x = z at the last kept timestep,
-    x <- mean + sigma * noise, without noise at the last step; the state in float32, as DiT's."""
+    """DiT's p_sample_loop over space_timesteps(steps): x <- mean + sigma * noise from x = z, no
+    noise at the last step, the state in float32."""
     ddpm = DDPM(space_timesteps(steps), z.device)
     x = z.float()
     for i in reversed(range(steps)):
@@ -203,16 +191,15 @@ def trajectory_passes(sampler="sde", steps=250, cfg_scale=1.0, pdg=False, interv
     ts = time_grid(sampler, steps)
     # Heun also evaluates each step's end; DDPM every timestep it keeps
     evals = ts if sampler == "ddpm" else ts[:-1] + (ts[1:] if sampler == "heun" else [])
-    passes = []
-    for t in evals:
-        level = t / DDPM_STEPS if sampler == "ddpm" else t
-        passes += [(t, False), (t, pdg)] if guided(level, cfg_scale, interval) else [(t, False)]
-    return passes
+    scale = DDPM_STEPS if sampler == "ddpm" else 1                # the times' noise levels
+    return [(t, skip) for t in evals
+            for skip in ((False, pdg) if guided(t / scale, cfg_scale, interval) else (False,))]
 
 
 def trajectory_flops(model, sampler="sde", steps=250, **guidance):
     """Forward FLOPs per image of one whole sampling run (every model pass the sampler makes)."""
-    return sum(model.pass_flops(t, skip) for t, skip in trajectory_passes(sampler, steps, **guidance))
+    passes = trajectory_passes(sampler, steps, **guidance)
+    return sum(model.pass_flops(t, skip) for t, skip in passes)
 
 
 #################################################################################
@@ -243,7 +230,8 @@ def read_safetensors(path):
             if len(data) != end - begin:                                # the file ends early
                 raise EOFError(name)
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-            tensors[name] = torch.frombuffer(data, dtype=dtype[info["dtype"]]).reshape(info["shape"])
+            tensor = torch.frombuffer(data, dtype=dtype[info["dtype"]])
+            tensors[name] = tensor.reshape(info["shape"])
     return tensors
 
 
@@ -252,13 +240,13 @@ def read_checkpoint(path):
     {"model": weights}. A file that is not one, or is cut short, is a ValueError naming it."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
-        if len(head) >= 9 and head[8:9] == b"{":                       # safetensors' JSON header
-            return {"model": read_safetensors(path)}
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            safetensors = f.read(9)[8:] == b"{"               # its JSON header, after its length
+        ckpt = {"model": read_safetensors(path)} if safetensors else torch.load(
+            path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, KeyError, struct.error, UnicodeDecodeError,
             json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint (cut short? {type(e).__name__})") from None
+        raise ValueError(f"{path}: not a readable checkpoint (cut short? {type(e).__name__})"
+                         ) from None
     return ckpt if "model" in ckpt else {"model": ckpt}
 
 
@@ -269,7 +257,8 @@ def from_released(sd, input_size=32, num_heads=None):
     final Linear in (p1, p2, c) order (reordered); SPRINT's has RoPE: the side is `input_size`.
     The heads: the q/k norm's width gives them, else `num_heads`, else the size of this width."""
     if any(name.startswith(TRAINING_ONLY) for name in sd):
-        print(f"ignored {TRAINING_ONLY}* of the checkpoint: REPA's projector head, for training only")
+        print(f"ignored {TRAINING_ONLY}* of the checkpoint: REPA's projector head, for training "
+              f"only")
         sd = {name: tensor for name, tensor in sd.items() if not name.startswith(TRAINING_ONLY)}
     for official, ours in OFFICIAL_NAMES.items():
         sd = {name.replace(official, ours): tensor for name, tensor in sd.items()}
@@ -282,27 +271,22 @@ def from_released(sd, input_size=32, num_heads=None):
             sd[key] = sd[key].unflatten(0, (p, p, -1)).movedim(2, 0).flatten(0, 2)
         input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
 
-    def count(part):
-        return len({name.split(".")[1] for name in sd if name.startswith(part + ".")})
-    sprint = count("middle") > 0
-    sizes = {width: (name, heads) for name, (width, heads, _) in SIZES.items()}
-    size, heads = sizes.get(D, (f"D{D}", num_heads))
+    depths = [len({name.split(".")[1] for name in sd if name.startswith(part + ".")})
+              for part in ("encoder", "middle", "decoder", "blocks")]         # blocks: a DiT's
+    size, heads = next(((name, h) for name, (w, h, _) in SIZES.items() if w == D), (D, num_heads))
     if "encoder.0.attn.q_norm.weight" in sd:
         heads = D // len(sd["encoder.0.attn.q_norm.weight"])
     if not heads:
         raise ValueError(f"cannot tell the attention heads of a released width-{D} model")
-    cfg = ModelConfig("sprint" if sprint else "dit", size, p, input_size, 4,
+    cfg = ModelConfig("dit" if table else "sprint", size, p, input_size, 4,
                       len(sd["y_embedder.embedding_table.weight"]) - 1, D, heads,
-                      (count("encoder"), count("middle"), count("decoder")) if sprint
-                      else (0, count("blocks"), 0),
-                      diffusion="ddpm" if table else "flow",
-                      positions="table" if table else "rope", qk_norm=not table)
+                      (0, depths[3], 0) if table else depths[:3], diffusion="ddpm" if table
+                      else "flow", positions="table" if table else "rope", qk_norm=not table)
     return cfg, sd
 
 
 def checkpoint_weights(ckpt, path, ema=True, input_size=32, num_heads=None):
-    """(config, weights) of a read checkpoint: ours (its EMA weights if asked and present) or a
-    released one (from_released)."""
+    """(config, weights) of a read checkpoint: ours (EMA if asked and there) or a released one."""
     if "config" in ckpt:
         return ModelConfig(**ckpt["config"]), ckpt["ema" if ema and "ema" in ckpt else "model"]
     try:
@@ -317,8 +301,8 @@ def load_weights(model, sd, path):
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        message = " ".join(str(e).split())
-        raise ValueError(f"{path} does not fit this {model.cfg.model} model: {message}") from None
+        raise ValueError(f"{path} does not fit this {model.cfg.model} model: "
+                         f"{' '.join(str(e).split())}") from None
     return model
 
 
@@ -334,26 +318,22 @@ def load_model(path, ema=True, input_size=32, num_heads=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--ckpt", help="train.py's or a released file (default: the newest checkpoint "
-                   "in --results-dir; with --pdg, the newest SPRINT one)")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--ckpt", help="default: the newest in --results-dir (with --pdg: SPRINT's)")
+    p.add_argument("--results-dir", default="results", help="where train.py's runs are")
     p.add_argument("--image-size", type=int, default=256, help="released SPRINT files: 256 or 512")
-    p.add_argument("--sampler", choices=["sde", "euler", "heun", "ddpm"], help="default: sde "
-                   "(the official) for flow models, ddpm for the DiT paper's")
+    p.add_argument("--sampler", choices=["sde", "euler", "heun", "ddpm"], help="default: the "
+                   "model's (sde, the official, for flow; ddpm for the DiT paper's)")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=4.0, help="1: no guidance")
     p.add_argument("--pdg", action="store_true", help="path-drop guidance (SPRINT)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0],
                    metavar=("LOW", "HIGH"), help="noise levels to guide at (1 is noise)")
     p.add_argument("--classes", type=int, nargs="+", help="labels, cycled (default: random)")
-    p.add_argument("--num-samples", type=int, help="default: 16 (one per --classes) for a grid, "
-                   "50000 for an .npz")
+    p.add_argument("--num-samples", type=int, help="default: 16 (or --classes) or 50000 (.npz)")
     p.add_argument("--seed", type=int, default=0, help="sample i is seeded seed + i")
     p.add_argument("--per-proc-batch-size", type=int, default=64)
-    p.add_argument("--out", help="a grid (.png, .jpg) or an .npz for fid.py (default: "
-                   "samples/<checkpoint>-<guidance>.png)")
-    p.add_argument("--vae", help="diffusers AutoencoderKL for latent models (else the latents are "
-                   "saved, for tools/decode_latents.py)")
+    p.add_argument("--out", help="a grid (.png, .jpg) or an .npz (default: samples/<ckpt>-<w>.png)")
+    p.add_argument("--vae", help="diffusers AutoencoderKL (without: latents, for tools/)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
     for name in ("steps", "per_proc_batch_size", "num_samples"):
@@ -391,8 +371,7 @@ def autocast(device):
 def sampling_model(args, device):
     """(model, sampler, latent scale, output path) for the flags, each checked where it enters."""
     if args.ckpt is None:                                  # run folders: NNN-model-size-patch
-        pattern = os.path.join(args.results_dir, f"*-{'sprint' if args.pdg else '*'}-*",
-                               "checkpoints", "*.pt")
+        pattern = f"{args.results_dir}/*-{'sprint' if args.pdg else '*'}-*/checkpoints/*.pt"
         if not glob.glob(pattern):
             raise ValueError(f"no checkpoint in {pattern}: train one with train.py, or give --ckpt")
         args.ckpt = max(glob.glob(pattern), key=os.path.getmtime)
@@ -401,10 +380,11 @@ def sampling_model(args, device):
     ckpt = read_checkpoint(args.ckpt)
     cfg, sd = checkpoint_weights(ckpt, args.ckpt, input_size=args.image_size // 8)
     model = load_weights(MODELS[cfg.model](cfg), sd, args.ckpt).eval()
-    sampler = args.sampler or ("ddpm" if cfg.diffusion == "ddpm" else "sde")
-    if (sampler == "ddpm") != (cfg.diffusion == "ddpm"):
+    ddpm = cfg.diffusion == "ddpm"
+    sampler = args.sampler or ("ddpm" if ddpm else "sde")
+    if (sampler == "ddpm") != ddpm:
         raise ValueError(f"--sampler {sampler}: this {cfg.diffusion} model samples with "
-                         f"{'--sampler ddpm' if cfg.diffusion == 'ddpm' else 'sde, euler or heun'}")
+                         f"{'--sampler ddpm' if ddpm else 'sde, euler or heun'}")
     if args.pdg and not model.has_sparse_path:
         raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT), not this "
                          f"{cfg.model}: guide it with CFG (leave --pdg out)")
@@ -429,11 +409,13 @@ def load_vae(path, device):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ValueError("--vae needs the optional diffusers package: pip install diffusers") from None
+        raise ValueError("--vae needs the optional package diffusers: pip install diffusers"
+                         ) from None
     try:
         return AutoencoderKL.from_pretrained(path).to(device).eval()
     except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
-        raise ValueError(f"--vae {path}: not an AutoencoderKL ({' '.join(str(e).split())})") from None
+        message = " ".join(str(e).split())
+        raise ValueError(f"--vae {path}: not an AutoencoderKL ({message})") from None
 
 
 def sample_inputs(indices, seed, classes, num_classes, shape, device):
@@ -455,8 +437,7 @@ def to_uint8(x):
 
 @torch.no_grad()
 def finish(x, vae=None, latent_scale=LATENT_SCALE):
-    """Sampler output -> what is stored: {"arr_0": uint8 images}, or {"latents": ...} for latents
-    without a VAE."""
+    """Sampler output -> what is stored: {"arr_0": uint8 images}, or {"latents": ...} (no VAE)."""
     if x.shape[1] != 4:                                  # pixel space: the image in [-1, 1]
         return {"arr_0": to_uint8(x)}
     z = x.float() / latent_scale                         # SD-VAE latents, (B, 4, H/8, W/8)
@@ -467,8 +448,7 @@ def finish(x, vae=None, latent_scale=LATENT_SCALE):
 
 
 def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one image file, nrow per row
-    (default: square), 2 px white borders."""
+    """Images (B, 3, H, W) in [-1, 1] or uint8 (B, H, W, 3) -> a grid file, nrow a row."""
     imgs = to_uint8(x) if torch.is_tensor(x) else x
     B, H, W, C = imgs.shape
     nrow = nrow or math.ceil(math.sqrt(B))
@@ -480,9 +460,8 @@ def save_grid(x, path, nrow=None):
 
 
 def write_npz(f, arrays):
-    """An uncompressed .npz, laid out as np.savez lays it out (np.load and fid.py read it), from
-    {name: (shape, dtype, blocks)}: each array's header, then its rows block by block, so memory
-    holds one block whatever the number of rows."""
+    """An uncompressed .npz as np.savez lays it out, from {name: (shape, dtype, blocks)}: a header,
+    then the rows block by block, so memory holds one block whatever the number of rows."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, (shape, dtype, blocks) in arrays.items():
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
@@ -494,9 +473,8 @@ def write_npz(f, arrays):
 
 
 def merge_shards(shards, path, num_samples, nrow=None):
-    """The shard files, in order, into `path`: an .npz streamed shard by shard (memory holds one
-    shard of 50,000 images at 512 px, not 39 GB), or a grid image; written to a temporary file and
-    renamed, so a file at `path` is always whole."""
+    """The shards, in order, into `path`, an .npz streamed shard by shard (50,000 images of 512 px
+    are 39 GB) or a grid image, written to a temporary file and renamed: `path` is always whole."""
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f".{name}.tmp{os.path.splitext(name)[1]}")
 
@@ -506,20 +484,17 @@ def merge_shards(shards, path, num_samples, nrow=None):
                 yield f[key]
 
     if path.endswith(".npz"):
-        with np.load(shards[0]) as first:
-            rows = {key: ((num_samples, *first[key].shape[1:]), first[key].dtype, blocks(key))
-                    for key in first.files}
-        with open(temporary, "wb") as f:
-            write_npz(f, rows)
+        with np.load(shards[0]) as first, open(temporary, "wb") as f:
+            write_npz(f, {key: ((num_samples, *first[key].shape[1:]), first[key].dtype, blocks(key))
+                          for key in first.files})
     else:
         save_grid(np.concatenate(list(blocks("arr_0"))), temporary, nrow)
     os.replace(temporary, path)
 
 
 def main(argv=None):
-    """Sample as the flags say. Batch k (samples kB..kB+B-1) goes to rank k % world and into its
-    own shard file in PATH.parts-<settings>/, renamed into place once whole: the same command
-    rerun after an interruption samples only the missing batches; rank 0 merges them."""
+    """Sample as the flags say: batch k (samples kB..kB+B-1) on rank k % world, into its shard in
+    PATH.parts-<settings>/ once whole (a rerun samples only the missing ones); rank 0 merges."""
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     try:
@@ -543,7 +518,6 @@ def main(argv=None):
               f"{'PDG' if args.pdg else 'CFG'} {args.cfg_scale:g}: "
               f"{len(trajectory_passes(sampler, args.steps, **guidance))} model passes, "
               f"{flops / 1e12:.4g} forward TFLOPs per image (CFG's: {cfg_flops / 1e12:.4g})")
-
     os.makedirs(parts, exist_ok=True)
     start = time.perf_counter()
     todo = [k for k in range(rank, len(shards), world) if not os.path.exists(shards[k])]
@@ -560,13 +534,12 @@ def main(argv=None):
     if rank == 0:
         merge_shards(shards, path, N, len(args.classes or []) or None)
         shutil.rmtree(parts)
-        n = sum(min(B, N - k * B) for k in todo)                  # this process's images
-        seconds = time.perf_counter() - start
+        n, seconds = sum(min(B, N - k * B) for k in todo), time.perf_counter() - start
         print(f"wrote {path}; {n} images here in {seconds:.1f} s: {n / seconds:.3g} img/s, "
               f"{flops * n / seconds / 1e12:.3g} forward TFLOP/s a process")
-        if path.endswith(".latents.npz"):
-            print(f"{path} holds latents, not images (no --vae): decode them with "
-                  f"tools/decode_latents.py (pip install diffusers)")
+    if rank == 0 and path.endswith(".latents.npz"):
+        print(f"{path} holds latents, not images (no --vae): decode them with "
+              f"tools/decode_latents.py (pip install diffusers)")
     if world > 1:
         dist.barrier()                                            # the merge, before the group ends
         dist.destroy_process_group()
