@@ -76,7 +76,6 @@ def parser():
     p.add_argument("--path-drop", type=number(0, 1, float), default=0.1, help="SPRINT's")
     p.add_argument("--global-batch-size", type=number(1), default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="stage 1 (SPRINT, SiT: 1e-4)")
-    p.add_argument("--warmup", type=number(0), default=0, help="stage-1 lr warm-up steps")
     p.add_argument("--ema-decay", type=float, default=0.995, help="stage 1 (the papers: 0.9999)")
     p.add_argument("--steps", type=number(0), default=2000, help="stage-1 steps")
     p.add_argument("--finetune-steps", type=number(0), default=0, help="stage 2, at 0%% drop")
@@ -87,9 +86,9 @@ def parser():
     start.add_argument("--init", help="a checkpoint's EMA weights, a fresh optimizer (stage 2; a "
                        "DiT for SparseDiT: ours or DiT-XL-2-256x256.pt)")
     start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="weights, data order, every random draw")
-    p.add_argument("--results-dir", default="results", help="where numbered run folders go")
+    p.add_argument("--results-dir", default="results")
     p.add_argument("--log-every", type=number(1), default=25, help="loss, img/s, TFLOP/s")
     p.add_argument("--ckpt-every", type=number(0), default=500, help="0: at stage ends only")
     p.add_argument("--sample-every", type=number(0), default=250, help="EMA grid; 0: never")
@@ -110,13 +109,13 @@ def parse_args(argv):
         ckpt = read_checkpoint(path)
     except ValueError as e:
         raise ValueError(f"--resume {e}") from None
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if given - {"--resume", "--steps", "--finetune-steps"}:
+        raise ValueError(f"--resume {path} takes the run's flags, and only --steps and "
+                         f"--finetune-steps may grow: leave out the others")
     run = argparse.Namespace(**{**ckpt["args"], "resume": path})
-    for k in sorted({a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}):
-        if k not in ("resume", "results_dir", "steps", "finetune_steps") and \
-                getattr(args, k) != getattr(run, k):
-            raise ValueError(f"--resume {path} takes the run's flags: --{k.replace('_', '-')} "
-                             f"{getattr(args, k)} differs from its {getattr(run, k)}")
-        setattr(run, k, getattr(args, k))
+    for k in ("steps", "finetune_steps"):
+        setattr(run, k, getattr(args, k) if f"--{k.replace('_', '-')}" in given else getattr(run, k))
     step, stored = ckpt["step"], ckpt["args"]
     grows = run.steps >= stored["steps"] and run.finetune_steps >= stored["finetune_steps"]
     if not grows or run.steps != stored["steps"] and step > stored["steps"]:
@@ -128,9 +127,6 @@ def parse_args(argv):
 #################################################################################
 #            Data: the toy set, image folders, arrays (memory-mapped)           #
 #################################################################################
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 def embedded_dataset(size=16, n=4000, seed=0):
     """Ten classes of coloured shapes drawn in numpy (no download): uint8 (n, size, size, 3), labels
@@ -168,6 +164,7 @@ def embedded_dataset(size=16, n=4000, seed=0):
 
 def center_crop_arr(img, size):
     """ADM's (and DiT's): halve with a box filter while large, resize bicubic, crop the centre."""
+    img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -177,37 +174,12 @@ def center_crop_arr(img, size):
     return arr[top: top + size, left: left + size]
 
 
-class ImageFolder:
-    """root/<class>/<image> (ImageNet layout), the classes in sorted order; data[indices] decodes
-    a batch (in a DataLoader worker) centre-cropped to `size`, or stops the run naming the file."""
-    def __init__(self, root, size):
-        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        self.files = [(os.path.join(root, c, name), k) for k, c in enumerate(classes)
-                      for name in sorted(os.listdir(os.path.join(root, c)))
-                      if name.lower().endswith(IMAGE_EXTS)]
-        self.num_classes, self.size = len(classes), size
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, idx):
-        images = []
-        for path, _ in (self.files[i] for i in idx):
-            try:
-                with Image.open(path) as img:
-                    images.append(center_crop_arr(img.convert("RGB"), self.size))
-            except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "not an image"
-                raise ValueError(f"--data: cannot decode {path} ({e})") from None
-        y = torch.tensor([self.files[i][1] for i in idx])
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), y
-
-
 class Arrays:
-    """x: uint8 images (N, H, W, 3), float latents (N, C, H, W), or (N, V, C, H, W): V views of each
-    image (tools/encode_latents.py: the image and its mirror), of which a step draws one; y: N
-    labels. In memory (the toy data, an .npz), or a folder's x.npy and y.npy, memory-mapped and
-    opened per batch as nanoGPT opens its tokens: a rank's memory does not grow with N. data[idx]
-    reads those rows, crops pixels to `size` where they differ, and stops at a non-finite latent."""
+    """x: an image folder's files (decoded per batch, in DataLoader workers), uint8 images
+    (N, H, W, 3), float latents (N, C, H, W) or (N, V, C, H, W), V views of each image
+    (tools/encode_latents.py's image and mirror) of which a step draws one; y: N labels. In memory,
+    or a folder's x.npy and y.npy memory-mapped, opened per batch as nanoGPT opens its tokens: a
+    rank's memory does not grow with N. data[idx] reads those rows, images centre-cropped."""
     def __init__(self, source, size, x=None, y=None):
         self.source, self.size, self.x, self.y = source, size, x, y
 
@@ -221,10 +193,10 @@ class Arrays:
 
     def __getitem__(self, idx):
         x, y = self.arrays()
-        x = np.asarray(x[idx])                                       # reads these rows only
+        x = [self.decode(path) for path in x[idx]] if x.dtype.kind == "U" else np.asarray(x[idx])
         y = torch.from_numpy(y[idx].astype(np.int64))
-        if x.dtype == np.uint8 and x.shape[1:3] != (self.size, self.size):
-            x = np.stack([center_crop_arr(Image.fromarray(img), self.size) for img in x])
+        if isinstance(x, list) or x.dtype == np.uint8 and x.shape[1:3] != (self.size, self.size):
+            x = np.stack([center_crop_arr(img, self.size) for img in x])
         if x.dtype == np.uint8:                                      # (B, H, W, 3) -> (B, 3, H, W)
             return torch.from_numpy(x).permute(0, 3, 1, 2), y
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
@@ -233,6 +205,25 @@ class Arrays:
                              f"infinite values; remove it")
         return torch.from_numpy(x), y
 
+    def decode(self, path):
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "not an image"
+            raise ValueError(f"--data: cannot decode {path} ({e})") from None
+
+
+def image_folder(root, size):
+    """root/<class>/<image> (ImageNet layout), the classes in sorted order -> (Arrays, classes)."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    files = [(os.path.join(root, c, name), k) for k, c in enumerate(classes)
+             for name in sorted(os.listdir(os.path.join(root, c)))
+             if name.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))]
+    if not files:
+        raise ValueError(f"--data {root}: no images (.png/.jpg/.webp/.bmp) in sub-folders")
+    x, y = map(np.array, zip(*files))
+    return Arrays(root, size, x, y), len(classes)
+
 
 def load_data(args):
     """(dataset, number of classes) of --data, checked where it enters."""
@@ -240,11 +231,7 @@ def load_data(args):
         return Arrays("the toy data", args.image_size or 16,
                       *embedded_dataset(args.image_size or 16)), 10
     if os.path.isdir(args.data) and not os.path.isfile(os.path.join(args.data, "x.npy")):
-        images = ImageFolder(args.data, args.image_size or 64)
-        if not images.files:
-            raise ValueError(f"--data {args.data}: no images ({'/'.join(IMAGE_EXTS)}) in a "
-                             f"sub-folder per class")
-        return images, images.num_classes
+        return image_folder(args.data, args.image_size or 64)
     try:
         data = Arrays(args.data, args.image_size)
         if not os.path.isdir(args.data):
@@ -358,10 +345,10 @@ def ddpm_loss(model, x, y, t, eps, ddpm, **sparse):
     inv_std = torch.exp(-0.5 * log_var)
     upper = cdf(inv_std * (x - mean + 1 / 255))
     lower = cdf(inv_std * (x - mean - 1 / 255))
-    log_p = torch.where(x < -0.999, torch.log(upper.clamp(min=1e-12)),     # the outer bins reach
-                        torch.where(x > 0.999, torch.log((1 - lower).clamp(min=1e-12)),  # to inf
-                                    torch.log((upper - lower).clamp(min=1e-12))))
-    vb = torch.where(t == 0, -log_p.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2.0)
+    # the probability of x's bin; the outermost bins reach to infinity
+    p = torch.where(x < -0.999, upper, torch.where(x > 0.999, 1 - lower, upper - lower))
+    nll = -torch.log(p.clamp(min=1e-12))
+    vb = torch.where(t == 0, nll.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2.0)
     return (eps - eps_pred).pow(2).mean((1, 2, 3)), vb
 
 
@@ -380,12 +367,12 @@ Stage = namedtuple("Stage", "drop path_drop lr ema_decay")
 
 
 def stage_at(args, step, sparse_path):
-    """The training stage of this step (SPRINT Sec. 3.3): stage 1 at --drop; stage 2 at 0% drop
-    with its own lr, warm-up and EMA. Path drop in both; neither drop without a sparse path. The
-    official warm-up: lr from 1% (LinearLR) and EMA decay at most 0.999 over its first steps."""
+    """This step's stage (SPRINT Sec. 3.3): stage 1 at --drop; stage 2 at 0% drop, with its own
+    lr, EMA and the official warm-up (LinearLR from 1%, EMA decay at most 0.999). Path drop in both;
+    neither drop without a sparse path."""
     two = step >= args.steps
     begin, lr, warmup, decay = ((args.steps, args.ft_lr, args.ft_warmup, args.ft_ema_decay) if two
-                                else (0, args.lr, args.warmup, args.ema_decay))
+                                else (0, args.lr, 0, args.ema_decay))
     progress = min(1.0, (step - begin) / warmup) if warmup else 1.0
     return Stage(0.0 if two else args.drop * sparse_path, args.path_drop * sparse_path,
                  lr * (0.01 + 0.99 * progress), min(decay, 0.999) if progress < 1 else decay)
@@ -503,7 +490,8 @@ def main(argv=None):
     pixels = first.dtype == torch.uint8
     start, train_s = (ckpt["step"], ckpt["train_s"]) if ckpt else (0, 0.0)
     order = epoch_batches(train_idx, G, rank, world, args.seed, start)
-    workers = 8 * isinstance(dataset, ImageFolder) if args.num_workers is None else args.num_workers
+    decodes = dataset.x is not None and dataset.x.dtype.kind == "U"     # an image folder's files
+    workers = 8 * decodes if args.num_workers is None else args.num_workers
     loader = iter(DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                              pin_memory=device.type == "cuda", generator=torch.Generator()))
 

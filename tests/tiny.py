@@ -36,10 +36,10 @@ TOY_DATA = None                                  # an .npz of 400 embedded image
 def run(tmp_path, *flags):
     """train.main in this process on the tiny model, by default on 400 images of the embedded data
     at 16 px -> the run folder."""
-    data = [] if "--data" in flags or "--resume" in flags else ["--data", TOY_DATA]
-    args = [*TINY, *data, "--eval-every", "0", "--sample-every", "0", *flags]
     if "--resume" in flags:                         # a resumed run takes its own flags
-        args = list(flags)
+        return Path(train.main(list(flags)))
+    data = [] if "--data" in flags else ["--data", TOY_DATA]
+    args = [*TINY, *data, "--eval-every", "0", "--sample-every", "0", *flags]
     return Path(train.main([*args, "--results-dir", str(tmp_path / "results")]))
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from sample import load_vae                                                      # noqa: E402
-from train import ImageFolder                                                    # noqa: E402
+from train import image_folder                                                   # noqa: E402
 
 
 def preallocate(path, shape, dtype):
@@ -44,9 +44,10 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
     """Encode `folder` (ImageNet layout) into out/x.npy and out/y.npy, as the module says."""
     if os.path.exists(out):
         raise ValueError(f"{out} exists: choose another output folder (nothing is overwritten)")
-    images = ImageFolder(folder, size)
-    if not images.files:
-        raise ValueError(f"FOLDER {folder}: no images found (in a sub-folder per class)")
+    try:
+        images, _ = image_folder(folder, size)
+    except ValueError as e:
+        raise ValueError(f"FOLDER {str(e).split(' ', 1)[1]}") from None
     encoder = load_vae(vae, device)
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)                 # a killed run's leftovers
@@ -77,8 +78,8 @@ def write_latents(images, encoder, folder, size, device, batch, workers):
             z = torch.stack(views, dim=1).half().cpu().numpy()   # (B, 2, 4, size/8, size/8)
             bad = np.flatnonzero(~np.isfinite(z.reshape(len(z), -1)).all(axis=1))
             if len(bad):
-                raise ValueError(f"{images.files[first + bad[0]][0]}: its latent holds NaN or "
-                                 f"infinite values; nothing was written")
+                raise ValueError(f"{images.x[first + bad[0]]}: its latent holds NaN or infinite "
+                                 f"values; nothing was written")
             x.seek(x_start + first * row_bytes)
             x.write(z.tobytes())
             y.seek(y_start + first * 8)
