@@ -10,10 +10,9 @@ model's diffusion (flow matching as SiT; DiT's DDPM loss for a model converted f
 The defaults are the toy run; README.md's recipes give the papers' sizes and schedules. Stage 2
 (--finetune-steps) trains on all tokens from the stage-1 EMA weights with a fresh optimizer, its own
 lr, warm-up and EMA (SPRINT Sec. 3.3). Exact resume from the step alone: epoch e's data order comes
-from (seed, e) and every other random draw of step s from (seed, s), drawn for the whole global
-batch on every rank, each rank taking its rows; so a checkpoint is the weights, EMA, optimizer,
-step and config, and no draw depends on the number of processes. Data: an image folder (ImageNet
-layout), a folder with x.npy and y.npy (memory-mapped), an .npz with x and y, or none (toy shapes).
+from (seed, e), every other draw of step s from (seed, s), for the whole global batch on every rank
+(each takes its rows): a checkpoint is the weights, EMA, optimizer, step and config. Data: an image
+folder, a folder with x.npy and y.npy (memory-mapped), an .npz with x and y, or none (toy shapes).
 """
 import argparse
 import copy
@@ -64,9 +63,8 @@ def parser():
     p.add_argument("--hidden-size", type=number(1), help="overrides the size's width")
     p.add_argument("--num-heads", type=number(1), help="overrides the size's heads")
     p.add_argument("--depths", type=number(0), nargs=3, help="overrides the size's blocks")
-    p.add_argument("--layout", type=lambda s: [int(v) for v in s.split(",")], metavar="P,S,K,T",
-                   help="sparsedit: Poolingformers, SDTMs, sparse blocks per SDTM, top blocks")
-    p.add_argument("--density", type=number(1), nargs=2, help="sparsedit: sparse grid sides")
+    p.add_argument("--layout", type=lambda s: [int(v) for v in s.split(",")], help="sparsedit's")
+    p.add_argument("--density", type=number(1), nargs=2, help="sparsedit's sparse grid sides")
     p.add_argument("--data", help="an image folder, x.npy and y.npy's folder, or an .npz")
     p.add_argument("--image-size", type=number(1), help="default: the data's, 16 toy, 64 folders")
     p.add_argument("--latent-scale", type=float, help="times float latents (SD-VAE: 0.18215)")
@@ -83,8 +81,7 @@ def parser():
     p.add_argument("--ft-warmup", type=number(0), default=100, help="stage 2 (official: 5000)")
     p.add_argument("--ft-ema-decay", type=float, default=0.995, help="(official: 0.9999)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--init", help="a checkpoint's EMA weights, a fresh optimizer (stage 2; a "
-                       "DiT for SparseDiT: ours or DiT-XL-2-256x256.pt)")
+    start.add_argument("--init", help="a checkpoint's EMA weights (a DiT's: SparseDiT's start)")
     start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="weights, data order, every random draw")
@@ -97,8 +94,7 @@ def parser():
 
 
 def parse_args(argv):
-    """The flags of a new run, or of the run --resume continues -> (flags, (its checkpoint's path,
-    the checkpoint) or None)."""
+    """The flags of a new run or of the run --resume continues -> (flags, (checkpoint path, it))."""
     args = parser().parse_args(argv)
     if args.resume is None:
         return args, (None, None)
@@ -114,8 +110,8 @@ def parse_args(argv):
         raise ValueError(f"--resume {path} takes the run's flags, and only --steps and "
                          f"--finetune-steps may grow: leave out the others")
     run = argparse.Namespace(**{**ckpt["args"], "resume": path})
-    for k in ("steps", "finetune_steps"):
-        setattr(run, k, getattr(args, k) if f"--{k.replace('_', '-')}" in given else getattr(run, k))
+    run.steps = args.steps if "--steps" in given else run.steps
+    run.finetune_steps = args.finetune_steps if "--finetune-steps" in given else run.finetune_steps
     step, stored = ckpt["step"], ckpt["args"]
     grows = run.steps >= stored["steps"] and run.finetune_steps >= stored["finetune_steps"]
     if not grows or run.steps != stored["steps"] and step > stored["steps"]:
@@ -129,19 +125,15 @@ def parse_args(argv):
 #################################################################################
 
 def embedded_dataset(size=16, n=4000, seed=0):
-    """Ten classes of coloured shapes drawn in numpy (no download): uint8 (n, size, size, 3), labels
-    (n,). A class is a shape and a hue; position, radius, hue and background vary, so a model must
-    learn what a class looks like."""
+    """Ten classes of coloured shapes drawn in numpy: uint8 (n, size, size, 3), labels (n,). A class
+    is a shape and a hue; position, radius, hue and background vary."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 10, n)
     r = rng.uniform(0.2, 0.32, (n, 1, 1))
     cy, cx = rng.uniform(0.35, 0.65, (2, n, 1, 1))
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size                # pixel centres in (0, 1)
-    dy = yy - cy
-    dx = xx - cx
-    d = np.hypot(dy, dx)
-    box = np.maximum(abs(dx), abs(dy))
-    thin = 0.3 * r
+    dy, dx = yy - cy, xx - cx
+    d, box, thin = np.hypot(dy, dx), np.maximum(abs(dx), abs(dy)), 0.3 * r
     shapes = [
         d < r,                                                      # disc
         box < r,                                                    # square
@@ -158,8 +150,7 @@ def embedded_dataset(size=16, n=4000, seed=0):
     hue = y[:, None] / 10 + rng.uniform(-0.03, 0.03, (n, 1)) + np.array([0, 1 / 3, 2 / 3])
     fg = 0.5 + 0.5 * np.cos(2 * np.pi * hue)                      # a point on the colour wheel
     bg = rng.uniform(0.0, 0.35, (n, 1)) * np.ones(3)
-    pixels = np.where(mask, fg[:, None, None], bg[:, None, None])
-    return (255 * pixels).round().astype(np.uint8), y
+    return (255 * np.where(mask, fg[:, None, None], bg[:, None, None])).round().astype(np.uint8), y
 
 
 def center_crop_arr(img, size):
@@ -169,8 +160,7 @@ def center_crop_arr(img, size):
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
     arr = np.asarray(img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC))
-    top = (arr.shape[0] - size) // 2
-    left = (arr.shape[1] - size) // 2
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top: top + size, left: left + size]
 
 
@@ -266,17 +256,14 @@ def split(n):
 
 
 def epoch_batches(indices, global_batch, rank, world, seed, step):
-    """This rank's slice of each global batch from `step` on, endlessly: epoch e is a permutation
-    seeded by (seed, e), the same on every rank (together they see every item once an epoch)."""
-    per_epoch = len(indices) // global_batch
-    L = global_batch // world
+    """This rank's slice of each global batch from `step` on; epoch e's order seeded (seed, e)."""
+    per_epoch, L = len(indices) // global_batch, global_batch // world
     epoch, batch = divmod(step, per_epoch)
     while True:
         perm = indices[np.random.default_rng((seed, epoch)).permutation(len(indices))]
         for b in range(batch, per_epoch):
             yield perm[b * global_batch + rank * L: b * global_batch + (rank + 1) * L]
-        epoch += 1
-        batch = 0
+        epoch, batch = epoch + 1, 0
 
 
 #################################################################################
@@ -284,16 +271,14 @@ def epoch_batches(indices, global_batch, rank, world, seed, step):
 #################################################################################
 
 def build_model(args, channels, side, num_classes, device, resumed=None):
-    """(model, its EMA, AdamW): a resumed run's state, or the flags' model for this data with
-    --init's weights if given. The model then takes --init's diffusion, positions and q/k norm
-    (the DiT paper's, from a released DiT), and a SparseDiT converts a DiT (SparseDiT.from_dit)."""
+    """(model, EMA, AdamW): a resumed run's, or the flags' model with --init's weights (and its
+    diffusion, positions, q/k norm: a released DiT's), a SparseDiT converted from a DiT's."""
     try:
         init_cfg, weights = None, None
         if args.init and not resumed:
             init_cfg, weights = checkpoint_weights(read_checkpoint(args.init), args.init,
                                                    input_size=side)
-        paper = {k: getattr(init_cfg, k) for k in ("diffusion", "positions", "qk_norm")
-                 if init_cfg}
+        paper = {k: getattr(init_cfg, k) for k in ("diffusion", "positions", "qk_norm") if init_cfg}
         extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k)}
         cfg = ModelConfig(**resumed["config"]) if resumed else ModelConfig(
             args.model, args.size, args.patch_size, side, channels, num_classes,
@@ -329,10 +314,9 @@ LABEL_DROP = 0.1               # labels -> the null label, for classifier-free g
 
 
 def ddpm_loss(model, x, y, t, eps, ddpm, **sparse):
-    """DiT's training_losses per sample at integer timesteps t -> (mse, vb): x_t = sqrt(ab) x +
-    sqrt(1 - ab) eps; mse of the predicted noise; vb the variational bound's term for the learned
-    variance with the predicted mean frozen: KL(q(x_{t-1} | x_t, x) || p(x_{t-1} | x_t)) in bits
-    per dimension, at t = 0 the NLL of the data under a Gaussian discretised into 256 bins."""
+    """DiT's training_losses per sample at timesteps t -> (mse, vb): mse of the predicted noise; vb
+    the variational bound's term for the learned variance, the mean frozen: KL(q(x_{t-1} | x_t, x)
+    || p(x_{t-1} | x_t)) in bits per dimension, at t = 0 the discretised decoder's NLL."""
     x_t = ddpm.at("sqrt_alpha_bar", t) * x + ddpm.at("sqrt_one_minus_alpha_bar", t) * eps
     eps_pred, v = model(x_t, t, y, **sparse).float().chunk(2, dim=1)
     mean, log_var, _ = ddpm.p_mean_variance(torch.cat([eps_pred.detach(), v], 1), x_t, t)
@@ -363,7 +347,7 @@ def loss_at(model, x, y, t, eps, ddpm, **sparse):
     return (v.float() - (eps - x)).pow(2).mean()
 
 
-Stage = namedtuple("Stage", "drop path_drop lr ema_decay")
+Stage = namedtuple("Stage", "drop mask_type path_drop lr ema_decay")
 
 
 def stage_at(args, step, sparse_path):
@@ -374,33 +358,31 @@ def stage_at(args, step, sparse_path):
     begin, lr, warmup, decay = ((args.steps, args.ft_lr, args.ft_warmup, args.ft_ema_decay) if two
                                 else (0, args.lr, 0, args.ema_decay))
     progress = min(1.0, (step - begin) / warmup) if warmup else 1.0
-    return Stage(0.0 if two else args.drop * sparse_path, args.path_drop * sparse_path,
-                 lr * (0.01 + 0.99 * progress), min(decay, 0.999) if progress < 1 else decay)
+    return Stage(0.0 if two else args.drop * sparse_path, args.mask_type,
+                 args.path_drop * sparse_path, lr * (0.01 + 0.99 * progress),
+                 min(decay, 0.999) if progress < 1 else decay)
 
 
-def sparse_path_inputs(G, rows, grid, drop, path_drop, mask_type, device):
-    """SPRINT's random inputs of a training forward, drawn for the whole global batch of G, this
-    rank's rows: ids_keep (B, M), the tokens the middle blocks keep, and path_drop (B,), the
-    samples whose middle output is replaced by mask tokens. Static shapes: no host sync."""
+def sparse_path_inputs(G, rows, grid, stage, device):
+    """SPRINT's random inputs of a forward, drawn for a global batch of G, this rank's rows:
+    ids_keep (B, M), the tokens the middle blocks keep; path_drop (B,), samples that skip them."""
     inputs = {}
-    if drop:
-        inputs["ids_keep"] = sample_ids_keep(G, grid, drop, mask_type, device)[rows]
-    if path_drop:
-        inputs["path_drop"] = (torch.rand(G, device=device) < path_drop)[rows]
+    if stage.drop:
+        inputs["ids_keep"] = sample_ids_keep(G, grid, stage.drop, stage.mask_type, device)[rows]
+    if stage.path_drop:
+        inputs["path_drop"] = (torch.rand(G, device=device) < stage.path_drop)[rows]
     return inputs
 
 
-def train_step(model, raw, ema, opt, x, y, G, rows, stage, mask_type, ddpm):
-    """One AdamW step on this rank's rows of the global batch -> (loss, grad norm) as device
-    tensors: nothing in here waits for the GPU."""
+def train_step(model, raw, ema, opt, x, y, G, rows, stage, ddpm):
+    """One AdamW step on this rank's rows -> (loss, grad norm) on the device: no host sync."""
     device = x.device
     if ddpm:
         t = torch.randint(DDPM_STEPS, (G,), device=device)[rows]    # DiT: uniform timesteps
     else:
         t = torch.sigmoid(torch.randn(G, device=device))[rows]      # logit-normal t = s/(1+s)
     y = torch.where((torch.rand(G, device=device) < LABEL_DROP)[rows], raw.cfg.num_classes, y)
-    sparse = sparse_path_inputs(G, rows, raw.cfg.grid, stage.drop, stage.path_drop, mask_type,
-                                device)
+    sparse = sparse_path_inputs(G, rows, raw.cfg.grid, stage, device)
     eps = torch.randn(G, *x.shape[1:], device=device)[rows]
     loss = loss_at(model, x, y, t, eps, ddpm, **sparse)
     loss.backward()
@@ -417,16 +399,15 @@ def train_step(model, raw, ema, opt, x, y, G, rows, stage, mask_type, ddpm):
 #################################################################################
 
 @torch.no_grad()
-def held_out_loss(model, x, y, drop, mask_type, ddpm, batch=64, levels=8):
-    """The training loss on the held-out set at noise levels (i + 0.5)/levels, with the same
-    noise and drop pattern (no path drop) at every evaluation."""
+def held_out_loss(model, x, y, stage, ddpm, batch=64, levels=8):
+    """The training loss on the held-out set at noise levels (i + 0.5)/levels and the stage's token
+    drop (no path drop), with the same noise and drop pattern at every evaluation."""
     torch.manual_seed(0)                    # the next training step draws from its own seed
     total = 0.0
     for level in (torch.arange(levels, device=x.device) + 0.5) / levels:
         for xb, yb in zip(x.split(batch), y.split(batch)):
             t = (level * DDPM_STEPS).long() if ddpm else level
-            sparse = sparse_path_inputs(len(xb), slice(None), model.cfg.grid, drop, 0, mask_type,
-                                        x.device)
+            sparse = sparse_path_inputs(len(xb), slice(None), model.cfg.grid, stage, x.device)
             eps = torch.randn_like(xb)
             total += len(xb) * loss_at(model, xb, yb, t.expand(len(xb)), eps, ddpm, **sparse)
     return total.item() / (levels * len(x))
@@ -443,11 +424,10 @@ def log(run_dir, text=None, **record):
 
 
 def run_folder(args):
-    """results/NNN-model-size-patch (NNN: the runs there so far; a run that finds its folder taken
-    stops), with checkpoints/, samples/ (EMA grids), log.txt (for people), log.jsonl (programs)."""
-    os.makedirs(args.results_dir, exist_ok=True)
-    number = len(glob.glob(os.path.join(args.results_dir, "*")))
-    path = os.path.join(args.results_dir, f"{number:03d}-{args.model}-{args.size}-{args.patch_size}")
+    """results/NNN-model-size-patch, never another run's, with checkpoints/, samples/ (EMA grids),
+    log.txt (for people) and log.jsonl (for programs)."""
+    runs = len(os.listdir(args.results_dir)) if os.path.isdir(args.results_dir) else 0
+    path = f"{args.results_dir}/{runs:03d}-{args.model}-{args.size}-{args.patch_size}"
     os.makedirs(os.path.join(path, "checkpoints"))              # never an existing run's
     os.makedirs(os.path.join(path, "samples"))
     return path
@@ -479,7 +459,6 @@ def main(argv=None):
         raise ValueError(f"--global-batch-size {G} does not split over {world} processes")
     L = G // world
     rows = slice(rank * L, (rank + 1) * L)                 # this rank's rows of a global batch
-    torch.backends.cuda.matmul.allow_tf32 = True           # fp32 matmuls in TF32 on the GPU
 
     # Data: a fixed held-out subset for evaluation, the rest to train on, from the step on
     dataset, num_classes = load_data(args)
@@ -505,8 +484,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
     ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
-    drop = stage_at(args, 0, raw.has_sparse_path).drop     # a drop the grid cannot make fails here
-    sparse_path_inputs(1, slice(None), raw.cfg.grid, drop, 0, args.mask_type, device)
+    held_out = stage_at(args, 0, raw.has_sparse_path)._replace(path_drop=0.0)   # stage 1's drop
+    sparse_path_inputs(1, slice(None), raw.cfg.grid, held_out, device)   # a bad --drop fails here
     model = torch.compile(raw) if args.compile else raw
     if world > 1:              # buffers (RoPE grid, mask token, table) are equal by construction
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
@@ -523,7 +502,7 @@ def main(argv=None):
     if rank == 0:
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
-        f"parameters, {raw.training_flops(drop) / 1e9:.3g} GFLOPs/image as trained; "
+        f"parameters, {raw.training_flops(held_out.drop) / 1e9:.3g} GFLOPs/image as trained; "
         f"{len(train_idx)} + {len(eval_idx)} held out; {world} process(es) x {L}; {run_dir}")
 
     pending = []                                # each step's (loss, grad norm) on the device
@@ -534,8 +513,8 @@ def main(argv=None):
             # After every log interval, stage end, evaluation, grid or checkpoint: one read of the
             # device, the log, and what is due (a resumed run did its start's already)
             stage_end = step in (0, args.steps, total)
-            due = {k: every and step % every == 0 for k, every in (
-                ("eval", args.eval_every), ("sample", args.sample_every), ("ckpt", args.ckpt_every))}
+            due = {k: every and step % every == 0 for k, every in (("eval", args.eval_every),
+                   ("sample", args.sample_every), ("ckpt", args.ckpt_every))}
             n = len(pending)
             read = step > start and (n == args.log_every or stage_end or any(due.values()))
             if read:
@@ -558,9 +537,10 @@ def main(argv=None):
                     lr=stage.lr, grad_norm=vals[:, 1].mean().item(), **figures)
             if evaluate and (step == 0 or step > start) and (stage_end or due["eval"]):
                 # all tokens (what sampling sees) and the stage-1 drop: the gap stage 2 closes
-                losses = {name: held_out_loss(raw, eval_x, eval_y, ratio, args.mask_type, ddpm)
-                          for name, ratio in (("eval_loss", 0), ("eval_loss_drop", drop))
-                          if name == "eval_loss" or ratio}
+                all_tokens = held_out._replace(drop=0.0)
+                losses = {"eval_loss": held_out_loss(raw, eval_x, eval_y, all_tokens, ddpm)}
+                if held_out.drop:
+                    losses["eval_loss_drop"] = held_out_loss(raw, eval_x, eval_y, held_out, ddpm)
                 text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
                 log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
             if run_dir and step > start and args.sample_every and (step == total or due["sample"]):
@@ -592,14 +572,13 @@ def main(argv=None):
                 x = x[torch.arange(L, device=device), flip.long() % x.shape[1]]
             elif pixels:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            pending.append(torch.stack(train_step(model, raw, ema, opt, x, y, G, rows, stage,
-                                                  args.mask_type, ddpm)))
+            loss, grad_norm = train_step(model, raw, ema, opt, x, y, G, rows, stage, ddpm)
+            pending.append(torch.stack([loss, grad_norm]))
             pbar.update()
     finally:                     # also on an error: its message then starts on a line of its own
         pbar.close()
         if hasattr(loader, "_shutdown_workers"):  # workers end with the run, not seconds later
             loader._shutdown_workers()
-    log(run_dir, f"done: {total} steps, checkpoints in {run_dir}/checkpoints")
     if world > 1:            # every rank waits for rank 0's last checkpoint, then the group ends
         dist.barrier()
         dist.destroy_process_group()

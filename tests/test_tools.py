@@ -126,7 +126,7 @@ def test_decoding_refuses_what_it_cannot_read_before_loading_the_vae(tmp_path, m
     cases = [(tmp_path / "none.npz", r"none\.npz: not a readable \.npz \(.*No such file"),
              (tmp_path / "images.npz", r"images\.npz: holds arr_0, arr_1, not the latents and "
                                        r"labels \(latents, arr_1\) that sample\.py saves"),
-             (tmp_path / "x.latents.npz", r"--vae needs the optional diffusers package: pip "
+             (tmp_path / "x.latents.npz", r"--vae needs the optional package diffusers: pip "
                                           r"install diffusers")]
     for latents, message in cases:
         with pytest.raises(SystemExit, match=r"^decode_latents\.py: error: .*" + message):

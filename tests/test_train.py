@@ -53,7 +53,7 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
 def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
     official = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=5)
-    args = argparse.Namespace(steps=100, drop=0.75, path_drop=0.1, lr=1e-4, warmup=0,
+    args = argparse.Namespace(steps=100, drop=0.75, mask_type="structured", path_drop=0.1, lr=1e-4,
                               ema_decay=0.9999, ft_lr=2e-4, ft_warmup=5, ft_ema_decay=0.9999)
     # stage 2 starts at step 100; the lr of its s-th optimizer step
     for s in range(8):
@@ -65,8 +65,8 @@ def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
     assert [train.stage_at(args, 100 + s, True).ema_decay for s in (0, 4, 5)] == [0.999, 0.999,
                                                                                   0.9999]
     # stage 1, no warm-up: the lr from the start; no sparse path: no drop at all
-    assert train.stage_at(args, 0, True) == (0.75, 0.1, 1e-4, 0.9999)
-    assert train.stage_at(args, 0, False)[:2] == (0.0, 0.0)
+    assert train.stage_at(args, 0, True) == (0.75, "structured", 0.1, 1e-4, 0.9999)
+    assert train.stage_at(args, 0, False)[::2] == (0.0, 0.0, 0.9999)
 
 
 def test_the_held_out_loss_is_measured_at_the_end_of_each_stage(tmp_path):

@@ -72,14 +72,14 @@ def benchmark_train(args, device):
         raise SystemExit(f"benchmark.py: error: --model {args.model} has no sparse path: leave "
                          f"--drop out")
     # train.py's stage 1: SPRINT's drop and 10% path drop with a sparse path, neither without
-    stage = train.Stage(drop, 0.1 * raw.has_sparse_path, 1e-4, 0.9999)
+    stage = train.Stage(drop, args.mask_type, 0.1 * raw.has_sparse_path, 1e-4, 0.9999)
     B = args.batch
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     model = torch.compile(raw) if args.compile else raw
 
     def step():
-        train.train_step(model, raw, ema, opt, x, y, B, slice(None), stage, args.mask_type, None)
+        train.train_step(model, raw, ema, opt, x, y, B, slice(None), stage, None)
 
     ms = time_ms(step, device, args.reps)
     flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
