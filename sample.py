@@ -215,8 +215,7 @@ LATENT_SCALE = 0.18215
 
 
 def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}: 8-byte little-endian header length, JSON header, raw
-    data."""
+    """A .safetensors file -> {name: tensor}: its header's length (8 bytes), the JSON, the data."""
     tensors = {}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -347,8 +346,7 @@ def parse_args(argv=None):
 
 
 def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; a plain `python` run is rank 0 of
-    1."""
+    """(rank, world size, device) from torchrun's environment; plain `python`: rank 0 of 1."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -385,6 +383,8 @@ def sampling_model(args, device):
     if (sampler == "ddpm") != ddpm:
         raise ValueError(f"--sampler {sampler}: this {cfg.diffusion} model samples with "
                          f"{'--sampler ddpm' if ddpm else 'sde, euler or heun'}")
+    if sampler == "ddpm" and args.steps > DDPM_STEPS:
+        raise ValueError(f"--steps {args.steps}: DDPM keeps at most its {DDPM_STEPS} timesteps")
     if args.pdg and not model.has_sparse_path:
         raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT), not this "
                          f"{cfg.model}: guide it with CFG (leave --pdg out)")
@@ -537,9 +537,9 @@ def main(argv=None):
         n, seconds = sum(min(B, N - k * B) for k in todo), time.perf_counter() - start
         print(f"wrote {path}; {n} images here in {seconds:.1f} s: {n / seconds:.3g} img/s, "
               f"{flops * n / seconds / 1e12:.3g} forward TFLOP/s a process")
-    if rank == 0 and path.endswith(".latents.npz"):
-        print(f"{path} holds latents, not images (no --vae): decode them with "
-              f"tools/decode_latents.py (pip install diffusers)")
+        if path.endswith(".latents.npz"):
+            print(f"{path} holds latents, not images (no --vae): decode them with "
+                  f"tools/decode_latents.py (pip install diffusers)")
     if world > 1:
         dist.barrier()                                            # the merge, before the group ends
         dist.destroy_process_group()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tiny import ROOT, npz, run_sample, sampling_model, save_ckpt
+from tiny import ROOT, npz, run_sample, sampling_model, save_ckpt, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -61,6 +61,8 @@ def test_every_bad_flag_is_one_line_and_nothing_is_written(ckpts, tmp_path, monk
     cut.write_bytes(Path(ckpts["sprint"]).read_bytes()[:2000])
     (tmp_path / "taken.png").write_bytes(b"")
     dit = ["--ckpt", ckpts["dit"]]
+    ddpm = save_ckpt(tmp_path.parent / f"{tmp_path.name}-ddpm.pt",
+                     tiny_model("dit", diffusion="ddpm", positions="table", qk_norm=False))
     cases = {
         "pdg without a sparse path": ([*dit, "--pdg"], "--pdg needs a model with a sparse path to "
                                                        "drop (SPRINT), not this dit"),
@@ -74,6 +76,8 @@ def test_every_bad_flag_is_one_line_and_nothing_is_written(ckpts, tmp_path, monk
                                                                "at least 1"),
         "a flow model with DDPM": ([*dit, "--sampler", "ddpm"], "--sampler ddpm: this flow model "
                                                                 "samples with sde, euler or heun"),
+        "DDPM past its timesteps": (["--ckpt", ddpm, "--steps", 1001], "--steps 1001: DDPM keeps "
+                                                                       "at most its 1000 timesteps"),
         "an existing output": ([*dit, "--out", "taken.png"], "--out taken.png exists: choose "
                                                              "another --out"),
         "no such checkpoint": (["--ckpt", "nope.pt"], "--ckpt nope.pt: no such file"),
