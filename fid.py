@@ -50,6 +50,7 @@ DISTANCE_BLOCK = 10000  # rows and columns per block of distances (its row/col_b
 IS_SPLIT = 5000         # samples per Inception Score split (its split_size): 50,000 give 10 splits
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+
 #################################################################################
 #             The graph's input: TF1 bilinear resize, then (x - 128) / 128      #
 #################################################################################
@@ -79,11 +80,11 @@ def resize_bilinear_tf1(images, size=299):
 
 
 def preprocess(images):
-    """Images (N, H, W, 3), uint8 or float in 0..255, any size -> the graph's input
-    (N, 3, 299, 299), float32."""
+    """Images (N, H, W, 3) of any size, values 0..255 -> the graph's input (N, 3, 299, 299)."""
     x = resize_bilinear_tf1(images)                              # (N, 299, 299, 3) in 0..255
     x = (x - 128) / 128                                          # the graph's Sub and Mul nodes
     return x.permute(0, 3, 1, 2).contiguous()                    # (N, 3, 299, 299)
+
 
 #################################################################################
 #                        Inception-v3 (FID variant)                             #
@@ -267,6 +268,7 @@ class FIDInceptionV3(nn.Module):
         """uint8 images (N, H, W, 3) -> (pool3, spatial features), as the evaluator reads them."""
         return self(preprocess(torch.from_numpy(batch).to(self.fc.weight.device)))
 
+
 #################################################################################
 #             DINOv2 ViT-L/14 and dgm-eval's input, for FDD                     #
 #################################################################################
@@ -337,6 +339,7 @@ class DINOv2(nn.Module):
     def features(self, batch):
         """uint8 images (N, H, W, 3) -> (CLS features,)."""
         return (self(dinov2_input(batch).to(self.norm.weight.device)),)
+
 
 #################################################################################
 #             The released weights; images -> features, batch by batch          #
@@ -439,16 +442,13 @@ def extract(images, network, batch_size=50, desc=None):
 #################################################################################
 
 def feature_statistics(feats):
-    """Mean (D,) and covariance (D, D) of features (N, D) as the evaluator takes them: np.mean in
-    the features' own precision (float32 for the network's), np.cov in float64."""
-    if len(feats) < 2:
-        raise ValueError(f"need at least 2 images to estimate a covariance, got {len(feats)}")
+    """Mean (D,) and covariance (D, D) of features (N >= 2, D) as the evaluator takes them: np.mean
+    in the features' own precision (float32 for the network's), np.cov in float64."""
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians, in
-    float64."""
+    """Fréchet distance of Gaussians, |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64."""
     mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if not mu1.shape == mu2.shape == sigma1.shape[:1] == sigma2.shape[:1]:
@@ -480,6 +480,7 @@ def inception_score(logits, split_size=IS_SPLIT):
         kl = (log_p.exp() * (log_p - log_py)).sum(dim=1)                # KL(p(y|x) || p(y)), (n,)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores))
+
 
 #################################################################################
 #          Precision and recall, with the evaluator's float16 distances         #
@@ -548,6 +549,7 @@ def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device="c
             ref_inside[i:i + block] |= (d <= sample_radii[None, j:j + block]).any(dim=1)
             sample_inside[j:j + block] |= (d <= ref_radii[i:i + block, None]).any(dim=0)
     return sample_inside.double().mean().item(), ref_inside.double().mean().item()
+
 
 #################################################################################
 #                                   The command line                            #

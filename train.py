@@ -557,7 +557,7 @@ def main(argv=None):
             if step == total:
                 break
 
-            stage = stage_at(args, step, raw.has_sparse_path)
+            stage = stage_at(args, step, raw.has_sparse_path)    # the next read logs its lr, FLOPs
             if step == args.steps and step > 0:
                 # stage 2 starts from the stage-1 EMA weights with a fresh optimizer, as --init
                 raw.load_state_dict(ema.state_dict())

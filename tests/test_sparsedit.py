@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsedit import MODELS, Poolingformer, SparseDiT, pooled_grid
+from sparsedit import Poolingformer, SparseDiT, pooled_grid
 from sprint import Block, DiT, ModelConfig, rope
 
 
