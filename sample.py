@@ -126,6 +126,8 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
 def space_timesteps(steps, num_timesteps=DDPM_STEPS):
     """DiT's space_timesteps(1000, str(steps)): evenly strided over 0..999, rounded as DiT rounds
     a running float sum."""
+    if steps > num_timesteps:
+        raise ValueError(f"--steps {steps}: DDPM keeps at most its {num_timesteps} timesteps")
     stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
     return [round(position) for position in itertools.accumulate([0.0] + [stride] * (steps - 1))]
 
@@ -249,12 +251,12 @@ def read_checkpoint(path):
     return ckpt if "model" in ckpt else {"model": ckpt}
 
 
-def from_released(sd, input_size=32, num_heads=None):
+def from_released(sd, input_size=32):
     """A released checkpoint's (config, weights under our names), read off its tensors: released
     models take SD-VAE latents (4 channels). DiT's file has a position table (the DiT paper's model;
     it gives the latent side), a Conv2d patch embedding (flattened: our (c, p1, p2) order) and a
     final Linear in (p1, p2, c) order (reordered); SPRINT's has RoPE: the side is `input_size`.
-    The heads: the q/k norm's width gives them, else `num_heads`, else the size of this width."""
+    The heads: the q/k norm's width gives them, else the size of this width (SIZES)."""
     if any(name.startswith(TRAINING_ONLY) for name in sd):
         print(f"ignored {TRAINING_ONLY}* of the checkpoint: REPA's projector head, for training "
               f"only")
@@ -272,7 +274,7 @@ def from_released(sd, input_size=32, num_heads=None):
 
     depths = [len({name.split(".")[1] for name in sd if name.startswith(part + ".")})
               for part in ("encoder", "middle", "decoder", "blocks")]         # blocks: a DiT's
-    size, heads = next(((name, h) for name, (w, h, _) in SIZES.items() if w == D), (D, num_heads))
+    size, heads = next(((name, h) for name, (w, h, _) in SIZES.items() if w == D), (D, 0))
     if "encoder.0.attn.q_norm.weight" in sd:
         heads = D // len(sd["encoder.0.attn.q_norm.weight"])
     if not heads:
@@ -284,12 +286,12 @@ def from_released(sd, input_size=32, num_heads=None):
     return cfg, sd
 
 
-def checkpoint_weights(ckpt, path, ema=True, input_size=32, num_heads=None):
+def checkpoint_weights(ckpt, path, ema=True, input_size=32):
     """(config, weights) of a read checkpoint: ours (EMA if asked and there) or a released one."""
     if "config" in ckpt:
         return ModelConfig(**ckpt["config"]), ckpt["ema" if ema and "ema" in ckpt else "model"]
     try:
-        return from_released(ckpt["model"], input_size, num_heads)
+        return from_released(ckpt["model"], input_size)
     except KeyError as e:
         raise ValueError(f"{path}: neither train.py's checkpoint nor a released SPRINT or DiT "
                          f"file (no {e})") from None
@@ -305,9 +307,9 @@ def load_weights(model, sd, path):
     return model
 
 
-def load_model(path, ema=True, input_size=32, num_heads=None):
+def load_model(path, ema=True, input_size=32):
     """The model of a checkpoint file, rebuilt and strictly loaded, in eval mode."""
-    cfg, sd = checkpoint_weights(read_checkpoint(path), path, ema, input_size, num_heads)
+    cfg, sd = checkpoint_weights(read_checkpoint(path), path, ema, input_size)
     return load_weights(MODELS[cfg.model](cfg), sd, path).eval()
 
 
@@ -383,8 +385,6 @@ def sampling_model(args, device):
     if (sampler == "ddpm") != ddpm:
         raise ValueError(f"--sampler {sampler}: this {cfg.diffusion} model samples with "
                          f"{'--sampler ddpm' if ddpm else 'sde, euler or heun'}")
-    if sampler == "ddpm" and args.steps > DDPM_STEPS:
-        raise ValueError(f"--steps {args.steps}: DDPM keeps at most its {DDPM_STEPS} timesteps")
     if args.pdg and not model.has_sparse_path:
         raise ValueError(f"--pdg needs a model with a sparse path to drop (SPRINT), not this "
                          f"{cfg.model}: guide it with CFG (leave --pdg out)")
@@ -497,22 +497,22 @@ def main(argv=None):
     PATH.parts-<settings>/ once whole (a rerun samples only the missing ones); rank 0 merges."""
     args = parse_args(argv)
     rank, world, device = setup_distributed()
+    guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
     try:
         model, sampler, latent_scale, path = sampling_model(args, device)
+        flops = trajectory_flops(model, sampler, args.steps, **guidance)    # DDPM: --steps <= 1000
+        cfg_flops = trajectory_flops(model, sampler, args.steps, **{**guidance, "pdg": False})
         vae = load_vae(args.vae, device) if args.vae and model.cfg.in_channels == 4 else None
     except ValueError as e:
         raise SystemExit(f"sample.py: error: {e}")
     net = torch.compile(model, dynamic=False) if args.compile else model
     cfg = model.cfg
-    guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
     N = args.num_samples or (50_000 if path.endswith(".npz") else len(args.classes or [0] * 16))
     B = args.per_proc_batch_size
     settings = json.dumps([os.path.abspath(args.ckpt), sampler, args.steps, guidance, args.classes,
                            args.seed, N, B, args.vae, latent_scale]).encode()
     parts = f"{path}.parts-{hashlib.sha1(settings).hexdigest()[:10]}"
     shards = [os.path.join(parts, f"{k:06d}.npz") for k in range(math.ceil(N / B))]
-    flops = trajectory_flops(model, sampler, args.steps, **guidance)
-    cfg_flops = trajectory_flops(model, sampler, args.steps, **{**guidance, "pdg": False})
     if rank == 0:
         print(f"{args.ckpt}: {cfg.model}-{cfg.size}/{cfg.patch_size}, {sampler}-{args.steps}, "
               f"{'PDG' if args.pdg else 'CFG'} {args.cfg_scale:g}: "

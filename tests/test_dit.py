@@ -35,11 +35,22 @@ def released(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fixture_size():
+    """The fixture's width, heads and depth as a size "T": the tensors of a model without q/k norm
+    do not give its heads, which sample.py takes from the size of its width (released files have
+    the real sizes': XL, 1152 wide, 16 heads)."""
+    size = (int(FIXTURE["config_hidden_size"]), int(FIXTURE["config_num_heads"]),
+            (0, int(FIXTURE["config_depth"]), 0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sprint.SIZES, "T", size)
+        yield
+
+
 @pytest.fixture(scope="module")
 def model(released):
-    """The model sample.py reads from that file; its heads are not in the tensors of a model
-    without q/k norm: the fixture's config gives them."""
-    return sample.load_model(released, num_heads=int(FIXTURE["config_num_heads"]))
+    """The model sample.py reads from that file."""
+    return sample.load_model(released)
 
 
 #################################################################################
@@ -122,13 +133,7 @@ def test_a_guided_25_step_chain_is_dits_sample_loop(model, monkeypatch):
 #         The commands: sampling a released DiT, converting it to SparseDiT     #
 #################################################################################
 
-@pytest.fixture
-def tiny_size(monkeypatch):
-    """The fixture's width and heads as a size (released files of the real sizes name theirs)."""
-    monkeypatch.setitem(sprint.SIZES, "T", (64, 4, (1, 2, 1)))
-
-
-def test_sample_py_samples_a_released_dit_with_ddpm(released, tiny_size, tmp_path, capsys):
+def test_sample_py_samples_a_released_dit_with_ddpm(released, tmp_path, capsys):
     run_sample("--ckpt", released, "--steps", 5, "--cfg-scale", 1.5, "--num-samples", 3,
                "--out", tmp_path / "dit.npz")
     assert "ddpm-5" in capsys.readouterr().out
@@ -139,15 +144,19 @@ def test_sample_py_samples_a_released_dit_with_ddpm(released, tiny_size, tmp_pat
         run_sample("--ckpt", released, "--sampler", "euler", "--out", tmp_path / "x.npz")
 
 
-def test_train_py_converts_a_released_dit_to_sparsedit_and_fine_tunes_it(released, tiny_size,
-                                                                         tmp_path):
+def test_train_py_converts_a_released_dit_to_sparsedit_and_fine_tunes_it(released, tmp_path):
     data = tmp_path / "latents"
     data.mkdir()
-    np.save(data / "x.npy", np.random.default_rng(0).standard_normal((40, 4, 8, 8), np.float32))
-    np.save(data / "y.npy", np.arange(40) % 10)
-    run_dir = run(tmp_path, "--model", "sparsedit", "--size", "T", "--hidden-size", "64",
-                  "--num-heads", "4", "--depths", "1", "2", "1", "--patch-size", "2", "--init",
-                  str(released), "--data", str(data), "--steps", "3", "--eval-every", "3")
+    side, classes = int(FIXTURE["config_input_size"]), int(FIXTURE["config_num_classes"])
+    latents = np.random.default_rng(0).standard_normal((40, 4, side, side), np.float32)
+    np.save(data / "x.npy", latents)
+    np.save(data / "y.npy", np.arange(40) % classes)
+    # the fixture's size over tiny.run's tiny flags
+    size = [f"--{k.replace('_', '-')}={FIXTURE['config_' + k]}"
+            for k in ("hidden_size", "num_heads", "patch_size")]
+    run_dir = run(tmp_path, "--model", "sparsedit", "--size", "T", *size, "--depths", "0",
+                  str(FIXTURE["config_depth"]), "0", "--init", str(released), "--data", str(data),
+                  "--steps", "3", "--eval-every", "3")
     ckpt = torch.load(run_dir / "checkpoints" / "0000003.pt", weights_only=True)
     assert {k: ckpt["config"][k] for k in ("model", "diffusion", "positions", "qk_norm")} == dict(
         model="sparsedit", diffusion="ddpm", positions="table", qk_norm=False)
