@@ -67,12 +67,14 @@ def benchmark_train(args, device):
     raw = build(args, device)
     ema = copy.deepcopy(raw).requires_grad_(False)
     opt = train.make_optimizer(raw, 1e-4, device)
-    drop = 0.75 if args.drop is None and raw.has_sparse_path else args.drop or 0.0
-    if drop and not raw.has_sparse_path:
+    if args.drop and not raw.has_sparse_path:
         raise SystemExit(f"benchmark.py: error: --model {args.model} has no sparse path: leave "
                          f"--drop out")
-    # train.py's stage 1: SPRINT's drop and 10% path drop with a sparse path, neither without
-    stage = train.Stage(drop, args.mask_type, 0.1 * raw.has_sparse_path, 1e-4, 0.9999)
+    # train.py's stage 1 at its defaults: SPRINT's drop and path drop, neither without a sparse path
+    given = [] if args.drop is None else ["--drop", str(args.drop)]
+    flags = train.parser().parse_args([*given, "--mask-type", args.mask_type])
+    stage = train.stage_at(flags, 0, raw.has_sparse_path)
+    drop = stage.drop
     B = args.batch
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)

@@ -47,7 +47,7 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
     try:
         images, _ = image_folder(folder, size)
     except ValueError as e:
-        raise ValueError(f"FOLDER {str(e).split(' ', 1)[1]}") from None
+        raise ValueError(str(e).replace("--data", "FOLDER", 1)) from None      # train.py's words
     encoder = load_vae(vae, device)
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)                 # a killed run's leftovers
