@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -336,15 +337,17 @@ def ddpm_loss(model, x, y, t, eps, ddpm, **sparse):
     return (eps - eps_pred).pow(2).mean((1, 2, 3)), vb
 
 
-def loss_at(model, x, y, t, eps, ddpm, **sparse):
-    """The training loss at times t with noise eps: flow matching's, the MSE of the velocity
-    v = eps - x on the path x_t = (1 - t) x + t eps; or, given ddpm, DiT's mse + vb."""
+def loss_at(model, x, draws, ddpm):
+    """The training loss of each sample (B,) at the drawn times, labels, noise and drops: flow
+    matching's, the MSE of the velocity v = eps - x on the path x_t = (1 - t) x + t eps (SiT); or,
+    given ddpm, DiT's mse + vb."""
+    t, y, eps, sparse = draws
     with autocast(x.device):
         if ddpm:
-            return sum(ddpm_loss(model, x, y, t, eps, ddpm, **sparse)).mean()
+            return sum(ddpm_loss(model, x, y, t, eps, ddpm, **sparse))
         tt = t.view(-1, 1, 1, 1)
         v = model((1 - tt) * x + tt * eps, t, y, **sparse)
-    return (v.float() - (eps - x)).pow(2).mean()
+    return (v.float() - (eps - x)).pow(2).mean((1, 2, 3))
 
 
 Stage = namedtuple("Stage", "drop mask_type path_drop lr ema_decay")
@@ -374,23 +377,42 @@ def sparse_path_inputs(G, rows, grid, stage, device):
     return inputs
 
 
-def train_step(model, raw, ema, opt, x, y, G, rows, stage, ddpm):
-    """One AdamW step on this rank's rows -> (loss, grad norm) on the device: no host sync."""
-    device = x.device
-    if ddpm:
-        t = torch.randint(DDPM_STEPS, (G,), device=device)[rows]    # DiT: uniform timesteps
+# a training step's random inputs, this rank's rows: t (B,), labels (B,), noise eps like x, and
+# SPRINT's {ids_keep, path_drop}
+Draws = namedtuple("Draws", "t y eps sparse")
+
+
+def draw(y, shape, G, rows, stage, cfg):
+    """Draws for the labels y (B,) of this rank's rows of a global batch of G, drawn for the whole
+    batch (any number of processes draws what one does): t logit-normal for flow matching (t =
+    sigmoid(n), n ~ N(0, 1)) or a uniform timestep 0..999 for DDPM; 10% of the labels the null
+    label; SPRINT's token and path drop, apart from the label drop; eps (B, *shape) ~ N(0, I)."""
+    device = y.device
+    if cfg.diffusion == "ddpm":
+        t = torch.randint(DDPM_STEPS, (G,), device=device)
     else:
-        t = torch.sigmoid(torch.randn(G, device=device))[rows]      # logit-normal t = s/(1+s)
-    y = torch.where((torch.rand(G, device=device) < LABEL_DROP)[rows], raw.cfg.num_classes, y)
-    sparse = sparse_path_inputs(G, rows, raw.cfg.grid, stage, device)
-    eps = torch.randn(G, *x.shape[1:], device=device)[rows]
-    loss = loss_at(model, x, y, t, eps, ddpm, **sparse)
+        t = torch.sigmoid(torch.randn(G, device=device))
+    null = torch.rand(G, device=device) < LABEL_DROP
+    sparse = sparse_path_inputs(G, rows, cfg.grid, stage, device)
+    eps = torch.randn(G, *shape, device=device)
+    return Draws(t[rows], torch.where(null[rows], cfg.num_classes, y), eps[rows], sparse)
+
+
+def update_ema(ema, model, decay):
+    """EMA <- decay * EMA + (1 - decay) * model, fused over all parameters (torch's EMA update)."""
+    ema_update = get_ema_multi_avg_fn(decay)
+    ema_update(list(ema.parameters()), list(model.parameters()), None)
+
+
+def train_step(model, raw, ema, opt, x, draws, ema_decay, ddpm):
+    """One AdamW step on this rank's batch x with its draws -> (loss, grad norm) on the device: no
+    host sync. model: raw as it runs (compiled, DDP)."""
+    loss = loss_at(model, x, draws, ddpm).mean()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    with torch.no_grad():               # EMA: one fused lerp over all parameters
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - stage.ema_decay)
+    update_ema(ema, raw, ema_decay)
     return loss.detach(), grad_norm
 
 
@@ -408,8 +430,8 @@ def held_out_loss(model, x, y, stage, ddpm, batch=64, levels=8):
         for xb, yb in zip(x.split(batch), y.split(batch)):
             t = (level * DDPM_STEPS).long() if ddpm else level
             sparse = sparse_path_inputs(len(xb), slice(None), model.cfg.grid, stage, x.device)
-            eps = torch.randn_like(xb)
-            total += len(xb) * loss_at(model, xb, yb, t.expand(len(xb)), eps, ddpm, **sparse)
+            draws = Draws(t.expand(len(xb)), yb, torch.randn_like(xb), sparse)
+            total += loss_at(model, xb, draws, ddpm).sum()
     return total.item() / (levels * len(x))
 
 
@@ -572,7 +594,8 @@ def main(argv=None):
                 x = x[torch.arange(L, device=device), flip.long() % x.shape[1]]
             elif pixels:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            loss, grad_norm = train_step(model, raw, ema, opt, x, y, G, rows, stage, ddpm)
+            draws = draw(y, x.shape[1:], G, rows, stage, raw.cfg)
+            loss, grad_norm = train_step(model, raw, ema, opt, x, draws, stage.ema_decay, ddpm)
             pending.append(torch.stack([loss, grad_norm]))
             pbar.update()
     finally:                     # also on an error: its message then starts on a line of its own

@@ -2,8 +2,6 @@
 SPRINT files load under our names in any precision, their architecture read off their tensors, the
 REPA one's projector head set aside in one line; our checkpoints carry their config and prefer the
 EMA weights; a file that does not fit, or is cut short, is one message naming it."""
-import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -11,26 +9,10 @@ import torch
 
 from sample import load_model
 from sprint import SPRINT
-from tiny import randomize, tiny_model
+from tiny import randomize, tiny_model, write_safetensors
 
 OFFICIAL = {"encoder.": "encoder_blocks.", "middle.": "middle_blocks.", "decoder.": "decoder_blocks.",
             "fuse.": "renoise_linear."}
-
-
-def write_safetensors(path, tensors, dtype="BF16"):
-    """A minimal safetensors writer: header length, JSON header, raw little-endian data."""
-    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
-    header = {}
-    blobs = []
-    offset = 0
-    for name, t in tensors.items():
-        raw = t.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": dtype, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    meta = json.dumps(header).encode()
-    Path(path).write_bytes(struct.pack("<Q", len(meta)) + meta + b"".join(blobs))
 
 
 def official_layout(model):

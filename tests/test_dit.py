@@ -84,7 +84,9 @@ def test_guidance_is_forward_with_cfg_on_the_first_3_channels(model):
                                                  float(FIXTURE["cfg_scale"])) for i in range(B)])
         plain = model(x[:B], t[:B], y[:B])
     assert rel(ours, out[:B]) < 1e-5                                      # measured 3e-7
-    assert torch.equal(ours[:, 3:], plain[:, 3:]) and not torch.allclose(ours[:, :3], plain[:, :3])
+    # batches of 2 and of 1 round differently on some CPUs: equal up to float32 rounding
+    torch.testing.assert_close(ours[:, 3:], plain[:, 3:], rtol=0, atol=1e-6)
+    assert not torch.allclose(ours[:, :3], plain[:, :3], rtol=0, atol=1e-2)
 
 
 #################################################################################
@@ -102,6 +104,26 @@ def test_the_training_loss_terms_are_dits_per_sample(model):
     assert rel(mse, fixture("loss_mse")) < 1e-5
     assert rel(vb, fixture("loss_vb")) < 1e-5                             # measured 2.8e-8
     assert rel(mse + vb, fixture("loss_loss")) < 1e-5
+
+
+def test_the_variance_term_trains_the_variance_channels_only():
+    """DiT's vb term sees the predicted mean frozen (its `frozen_out`): its gradient reaches the
+    4 variance channels of the output and none of the 4 noise channels; the mse term the reverse."""
+    class Output(torch.nn.Module):
+        """A 'model' whose output (B, 8, H, W) is its parameter."""
+        def __init__(self, out):
+            super().__init__()
+            self.out = torch.nn.Parameter(out)
+
+        def forward(self, x, t, y):
+            return self.out
+    x0, y, t, noise = (fixture(f"loss_{k}") for k in ("x0", "y", "t", "noise"))
+    out = Output(torch.randn(len(x0), 8, *x0.shape[2:]))
+    mse, vb = train.ddpm_loss(out, x0, y, t, noise, sample.DDPM())
+    (grad_vb,) = torch.autograd.grad(vb.sum(), out.out, retain_graph=True)
+    (grad_mse,) = torch.autograd.grad(mse.sum(), out.out)
+    assert (grad_vb[:, :4] == 0).all() and (grad_vb[:, 4:] != 0).any()
+    assert (grad_mse[:, 4:] == 0).all() and (grad_mse[:, :4] != 0).any()
 
 
 def test_the_respaced_timesteps_are_dits():

@@ -121,23 +121,24 @@ def test_float_images_in_0_255_preprocess_like_uint8():
     assert torch.equal(fid.preprocess(u8.float()), fid.preprocess(u8))
 
 
-def test_pytorch_fids_preprocessing_is_not_the_graphs():
-    # F.interpolate (half-pixel centres) and x / 127.5 - 1 move the input by up to 0.2544, mean
-    # 0.0545, at 256 px (the issue measured 0.25 and 0.054); preprocess moves it by 0 (above)
+def test_preprocess_is_not_pytorch_fids_input():
+    # pytorch-fid's F.interpolate (half-pixel centres) and x / 127.5 - 1 move the graph's input by up
+    # to 0.2544, 0.0545 on average, at 256 px (fid.py's docstring: "up to 0.25")
     rows = torch.from_numpy(ADM['pre_rows_cols'])
-    x = torch.from_numpy(ADM['img256']).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) / 127.5 - 1
-    diff = np.abs(x[:, :, rows][..., rows].permute(0, 2, 3, 1).numpy() - ADM['img256_pre'])
+    image = torch.from_numpy(ADM['img256'])
+    theirs = F.interpolate(image.permute(0, 3, 1, 2).float(), size=(299, 299), mode='bilinear',
+                           align_corners=False) / 127.5 - 1
+    diff = (theirs - fid.preprocess(image))[:, :, rows][..., rows].abs()
     assert abs(diff.max() - 0.2544) < 1e-3 and abs(diff.mean() - 0.0545) < 1e-3
 
 #### Precision, recall and FID as the evaluator computed them ####
 
-def test_radii_are_the_evaluators_float16_distances_to_the_3rd_neighbour():
+def test_radii_are_float16_distances_to_the_3rd_neighbour_within_4_steps_of_tensorflow_cpus():
     # TensorFlow-CPU added the squares in float16 (Eigen's order), fid.py adds them in float32 and
     # rounds once (as TensorFlow on a GPU): 189 of the 1,100 squared norms differ by one float16
-    # step (0.125-0.5; measured with an emulation of Eigen's order that reproduced every radius),
-    # and 334 radii with them: 167 by 0.125, 158 by 0.25, 5 by 0.375, 4 by 0.5 (8 float16 steps of
-    # a radius of 126.25). 766 are equal; without float16 none is (below).
+    # step (0.125-0.5), and 334 radii with them: 167 by 0.125, 158 by 0.25, 5 by 0.375, 4 by 0.5
+    # (4 float16 steps of a radius of 126.25). The count of equal radii, 766, is this code's own
+    # output, pinned so that any change to its rounding shows.
     equal = 0
     for feats, radii in [('pr_ref', 'pr_radii_ref'), ('pr_sample', 'pr_radii_sample')]:
         ours = fid.manifold_radii(torch.from_numpy(ADM[feats])).numpy()
@@ -148,21 +149,34 @@ def test_radii_are_the_evaluators_float16_distances_to_the_3rd_neighbour():
     assert equal == 766
 
 
-def test_exact_distances_reproduce_none_of_the_evaluators_radii():
-    # why pairwise_distances rounds to float16: the radii are float16 sums (149.25, 118.25, ...)
-    x = torch.from_numpy(ADM['pr_ref']).double()
-    exact = (torch.cdist(x, x) ** 2).kthvalue(fid.NEIGHBOURS + 1, dim=1).values
-    assert (exact.float().numpy() == ADM['pr_radii_ref'][:, 0]).sum() == 0
-    assert np.abs(exact.numpy() - ADM['pr_radii_ref'][:, 0]).max() > 0.3    # measured 0.33
+def test_without_float16_rounding_no_radius_is_tensorflows(monkeypatch):
+    # why pairwise_distances rounds to float16: the evaluator's radii are float16 sums (149.25,
+    # 118.25, ...), which exact distances never hit
+    def exact(u, v):
+        return (torch.cdist(u.double(), v.double()) ** 2).float()
+    monkeypatch.setattr(fid, 'pairwise_distances', exact)
+    radii = fid.manifold_radii(torch.from_numpy(ADM['pr_ref'])).numpy()
+    assert (radii == ADM['pr_radii_ref'][:, 0]).sum() == 0
+    assert np.abs(radii - ADM['pr_radii_ref'][:, 0]).max() > 0.3    # measured 0.33
 
 
-def test_precision_and_recall_are_the_evaluators_in_any_block_size():
-    # precision equal to TensorFlow-CPU's; recall 1 of its 600 references higher (558 against
-    # 557), from the radii that moved (above)
+def test_precision_is_the_evaluators_and_recall_within_one_reference_in_any_block_size():
+    # precision equal to TensorFlow-CPU's (113 / 500); recall one reference of 600 above it, from
+    # the radii that moved (above): 558 / 600 is this code's own count, pinned like the radii's
     for block in (fid.DISTANCE_BLOCK, 256):                      # 1 block; 3 × 2 blocks
         precision, recall = fid.precision_recall(ADM['pr_ref'], ADM['pr_sample'], block=block)
         assert precision == ADM['precision'] == 113 / 500
-        assert recall == 558 / 600 and ADM['recall'] == 557 / 600
+        assert round(600 * (recall - ADM['recall'])) == 1 and recall == 558 / 600
+
+
+def test_a_point_on_the_boundary_of_a_ball_is_inside_it():
+    # the evaluator's d <= radius: references at 0, 1, 2, 3 (reference 0's ball reaches its 3rd
+    # neighbour: radius 3^2 = 9) and four samples at -3, at squared distance 9 from reference 0
+    # and outside the other balls; the samples' own balls have radius 0 (four copies)
+    ref = np.array([[0.0], [1.0], [2.0], [3.0]])
+    samples = np.full((4, 1), -3.0)
+    assert fid.precision_recall(ref, samples) == (1.0, 0.0)
+    assert fid.precision_recall(samples, ref) == (0.0, 1.0)
 
 
 def test_a_block_that_overflows_float16_is_computed_in_float32():
@@ -216,10 +230,12 @@ def test_dinov2_features_and_fdd_are_dinov2s_and_dgm_evals(one_thread):
 
 #### Fréchet distance and Inception Score follow their definitions ####
 
-def test_fid_of_a_set_with_itself_is_zero():
+def test_fid_of_a_set_with_itself_is_zero_and_with_its_shifted_copy_the_shift_squared():
     x = np.random.default_rng(0).normal(size=(200, 16))
     mu, sigma = fid.feature_statistics(x)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    shift = np.linspace(-1, 1, 16)                               # the same covariance: |shift|^2
+    assert abs(fid.frechet_distance(mu + shift, sigma, mu, sigma) - shift @ shift) < 1e-6
 
 
 def test_fid_of_a_set_with_itself_is_zero_with_fewer_samples_than_dims():
@@ -230,6 +246,8 @@ def test_fid_of_a_set_with_itself_is_zero_with_fewer_samples_than_dims():
 
 
 def test_a_non_finite_square_root_is_retried_with_an_offset_diagonal(monkeypatch):
+    """pytorch-fid's (and the evaluator's) retry: sqrt((S1 + eps I)(S2 + eps I)), the offset on
+    each covariance, not on their product."""
     calls = []
     sqrtm = fid.linalg.sqrtm
 
@@ -237,8 +255,11 @@ def test_a_non_finite_square_root_is_retried_with_an_offset_diagonal(monkeypatch
         calls.append(m)
         return np.full_like(m, np.nan) if len(calls) == 1 else sqrtm(m)
     monkeypatch.setattr(fid.linalg, 'sqrtm', flaky_sqrtm)
-    assert abs(fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))) < 1e-5
-    assert len(calls) == 2 and np.allclose(calls[1], (1 + 1e-6) ** 2 * np.eye(3))
+    s1, s2, eps = np.diag([1.0, 2.0, 3.0]), np.diag([4.0, 1.0, 0.5]), 0.25
+    distance = fid.frechet_distance(np.zeros(3), s1, np.zeros(3), s2, eps=eps)
+    offset = (s1 + eps * np.eye(3)) @ (s2 + eps * np.eye(3))
+    assert len(calls) == 2 and np.array_equal(calls[1], offset)
+    assert distance == pytest.approx(np.trace(s1 + s2) - 2 * np.sqrt(np.diag(offset)).sum())
 
 
 def test_fid_between_gaussians_matches_the_closed_form():

@@ -3,6 +3,7 @@ guidance obeys its scale and interval, the samplers land on the data distributio
 only on their seed (not on batching or the number of processes), labels follow --classes,
 interrupted runs resume, and an .npz of any size is written shard by shard."""
 
+import math
 import os
 import types
 
@@ -150,6 +151,29 @@ class GaussianVelocity(torch.nn.Module):
         t = t.double().view(-1, 1, 1, 1)
         var = (1 - t) ** 2 * self.s**2 + t**2                               # Var[x_t]
         return ((t - (1 - t) * self.s**2) / var * (x - (1 - t) * self.mu) - self.mu).float()
+
+
+def test_the_sde_sampler_is_the_official_euler_maruyama_loop_guided_on_its_drift(monkeypatch):
+    """SiT's and SPRINT's sample_sde written out: times linspace(1, 0.04, steps), then 0; each step
+    x += d dt + sqrt(w |dt|) noise with w = 2t and the drift d = v - w/2 * score, the score
+    -(x + (1 - t) v) / t; CFG mixes the two drifts; the last step, 0.04 to 0, adds no noise."""
+    model, steps, scale = sampling_model(), 6, 3.0
+    z, y, null = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 3]), torch.full((2,), 4)
+    noises = [torch.randn_like(z) for _ in range(steps - 1)]
+    given = iter(noises)
+    monkeypatch.setattr(sample, "noise_like", lambda x, generators=None: next(given))
+    ours = sample.sample(model, z, y, "sde", steps, cfg_scale=scale)
+    times = torch.linspace(1, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
+    x = z
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        w, dt = 2 * t, t_next - t
+        with torch.no_grad():
+            v_c, v_u = (model(x.float(), torch.full((2,), t), label).double() for label in (y, null))
+        d_c, d_u = (v - 0.5 * w * -(x + (1 - t) * v) / t for v in (v_c, v_u))
+        x = x + (d_u + scale * (d_c - d_u)) * dt
+        if i < steps - 1:
+            x = x + math.sqrt(w) * noises[i] * math.sqrt(abs(dt))
+    torch.testing.assert_close(ours, x.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler, steps", [("sde", 250), ("euler", 250), ("heun", 50)])

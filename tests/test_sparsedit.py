@@ -1,15 +1,22 @@
-"""SparseDiT (arXiv 2412.06028) as a specification: Poolingformer, SDTM, timestep-adaptive density
-(over flow times and DDPM timesteps), initialisation from a DiT, FLOPs against the paper and, in
-training, against what runs."""
+"""SparseDiT (arXiv 2412.06028) as a specification: a released DiT converted here runs as
+changsn/SparseDiT's own conversion of it at every sparse side; Poolingformer, SDTM, the
+timestep-adaptive density (its shape, over flow times and DDPM timesteps), initialisation from a
+DiT, FLOPs against the paper and, in training, against what runs."""
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsedit import Poolingformer, SparseDiT, pooled_grid
+import sample
+import sprint
+from sparsedit import Poolingformer, SparseDiT, density_schedule, pooled_grid
 from sprint import Block, DiT, ModelConfig, rope
+
+OFFICIAL = np.load(Path(__file__).parent / "fixtures" / "sparsedit_official.npz")
 
 
 def tiny(**extra):
@@ -39,9 +46,48 @@ def randomize(model, keep=()):
     return model
 
 
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
 def inputs(t):
     torch.manual_seed(1)
     return torch.randn(len(t), 4, 16, 16), torch.tensor(t), torch.arange(len(t)) % 10
+
+
+#################################################################################
+#              Conformance with SparseDiT's own conversion of a DiT             #
+#################################################################################
+
+def official(key):
+    return torch.from_numpy(OFFICIAL[key])
+
+
+def test_a_released_dit_converted_here_runs_as_sparsedits_own_conversion_at_every_side(
+        tmp_path, monkeypatch):
+    """changsn/SparseDiT's load_model + model on a DiT stored as a released file (1 Poolingformer,
+    2 dumbbells of [1, 3, 1, 1], 1 dense top block; its sparse side fixed per run): our from_dit of
+    the same file, run at the same side, and the DiT itself."""
+    config = {k[len("config_"):]: OFFICIAL[k] for k in OFFICIAL.files if k.startswith("config_")}
+    # the heads of a model without q/k norm come from the size of its width
+    monkeypatch.setitem(sprint.SIZES, "T", (int(config["hidden_size"]), int(config["num_heads"]),
+                                            (0, int(config["depth"]), 0)))
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save({k[4:]: official(k) for k in OFFICIAL.files if k.startswith("dit/")}, path)
+    dit_cfg, weights = sample.checkpoint_weights(sample.read_checkpoint(path), path)
+    P, S, K, T = (int(config["num_poolingformer"]), int(config["num_dumbbell"]),
+                  int(config["dumbbell_group"][1]), int(config["num_normal_block"]))
+    sides = OFFICIAL["sides"].tolist()
+    cfg = dataclasses.replace(dit_cfg, model="sparsedit",
+                              extra={"layout": [P, S, K, T], "density": [min(sides), max(sides)]})
+    model = SparseDiT(cfg)
+    model.load_state_dict(model.from_dit(weights))
+    x, t, y = official("x"), official("t"), official("y")
+    with torch.no_grad():
+        assert rel(sample.load_model(path)(x, t, y), official("dit_out")) < 1e-5
+        for side in sides:
+            out = model(x, t, y, side=side)
+            assert rel(out, official(f"conv_side{side}")) < 1e-5, side   # measured 3e-7
 
 
 def test_poolingformer_equals_attention_with_all_weights_equal():
@@ -133,6 +179,17 @@ def test_from_dit_maps_blocks_in_order_and_slices_qkv():
     with pytest.raises(ValueError, match="a DiT of depth 11 cannot initialise a SparseDiT of "
                                          "depth 12"):
         model.from_dit(shallow.state_dict())
+
+
+def test_the_density_is_flat_on_the_noisiest_quarter_then_linear_to_the_data():
+    """The smallest grid for noise levels in [0.75, 1] (the first quarter of sampling), then growing
+    linearly to the largest at 0, rounded to whole sides. A fine range of sides (0 to 400) shows
+    the shape that rounding to the paper's 6 -> 10 hides."""
+    level = torch.linspace(0, 1, 1001)
+    expected = torch.where(level >= 0.75, 0.0, 400 * (1 - level / 0.75))
+    assert (density_schedule(level, 0, 400) - expected).abs().max() <= 0.5
+    paper = density_schedule(torch.tensor([1.0, 0.75, 0.74, 0.65, 0.375, 0.0]), 6, 10)
+    assert paper.tolist() == [6, 6, 6, 7, 8, 10]
 
 
 def test_ddpm_timesteps_follow_the_density_schedule_as_noise_levels():

@@ -212,6 +212,12 @@ def test_output_is_zero_at_initialisation():
         assert torch.equal(tiny_model(name)(x, t, y), torch.zeros_like(x))
 
 
+def test_the_mask_token_is_a_fixed_normal_draw_with_std_002():
+    torch.manual_seed(0)
+    mask = tiny_model(hidden_size=96, num_heads=4).mask_token                 # 96 draws
+    assert 0.014 < mask.std().item() < 0.026 and not mask.requires_grad
+
+
 def test_gradients_reach_every_trainable_parameter_under_75_percent_drop():
     model = randomize(tiny_model())
     x, t, y = inputs(B=8)
@@ -221,7 +227,6 @@ def test_gradients_reach_every_trainable_parameter_under_75_percent_drop():
     (v**2).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert not model.mask_token.requires_grad                             # fixed, not trained
 
 
 def test_compiled_training_forward_has_no_graph_break():

@@ -1,23 +1,173 @@
-"""train.py as a specification: both SPRINT stages in one loop, fine-tuning sees every token, the
-official warm-up, a run resumes exactly from its step alone (also after kill -9), two DDP processes
-train as one does, with one writer, and the log measures training seconds. Data sources:
+"""train.py as a specification: the training loss is the official SPRINT code's from the same random
+draws; the draws are the papers' (t logit-normal or uniform timesteps, 10% label drop and 10% path
+drop apart from each other, k tokens kept per group); a step is AdamW on the clipped gradient, then
+the EMA update; both SPRINT stages in one loop, stage 2 from the EMA weights, seeing every token,
+with the official warm-up; a run resumes exactly from its step alone (also after kill -9), two DDP
+processes train as one does, with one writer, and the log measures training seconds. Data sources:
 test_data.py; the command line and bad input: test_train_cli.py."""
 import argparse
+import copy
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
+import sample
 import sprint
 import train
 import tiny
-from tiny import ENV, TINY, TRAIN, assert_same_training_state, records, run, two_ranks
+from tiny import (ENV, TINY, TRAIN, assert_same_training_state, randomize, records, run, tiny_model,
+                  two_ranks, write_safetensors)
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
+LOSS = np.load(Path(__file__).parent / "fixtures" / "sprint_train_loss.npz")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+#################################################################################
+#       The objective: the official SPRINT training loss, from its draws        #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def official_loss(tmp_path_factory):
+    """snap-research/Sprint's FlowMatching.compute_loss on its SiT in training mode, every draw
+    recorded (tests/fixtures/sprint_train_loss.npz): the model read from its weights written as a
+    released .safetensors, the recorded draws as train.py's Draws, the recorded results."""
+    config = json.loads(str(LOSS["config"]))
+    path = tmp_path_factory.mktemp("official") / "sprint_train_loss.safetensors"
+    write_safetensors(path, {k[3:]: torch.from_numpy(LOSS[k]) for k in LOSS.files
+                             if k.startswith("sd/")}, "F32")
+    model = sample.load_model(path, input_size=config["context_size"]).train()
+    f = {k: torch.from_numpy(LOSS[k]) for k in LOSS.files if k != "config" and "/" not in k}
+    sparse = {"ids_keep": f["ids_keep"]} if "ids_keep" in f else {}
+    if "path_dropped" in f:
+        sparse["path_drop"] = f["path_dropped"]
+    draws = train.Draws(f["t"].float(), f["y_used"], f["noise"].float(), sparse)
+    return model, f["images"], draws, f
+
+
+def test_the_training_loss_is_the_official_sprint_loss_from_the_same_draws(official_loss):
+    model, images, draws, f = official_loss
+    outputs = []
+    hook = model.register_forward_hook(lambda module, inputs, out: outputs.append(out))
+    per_sample = train.loss_at(model, images, draws, ddpm=None)
+    hook.remove()
+    assert rel(outputs[0], f["model_out"]) < 1e-5                     # the path, t, drops
+    assert rel(per_sample, f["loss_per_sample"]) < 1e-5               # the target eps - x
+    # the step train.py takes trains on, and reports, their mean
+    ema = copy.deepcopy(model)
+    opt = train.make_optimizer(model, 1e-4, torch.device("cpu"))
+    loss, _ = train.train_step(model, model, ema, opt, images, draws, 0.9999, ddpm=None)
+    assert abs(loss.item() / f["loss"].item() - 1) < 1e-5
+
+
+#################################################################################
+#                        The draws, as the papers make them                     #
+#################################################################################
+
+G = 20_000                      # samples per statistical test; each test is seeded
+
+
+def draws_of(stage, diffusion="flow", num_classes=10, G=G):
+    """train.draw for a global batch of G labels, on a 4 x 4 token grid -> (labels, draws)."""
+    cfg = sprint.ModelConfig(model="sprint", input_size=8, patch_size=2, num_classes=num_classes,
+                             hidden_size=32, num_heads=2, depths=(1, 1, 1), diffusion=diffusion)
+    torch.manual_seed(0)
+    y = torch.randint(num_classes, (G,))
+    return y, train.draw(y, (1, 1, 1), G, slice(None), stage, cfg)
+
+
+def stage_of(*flags, step=0):
+    """train.py's stage at `step` for these flags (the defaults: SPRINT's 75% and 10% drops)."""
+    return train.stage_at(train.parser().parse_args(list(flags)), step, sparse_path=True)
+
+
+def binomial_ok(hits, n, p):
+    """A count within 4.5 standard deviations of n p."""
+    return abs(hits - n * p) < 4.5 * (n * p * (1 - p)) ** 0.5
+
+
+def test_flow_matching_draws_t_logit_normal():
+    """t = sigmoid(n), n ~ N(0, 1) (SiT's lognormal weighting): logit(t) is standard normal."""
+    _, draws = draws_of(stage_of())
+    logit = torch.logit(draws.t.double()).numpy()
+    assert stats.kstest(logit, "norm").pvalue > 1e-3
+    assert draws.eps.shape == (G, 1, 1, 1) and stats.kstest(draws.eps.flatten(), "norm").pvalue > 1e-3
+
+
+def test_ddpm_draws_every_timestep_uniformly():
+    _, draws = draws_of(stage_of(), diffusion="ddpm")
+    assert draws.t.dtype == torch.long and (draws.t.min(), draws.t.max()) == (0, 999)
+    counts = torch.bincount(draws.t // 100, minlength=10).numpy()     # ten bins of 100 timesteps
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_label_drop_and_path_drop_are_each_10_percent_and_independent():
+    y, draws = draws_of(stage_of())
+    null = draws.y == 10                                              # the null label
+    path = draws.sparse["path_drop"]
+    assert torch.equal(draws.y[~null], y[~null])                      # the others keep theirs
+    assert binomial_ok(null.sum().item(), G, 0.1) and binomial_ok(path.sum().item(), G, 0.1)
+    assert binomial_ok((null & path).sum().item(), G, 0.1 * 0.1)      # P(both) = P(one) P(other)
+
+
+@pytest.mark.parametrize("drop, n, k", [(0.75, 2, 1), (0.5, 2, 2)])
+def test_token_drop_keeps_exactly_k_tokens_of_every_n_by_n_group(drop, n, k):
+    _, draws = draws_of(stage_of("--drop", str(drop)), G=1000)
+    ids = draws.sparse["ids_keep"]                                    # (G, M), a 4 x 4 grid
+    group = (ids // 4 // n) * (4 // n) + ids % 4 // n
+    counts = torch.zeros(1000, (4 // n) ** 2, dtype=torch.long).scatter_add_(
+        1, group, torch.ones_like(group))
+    assert (counts == k).all()
+
+
+def test_stage_2_draws_every_token_and_path_drop_stays_at_10_percent():
+    _, draws = draws_of(stage_of("--steps", "5", "--finetune-steps", "5", step=5))
+    assert set(draws.sparse) == {"path_drop"}
+    assert binomial_ok(draws.sparse["path_drop"].sum().item(), G, 0.1)
+
+
+#################################################################################
+#                   A step: AdamW on the clipped gradient, then EMA              #
+#################################################################################
+
+def test_a_step_is_adamw_on_the_gradient_clipped_to_norm_1_then_the_ema_update():
+    model = randomize(tiny_model())                       # random weights: a gradient norm > 1
+    ema = randomize(tiny_model(), seed=1)                 # an EMA apart from the weights
+    before, ema_before = copy.deepcopy(model), copy.deepcopy(ema)
+    lr, decay = 1e-3, 0.75
+    opt = train.make_optimizer(model, lr, torch.device("cpu"))
+    assert opt.defaults["weight_decay"] == 0 and opt.defaults["betas"] == (0.9, 0.999)
+    grads = []
+    adamw_step = opt.step
+
+    def spy():
+        grads.append([p.grad.clone() for p in model.parameters()])
+        adamw_step()
+    opt.step = spy
+    x = torch.randn(8, 4, 8, 8)
+    _, draws = draws_of(stage_of(), G=8)
+    _, grad_norm = train.train_step(model, model, ema, opt, x, draws, decay, ddpm=None)
+    clipped = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads[0]]))
+    assert grad_norm > 2 and abs(clipped - 1) < 1e-5                  # SPRINT's max_grad_norm 1.0
+    for p0, g, p1, e0, e1 in zip(before.parameters(), grads[0], model.parameters(),
+                                 ema_before.parameters(), ema.parameters()):
+        # AdamW's first step: its bias corrections make it lr * g / (|g| + eps); no weight decay
+        torch.testing.assert_close(p1, p0 - lr * g / (g.abs() + 1e-8), rtol=0, atol=1e-7)
+        torch.testing.assert_close(e1, decay * e0 + (1 - decay) * p1, rtol=1e-6, atol=1e-7)
+
+
 
 
 #################################################################################
@@ -48,6 +198,44 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
         "2",
     )
     assert seen == [(False, True)] * 2
+
+
+def test_stage_2_starts_from_the_stage_1_ema_weights_with_a_fresh_optimizer(tmp_path, monkeypatch):
+    entering = []                              # (weights, optimizer state) as each step begins
+    step = train.train_step
+
+    def spy(model, raw, ema, opt, *args, **kwargs):
+        entering.append(({k: v.clone() for k, v in raw.state_dict().items()}, len(opt.state)))
+        return step(model, raw, ema, opt, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", spy)
+    run_dir = run(tmp_path, "--steps", "2", "--finetune-steps", "1")
+    ema = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["ema"]
+    (raw_1, state_1), (raw_2, state_2) = entering[1], entering[2]
+    assert state_1 > 0 and state_2 == 0
+    assert all(torch.equal(raw_2[k], ema[k]) for k in ema)
+    assert not all(torch.equal(raw_1[k], ema[k]) for k in ema)        # the EMA is not the weights
+
+
+def test_a_step_sees_its_images_in_minus_1_to_1_each_mirrored_left_right_or_not(tmp_path,
+                                                                               monkeypatch):
+    """SiT's and DiT's augmentation: a random horizontal flip of each image (or, for latents, the
+    stored mirror's latents), the pixels mapped to [-1, 1]."""
+    images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=images, y=np.arange(40) % 10)
+    seen, step = [], train.train_step
+
+    def spy(model, raw, ema, opt, x, *args, **kwargs):
+        seen.append(x.clone())
+        return step(model, raw, ema, opt, x, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", spy)
+    run(tmp_path, "--data", str(tmp_path / "images.npz"), "--steps", "3")
+    x = torch.cat(seen)[:, None]                                      # (24, 1, 3, 16, 16)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()[None] / 127.5 - 1
+
+    def found(candidates):
+        return (x == candidates).flatten(2).all(-1).any(-1)           # (24,)
+    as_is, mirrored = found(pixels), found(pixels.flip(-1))
+    assert (as_is | mirrored).all() and as_is.any() and mirrored.any()
 
 
 def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():

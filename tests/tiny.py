@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -125,6 +126,23 @@ def save_ckpt(path, model, **extra):
     ckpt = {"model": sd, "ema": sd, "config": asdict(model.cfg), "args": {}, "step": 1, **extra}
     torch.save(ckpt, path)
     return str(path)
+
+
+def write_safetensors(path, tensors, dtype="BF16"):
+    """A .safetensors file as the released SPRINT files are: header length, JSON header, the raw
+    little-endian data."""
+    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    header = {}
+    blobs = []
+    offset = 0
+    for name, t in tensors.items():
+        raw = t.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": dtype, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    meta = json.dumps(header).encode()
+    Path(path).write_bytes(struct.pack("<Q", len(meta)) + meta + b"".join(blobs))
 
 
 def run_sample(*argv):

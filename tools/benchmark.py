@@ -81,7 +81,8 @@ def benchmark_train(args, device):
     model = torch.compile(raw) if args.compile else raw
 
     def step():
-        train.train_step(model, raw, ema, opt, x, y, B, slice(None), stage, None)
+        draws = train.draw(y, x.shape[1:], B, slice(None), stage, raw.cfg)
+        train.train_step(model, raw, ema, opt, x, draws, stage.ema_decay, None)
 
     ms = time_ms(step, device, args.reps)
     flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
