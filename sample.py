@@ -6,14 +6,15 @@ and the released SPRINT (.safetensors) and DiT (.pt) files.
 
     python sample.py --pdg                       # a grid, the newest SPRINT checkpoint in results/
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 3 --num-samples 50000 \
-        --seed 888 --out samples.npz --vae stabilityai/sd-vae-ft-ema     # the papers' evaluation
+        --seed 888 --out samples.npz                                     # the papers' evaluation
     python sample.py --ckpt sprint_XL_imagenet512.safetensors --image-size 512 --pdg
-    python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5 --vae stabilityai/sd-vae-ft-ema
+    python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5     # released files, by name
 
 Guidance mixes a conditional and an unconditional prediction, u + w (c - u): with CFG u is the
 network at the null label; with PDG, at the null label *with its deep sparse path skipped* (mask
 tokens in its place), which costs only the dense blocks. Sample i draws its label and noise from
 seed + i on any number of GPUs; an .npz is ADM's layout (arr_0 uint8 N x H x W x 3, arr_1 labels).
+Precision, VAE and pixels are those of the model's official sampling code (SAMPLING).
 """
 import argparse
 import glob
@@ -22,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import time
@@ -33,7 +35,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from sparsedit import MODELS
+from sparsedit import DDPM, MODELS, space_timesteps
 from sprint import DDPM_STEPS, SIZES, ModelConfig
 
 
@@ -119,58 +121,7 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
     return x.float()
 
 
-#################################################################################
-#      The DiT paper's diffusion: DDPM, learned variance, respaced sampling     #
-#################################################################################
-
-def space_timesteps(steps, num_timesteps=DDPM_STEPS):
-    """DiT's space_timesteps(1000, str(steps)): evenly strided over 0..999, rounded as DiT rounds
-    a running float sum."""
-    if steps > num_timesteps:
-        raise ValueError(f"--steps {steps}: DDPM keeps at most its {num_timesteps} timesteps")
-    stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
-    return [round(position) for position in itertools.accumulate([0.0] + [stride] * (steps - 1))]
-
-
-class DDPM:
-    """DiT's create_diffusion: 1000 linear betas from 1e-4 to 0.02, of which `timesteps` are kept
-    (respacing: the kept steps' betas follow from alpha_bar there; the network still sees the
-    original timestep). Coefficients are computed in float64 and used in float32, as DiT does."""
-    def __init__(self, timesteps=range(DDPM_STEPS), device="cpu"):
-        self.timesteps = list(timesteps)
-        alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, DDPM_STEPS))[self.timesteps]
-        prev = np.append(1.0, alpha_bar[:-1])
-        betas = 1 - alpha_bar / prev
-        beta_tilde = betas * (1 - prev) / (1 - alpha_bar)                     # the posterior's
-        coefficients = dict(sqrt_alpha_bar=np.sqrt(alpha_bar),
-                            sqrt_one_minus_alpha_bar=np.sqrt(1 - alpha_bar),
-                            recip=np.sqrt(1 / alpha_bar), recipm1=np.sqrt(1 / alpha_bar - 1),
-                            coef1=betas * np.sqrt(prev) / (1 - alpha_bar),    # posterior mean
-                            coef2=(1 - prev) * np.sqrt(1 - betas) / (1 - alpha_bar),
-                            # log beta tilde (clipped at step 0, where it is 0) and log beta
-                            min_log=np.log(np.append(beta_tilde[1], beta_tilde[1:])),
-                            max_log=np.log(betas))
-        self.coef = {k: torch.tensor(v, dtype=torch.float32, device=device)
-                     for k, v in coefficients.items()}
-
-    def at(self, name, i):
-        """Coefficient `name` at respaced indices i (B,), shaped to broadcast over (B, C, H, W)."""
-        return self.coef[name][i].view(-1, 1, 1, 1)
-
-    def posterior_mean(self, x0, x, i):
-        """The mean of q(x_{i-1} | x_i = x, x_0 = x0)."""
-        return self.at("coef1", i) * x0 + self.at("coef2", i) * x
-
-    def p_mean_variance(self, out, x, i):
-        """DiT's p_mean_variance (clip_denoised=False) of the output out = [eps, v] (B, 2C, H, W)
-        at x (B, C, H, W) -> (mean, log variance, predicted x0): v in [-1, 1] interpolates the log
-        variance between log beta tilde and log beta (the learned range)."""
-        eps, v = out.chunk(2, dim=1)
-        frac = (v + 1) / 2
-        log_variance = frac * self.at("max_log", i) + (1 - frac) * self.at("min_log", i)
-        x0 = self.at("recip", i) * x - self.at("recipm1", i) * eps
-        return self.posterior_mean(x0, x, i), log_variance, x0
-
+#### The DiT paper's sampler: ancestral DDPM over respaced timesteps (sparsedit.DDPM) ####
 
 @torch.no_grad()
 def ddpm_sample(model, z, y, steps=250, generators=None, **guidance):
@@ -214,6 +165,28 @@ OFFICIAL_NAMES = {"encoder_blocks.": "encoder.", "middle_blocks.": "middle.",
 TRAINING_ONLY = "projectors."          # sprint_XL_REPA_imagenet256's REPA head (D -> 2048 -> 768)
 # SD-VAE latents are multiplied by this for training (LDM); undone to decode
 LATENT_SCALE = 0.18215
+# the papers' released checkpoints, fetched by name from their official links
+RELEASED = {**{f"sprint_XL_{name}.safetensors": "https://huggingface.co/snap-research/SPRINT/"
+               "resolve/main/" for name in ("imagenet256", "REPA_imagenet256", "imagenet512")},
+            **{f"DiT-XL-2-{side}x{side}.pt": "https://dl.fbaipublicfiles.com/DiT/models/"
+               for side in (256, 512)}}
+
+
+def find_checkpoint(path):
+    """A file as it is; a released checkpoint's name (RELEASED) not on disk: the copy in torch's hub
+    cache, downloaded there once (to a temporary file, renamed when whole)."""
+    if os.path.exists(path) or path not in RELEASED:
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", path)
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(RELEASED[path] + path, cached)
+        except OSError as e:                              # no network (URLError), a full disk
+            raise ValueError(f"{path}: cannot download {RELEASED[path] + path} to {cached} "
+                             f"({' '.join(str(e).split())}); without network, put it there by "
+                             f"hand") from None
+    return cached
 
 
 def read_safetensors(path):
@@ -238,16 +211,19 @@ def read_safetensors(path):
 
 def read_checkpoint(path):
     """train.py's checkpoint as saved; a released file (.safetensors, or a bare state dict) as
-    {"model": weights}. A file that is not one, or is cut short, is a ValueError naming it."""
+    {"model": weights}. A file cut short, damaged or of other objects is a ValueError naming it."""
     try:
         with open(path, "rb") as f:
             safetensors = f.read(9)[8:] == b"{"               # its JSON header, after its length
         ckpt = {"model": read_safetensors(path)} if safetensors else torch.load(
             path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, KeyError, struct.error, UnicodeDecodeError,
-            json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint (cut short? {type(e).__name__})"
-                         ) from None
+    except Exception as e:           # torch.load and a damaged header raise anything: say which
+        raise ValueError(f"{path}: not a readable checkpoint (cut short, damaged, or not one: "
+                         f"{type(e).__name__})") from None
+    weights = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"{path}: neither train.py's checkpoint nor a released SPRINT or DiT file "
+                         f"(it holds no weights)")
     return ckpt if "model" in ckpt else {"model": ckpt}
 
 
@@ -333,8 +309,11 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, help="default: 16 (or --classes) or 50000 (.npz)")
     p.add_argument("--seed", type=int, default=0, help="sample i is seeded seed + i")
     p.add_argument("--per-proc-batch-size", type=int, default=64)
-    p.add_argument("--out", help="a grid (.png, .jpg) or an .npz (default: samples/<ckpt>-<w>.png)")
-    p.add_argument("--vae", help="diffusers AutoencoderKL (without: latents, for tools/)")
+    p.add_argument("--out", help="a grid (.png, .jpg) or an .npz (default: a new samples/*.png)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="a latent model's decoder, "
+                   "diffusers AutoencoderKL (default: the papers'); none: keep the latents")
+    p.add_argument("--precision", choices=list(PRECISIONS), help="default: the model's official "
+                   "sampling code's on CUDA (SAMPLING), fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
     for name in ("steps", "per_proc_batch_size", "num_samples"):
@@ -348,8 +327,10 @@ def parse_args(argv=None):
 
 
 def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; plain `python`: rank 0 of 1."""
+    """(rank, world size, device) from torchrun's environment; plain `python`: rank 0 of 1. TF32
+    matmuls on CUDA, as the papers' code allows them."""
     cuda = torch.cuda.is_available()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -359,9 +340,16 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; plain float32 on a CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# how each paper's official code samples (METHOD.md), by the model's diffusion: the model's and the
+# VAE's precision on CUDA, and an image in [-1, 1] to pixels (clamped to 0..255, truncated)
+SAMPLING = {"flow": ("bf16", lambda x: 255 * (x + 1) / 2),      # SPRINT's sample_ddp.py
+            "ddpm": ("fp32", lambda x: 127.5 * x + 128)}         # DiT's and SparseDiT's (TF32)
+
+
+def autocast(device, precision):
+    """Mixed precision in bf16 or fp16 (autocast); fp32: none."""
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
 #################################################################################
@@ -374,7 +362,9 @@ def sampling_model(args, device):
         pattern = f"{args.results_dir}/*-{'sprint' if args.pdg else '*'}-*/checkpoints/*.pt"
         if not glob.glob(pattern):
             raise ValueError(f"no checkpoint in {pattern}: train one with train.py, or give --ckpt")
-        args.ckpt = max(glob.glob(pattern), key=os.path.getmtime)
+        run = re.compile(r".*/(\d+)-[^/]*/checkpoints/[^/]*$")        # the newest run, its last step
+        args.ckpt = max(glob.glob(pattern), key=lambda p: (int(run.match(p).group(1)), p))
+    args.ckpt = find_checkpoint(args.ckpt)
     if not os.path.isfile(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt}: no such file")
     ckpt = read_checkpoint(args.ckpt)
@@ -390,29 +380,34 @@ def sampling_model(args, device):
                          f"{cfg.model}: guide it with CFG (leave --pdg out)")
     if any(not 0 <= c < cfg.num_classes for c in args.classes or []):
         raise ValueError(f"--classes: class ids must lie in 0..{cfg.num_classes - 1}")
-    if args.out is None:
+    latents = cfg.in_channels == 4 and args.vae == "none"       # kept, decoded later
+
+    def output(out):
+        return os.path.splitext(out)[0] + ".latents.npz" if latents else out
+    if args.out is None:                          # samples/<run>-<step>-<guidance>[-k].png, new
         folder, name = os.path.split(os.path.splitext(args.ckpt)[0])
         if os.path.basename(folder) == "checkpoints":            # results/NNN-.../checkpoints
             name = f"{os.path.basename(os.path.dirname(folder))}-{name}"
-        args.out = f"samples/{name}-{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}.png"
-    path = args.out
-    if cfg.in_channels == 4 and not args.vae:                   # latents, decoded later
-        path = os.path.splitext(args.out)[0] + ".latents.npz"
-    if os.path.exists(path):
-        raise ValueError(f"--out {path} exists: choose another --out (nothing is overwritten)")
-    scale = ckpt.get("args", {}).get("latent_scale") or LATENT_SCALE    # train.py's, else SD-VAE's
-    return model.to(device), sampler, scale, path
+        base = f"samples/{name}-{'pdg' if args.pdg else 'cfg'}{args.cfg_scale:g}"
+        names = (f"{base}-{k}.png" if k > 1 else f"{base}.png" for k in itertools.count(1))
+        args.out = next(out for out in names if not os.path.exists(output(out)))
+    if os.path.exists(output(args.out)):
+        raise ValueError(f"--out {output(args.out)} exists: choose another --out (nothing is "
+                         f"overwritten)")
+    # train.py's runs store theirs (runs older than the flag's default trained at 1); else SD-VAE's
+    scale = (ckpt["args"].get("latent_scale") or 1.0) if "args" in ckpt else LATENT_SCALE
+    return model.to(device), sampler, scale, output(args.out)
 
 
-def load_vae(path, device):
-    """The SD VAE from diffusers, an optional extra imported only here."""
+def load_vae(path, device, precision="fp32"):
+    """The SD VAE from diffusers, an optional extra imported only here, in this precision."""
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ValueError("--vae needs the optional package diffusers: pip install diffusers"
-                         ) from None
+        raise ValueError(f"--vae {path} needs the optional package diffusers: pip install "
+                         f"diffusers (or --vae none: keep the latents)") from None
     try:
-        return AutoencoderKL.from_pretrained(path).to(device).eval()
+        return AutoencoderKL.from_pretrained(path).to(device, PRECISIONS[precision]).eval()
     except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
         message = " ".join(str(e).split())
         raise ValueError(f"--vae {path}: not an AutoencoderKL ({message})") from None
@@ -430,26 +425,26 @@ def sample_inputs(indices, seed, classes, num_classes, shape, device):
     return z, torch.tensor(labels, device=device), gens
 
 
-def to_uint8(x):
-    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy (the ADM .npz layout)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(x, diffusion="flow"):
+    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy (ADM's .npz layout), converted
+    as the official code of the model's diffusion converts them (SAMPLING)."""
+    pixels = SAMPLING[diffusion][1](x.float()).clamp(0, 255).byte()      # byte() truncates
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
-def finish(x, vae=None, latent_scale=LATENT_SCALE):
+def finish(x, vae=None, latent_scale=LATENT_SCALE, diffusion="flow"):
     """Sampler output -> what is stored: {"arr_0": uint8 images}, or {"latents": ...} (no VAE)."""
     if x.shape[1] != 4:                                  # pixel space: the image in [-1, 1]
-        return {"arr_0": to_uint8(x)}
+        return {"arr_0": to_uint8(x, diffusion)}
     z = x.float() / latent_scale                         # SD-VAE latents, (B, 4, H/8, W/8)
-    if vae is None:
-        return {"latents": z.cpu().numpy()}
-    with torch.autocast(x.device.type, enabled=False):   # decode in float32, as DiT does
-        return {"arr_0": to_uint8(vae.decode(z).sample)}
+    if vae is None:                    # and how tools/decode_latents.py makes pixels of them
+        return {"latents": z.cpu().numpy(), "diffusion": np.full(len(z), diffusion)}
+    return {"arr_0": to_uint8(vae.decode(z.to(vae.dtype)).sample, diffusion)}   # VAE's precision
 
 
-def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] or uint8 (B, H, W, 3) -> a grid file, nrow a row."""
-    imgs = to_uint8(x) if torch.is_tensor(x) else x
+def save_grid(imgs, path, nrow=None):
+    """uint8 images (B, H, W, 3) -> a grid file, nrow a row."""
     B, H, W, C = imgs.shape
     nrow = nrow or math.ceil(math.sqrt(B))
     grid = np.full((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
@@ -498,24 +493,29 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     guidance = dict(cfg_scale=args.cfg_scale, pdg=args.pdg, interval=tuple(args.guidance_interval))
+    # a sample set for fid.py when --out asks for one; otherwise a grid of 16 (or of the classes)
+    fid_set = args.out is not None and args.out.endswith(".npz")
+    N = args.num_samples or (50_000 if fid_set else len(args.classes or [0] * 16))
     try:
         model, sampler, latent_scale, path = sampling_model(args, device)
         flops = trajectory_flops(model, sampler, args.steps, **guidance)    # DDPM: --steps <= 1000
         cfg_flops = trajectory_flops(model, sampler, args.steps, **{**guidance, "pdg": False})
-        vae = load_vae(args.vae, device) if args.vae and model.cfg.in_channels == 4 else None
+        cfg = model.cfg
+        precision = args.precision or (SAMPLING[cfg.diffusion][0] if device.type == "cuda" else
+                                       "fp32")
+        decodes = cfg.in_channels == 4 and args.vae != "none"
+        vae = load_vae(args.vae, device, precision) if decodes else None
     except ValueError as e:
         raise SystemExit(f"sample.py: error: {e}")
     net = torch.compile(model, dynamic=False) if args.compile else model
-    cfg = model.cfg
-    N = args.num_samples or (50_000 if path.endswith(".npz") else len(args.classes or [0] * 16))
     B = args.per_proc_batch_size
     settings = json.dumps([os.path.abspath(args.ckpt), sampler, args.steps, guidance, args.classes,
-                           args.seed, N, B, args.vae, latent_scale]).encode()
+                           args.seed, N, B, args.vae, latent_scale, precision]).encode()
     parts = f"{path}.parts-{hashlib.sha1(settings).hexdigest()[:10]}"
     shards = [os.path.join(parts, f"{k:06d}.npz") for k in range(math.ceil(N / B))]
     if rank == 0:
         print(f"{args.ckpt}: {cfg.model}-{cfg.size}/{cfg.patch_size}, {sampler}-{args.steps}, "
-              f"{'PDG' if args.pdg else 'CFG'} {args.cfg_scale:g}: "
+              f"{'PDG' if args.pdg else 'CFG'} {args.cfg_scale:g}, {precision}: "
               f"{len(trajectory_passes(sampler, args.steps, **guidance))} model passes, "
               f"{flops / 1e12:.4g} forward TFLOPs per image (CFG's: {cfg_flops / 1e12:.4g})")
     os.makedirs(parts, exist_ok=True)
@@ -525,9 +525,10 @@ def main(argv=None):
     for k in tqdm(todo, desc=f"rank 0 of {world}, batches of {B}", disable=rank != 0):
         z, y, gens = sample_inputs(range(k * B, min(k * B + B, N)), args.seed, args.classes,
                                    cfg.num_classes, shape, device)
-        with autocast(device):
+        with autocast(device, precision):
             x = sample(net, z, y, sampler, args.steps, gens, **guidance)
-        np.savez(shards[k] + ".tmp.npz", **finish(x, vae, latent_scale), arr_1=y.cpu().numpy())
+        stored = finish(x, vae, latent_scale, cfg.diffusion)
+        np.savez(shards[k] + ".tmp.npz", **stored, arr_1=y.cpu().numpy())
         os.replace(shards[k] + ".tmp.npz", shards[k])
     if world > 1:
         dist.barrier()                                            # every rank's shards are whole
@@ -538,7 +539,7 @@ def main(argv=None):
         print(f"wrote {path}; {n} images here in {seconds:.1f} s: {n / seconds:.3g} img/s, "
               f"{flops * n / seconds / 1e12:.3g} forward TFLOP/s a process")
         if path.endswith(".latents.npz"):
-            print(f"{path} holds latents, not images (no --vae): decode them with "
+            print(f"{path} holds latents, not images (--vae none): decode them with "
                   f"tools/decode_latents.py (pip install diffusers)")
     if world > 1:
         dist.barrier()                                            # the merge, before the group ends

@@ -1,60 +1,39 @@
 """
-SparseDiT: token sparsification across layers and timesteps, on the backbone of sprint.py.
+SparseDiT on the backbone of sprint.py, and the DiT paper's diffusion (DDPM) that SparseDiT's paper
+converts a released DiT from and fine-tunes with.
 
 SparseDiT ("SparseDiT: Token Sparsification for Efficient Diffusion Transformer", NeurIPS 2025,
-arXiv 2412.06028; first titled FlexDiT) cuts a DiT's depth into three segments, its tri-segment
-architecture:
+arXiv 2412.06028) cuts a DiT's depth into three segments:
 
     Poolingformers   bottom: attention without Q and K, every token gets W_o · mean_j(W_v · x_j)
-    SDTMs            middle: pool the N tokens to s x s sparse tokens X_s, run blocks on X_s,
-                     recover the dense grid
+    SDTMs            middle: pool the N tokens to s x s sparse tokens, run blocks on them, recover
     dense blocks     top: all N tokens, for high-frequency detail
 
-and lets the sparse grid grow as denoising proceeds: s = 6 for the noisiest quarter of the
-trajectory, then growing linearly to s = 10 at the data, for a 16 x 16 token grid. Layouts
-[P Poolingformers, S SDTMs, K sparse blocks per SDTM, T dense top blocks], each SDTM =
-1 sparse-generation + K sparse + 1 recovery + 1 dense block:
-
-    XL (depth 28): [2, 4, 3, 2], the paper's    L (24): [2, 4, 2, 2]    S/B (12): [1, 2, 2, 1]
-
-L and S/B keep XL's proportions (about 7% Poolingformers, 86% SDTMs, 7% dense top) and at least
-2 SDTMs (one collapses in the paper's ablation). Mixed timesteps in one batch are exact and
-sync-free: every sample is pooled to its own grid, padded to the largest side of the schedule, and
-padded sparse tokens are masked out as keys and never upsampled (see `sparse_grid`).
-
-As the paper runs it, SparseDiT is a conversion (`from_dit`): the released DiT-XL/2 (the DiT
-paper's model: DDPM with learned variance, a position table, no q/k norm; sprint.ModelConfig's
-diffusion, positions and qk_norm) becomes Poolingformers + SDTMs + dense top and is fine-tuned
-with DiT's loss (`train.py --model sparsedit --init DiT-XL-2-256x256.pt`). Built on SPRINT's SiT
-backbone (flow matching, RoPE, q/k norm) it converts a DiT that train.py trained, and compares
-with SPRINT like for like. References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024).
-
-Where this differs from the paper, and why:
-- Positions at the sparse/dense transitions. The paper re-adds sinusoidal encodings to the tokens
-  there; its official code adds the table only at the input, and so does this one: the released
-  DiT's blocks learned from tokens with the table added once, and a pooled token already holds the
-  mean of its cell's table entries. With RoPE, positions live in attention: pooled tokens are
-  rotated at the centres of their cells (`pooled_grid`), dense tokens at their own. Either way the
-  module stays the identity at initialisation (W1 = 0, W2 = I, zero gates).
-- The paper's FLOPs average its density schedule over the sampling steps (`flops`); a training
-  step pads every sample to the largest grid and costs that (`training_flops`).
+and grows the sparse grid as denoising proceeds: 6 x 6 on the noisiest quarter of the trajectory,
+then linearly to 10 x 10 at the data (16 x 16 tokens). As the paper runs it, the released DiT-XL/2
+is converted (`from_dit`) and fine-tuned with DiT's loss (`DDPM.losses`); on SPRINT's SiT backbone
+it converts a DiT that train.py trained. README.md's SparseDiT chapter says where this differs from
+the paper. References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), changsn/SparseDiT.
 """
+import itertools
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sprint import SPRINT, Attention, Backbone, Block, DiT, block_macs, modulate
+from sprint import DDPM_STEPS, SPRINT, Attention, Backbone, Block, DiT, block_macs, modulate
 
 
 #################################################################################
 #   Layouts (the tri-segment architecture) and the timestep-adaptive density    #
 #################################################################################
 
-# total depth: [Poolingformers, SDTMs, sparse blocks per SDTM, dense top blocks], with
-# P + S * (K + 3) + T = depth. Depth 4 is train.py's toy model for the embedded data: one SDTM,
-# which the paper finds collapses at scale.
+# depth: [P Poolingformers, S SDTMs, K sparse blocks per SDTM, T dense top blocks], P + S (K + 3)
+# + T = depth; XL's is the paper's, L's and S/B's keep its proportions and at least 2 SDTMs (one
+# collapses in the paper's ablation); depth 4 is the toy model's
 LAYOUTS = {4: (1, 1, 0, 0), 12: (1, 2, 2, 1), 24: (2, 4, 2, 2), 28: (2, 4, 3, 2)}
 # sparse grid sides for a 16 x 16 token grid (256 px, patch 2), scaled for other grids
 DENSITY = (6, 10)
@@ -89,8 +68,7 @@ def parse_density(cfg):
 
 def density_schedule(level, min_side, max_side):
     """Sparse grid side for noise levels (tensor, 1 = pure noise): min_side on [0.75, 1], growing
-    linearly to max_side at 0 (the paper's timestep-adaptive token density: fewest tokens while the
-    input is noisiest; with DDPM's 250 steps the first quarter of them, timesteps >= 750)."""
+    linearly to max_side at 0 (the paper's timestep-adaptive density; DDPM: timesteps >= 750)."""
     frac = (level.float() / SPARSEST_FROM).clamp(0, 1)             # 1 while noisiest, 0 at the data
     return torch.round(max_side - (max_side - min_side) * frac).long()
 
@@ -179,16 +157,15 @@ class CrossBlock(Block):
 
 class SDTM(nn.Module):
     """The paper's Sparse-Dense Token Module: sparse token generation (X_s = AvgPool(X) attends to
-    X) -> K sparse transformer blocks -> sparse-dense token recovery (X_m = Up(X_s) W1 + X W2
-    attends to X_s) -> one dense block."""
+    X) -> K sparse blocks -> recovery (X_m = Up(X_s) W1 + X W2 attends to X_s) -> a dense block."""
     def __init__(self, new_block, dim, n_sparse):
         super().__init__()
         self.generation = new_block(CrossBlock)
         self.sparse = nn.ModuleList(new_block() for _ in range(n_sparse))
         self.recovery = new_block(CrossBlock)
-        # X_m = Up(X_s) W1 + X W2 with W1 = 0, W2 = I: the module starts as the identity on X
-        self.W1 = nn.Parameter(torch.zeros(dim, dim))
-        self.W2 = nn.Parameter(torch.eye(dim))
+        # X_m = Up(X_s) W1 + X W2, with biases (the official merged_layer1 and merged_layer2)
+        self.W1 = nn.Linear(dim, dim)
+        self.W2 = nn.Linear(dim, dim)
         self.dense = new_block()
 
     def forward(self, x, c, rope, grid: SparseGrid):
@@ -198,7 +175,7 @@ class SDTM(nn.Module):
             # padded sparse tokens are no keys
             xs = block(xs, c, grid.rope, grid.mask)
         up = torch.take_along_dim(xs, grid.up, dim=1)              # Up(X_s), nearest: (B, N, D)
-        xm = up @ self.W1 + x @ self.W2                            # X_m
+        xm = self.W1(up) + self.W2(x)                              # X_m
         x = self.recovery(xm, xs, c, rope, grid.rope, grid.mask)   # Q = X_m, K = V = X_s
         return self.dense(x, c, rope)
 
@@ -229,6 +206,11 @@ class SparseDiT(Backbone):
         # (sides, S_max): True for real sparse tokens, False for padding
         self.register_buffer("grid_real", real, persistent=False)
         self.initialize_weights()
+        for sdtm in self.sdtms:              # X_m = X at first: the SDTM starts as the identity
+            nn.init.zeros_(sdtm.W1.weight)
+            nn.init.eye_(sdtm.W2.weight)
+            nn.init.zeros_(sdtm.W1.bias)
+            nn.init.zeros_(sdtm.W2.bias)
 
     def grid_side(self, t):
         """The sparse grid side of each sample, (B,) long, from its own t (B,)."""
@@ -345,11 +327,87 @@ class SparseDiT(Backbone):
                     qkv = dit[f"blocks.{i}.attn.qkv.{key[len(part):]}"]
                     thirds = qkv.unflatten(0, (3, -1))
                     sd[prefix + key] = thirds[self.QKV_PARTS[part]].flatten(0, 1)
-        D = self.cfg.hidden_size
-        for j in range(len(self.sdtms)):
-            sd[f"sdtms.{j}.W1"] = torch.zeros(D, D)
-            sd[f"sdtms.{j}.W2"] = torch.eye(D)
+        # the recovery linears as a new model has them: W1 = 0, W2 = I, zero biases
+        sd.update({k: v for k, v in self.state_dict().items() if ".W1." in k or ".W2." in k})
         return sd
+
+
+#################################################################################
+#   The DiT paper's diffusion: SparseDiT's paper fine-tunes and samples with it #
+#################################################################################
+
+def space_timesteps(steps, num_timesteps=DDPM_STEPS):
+    """DiT's space_timesteps(1000, str(steps)): evenly strided over 0..999, rounded as DiT rounds
+    a running float sum."""
+    if steps > num_timesteps:
+        raise ValueError(f"--steps {steps}: DDPM keeps at most its {num_timesteps} timesteps")
+    stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
+    return [round(position) for position in itertools.accumulate([0.0] + [stride] * (steps - 1))]
+
+
+class DDPM:
+    """DiT's create_diffusion: 1000 linear betas from 1e-4 to 0.02, of which `timesteps` are kept
+    (respacing: the kept steps' betas follow from alpha_bar there; the network still sees the
+    original timestep). Coefficients are computed in float64 and used in float32, as DiT does:
+    x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps; the posterior q(x_{t-1} | x_t, x_0) has
+    mean posterior_x0 x_0 + posterior_xt x_t and variance beta_tilde (its log clipped at t = 0)."""
+    def __init__(self, timesteps=range(DDPM_STEPS), device="cpu"):
+        self.timesteps = list(timesteps)
+        alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, DDPM_STEPS))[self.timesteps]
+        prev = np.append(1.0, alpha_bar[:-1])
+        beta = 1 - alpha_bar / prev
+        beta_tilde = beta * (1 - prev) / (1 - alpha_bar)
+        coefficients = dict(sqrt_alpha_bar=np.sqrt(alpha_bar),
+                            sqrt_one_minus_alpha_bar=np.sqrt(1 - alpha_bar),
+                            sqrt_recip_alpha_bar=np.sqrt(1 / alpha_bar),
+                            sqrt_recip_alpha_bar_minus_1=np.sqrt(1 / alpha_bar - 1),
+                            posterior_x0=beta * np.sqrt(prev) / (1 - alpha_bar),
+                            posterior_xt=(1 - prev) * np.sqrt(1 - beta) / (1 - alpha_bar),
+                            log_beta_tilde=np.log(np.append(beta_tilde[1], beta_tilde[1:])),
+                            log_beta=np.log(beta))
+        self.coef = {k: torch.tensor(v, dtype=torch.float32, device=device)
+                     for k, v in coefficients.items()}
+
+    def at(self, name, i):
+        """Coefficient `name` at respaced indices i (B,), shaped to broadcast over (B, C, H, W)."""
+        return self.coef[name][i].view(-1, 1, 1, 1)
+
+    def posterior_mean(self, x0, x, i):
+        """The mean of q(x_{i-1} | x_i = x, x_0 = x0)."""
+        return self.at("posterior_x0", i) * x0 + self.at("posterior_xt", i) * x
+
+    def p_mean_variance(self, out, x, i):
+        """DiT's p_mean_variance (clip_denoised=False) of the output out = [eps, v] (B, 2C, H, W)
+        at x (B, C, H, W) -> (mean, log variance, predicted x0): v in [-1, 1] interpolates the log
+        variance between log beta tilde and log beta (the learned range)."""
+        eps, v = out.chunk(2, dim=1)
+        frac = (v + 1) / 2
+        log_variance = frac * self.at("log_beta", i) + (1 - frac) * self.at("log_beta_tilde", i)
+        x0 = (self.at("sqrt_recip_alpha_bar", i) * x
+              - self.at("sqrt_recip_alpha_bar_minus_1", i) * eps)
+        return self.posterior_mean(x0, x, i), log_variance, x0
+
+    def losses(self, model, x, y, t, eps):
+        """DiT's training_losses of each sample at timesteps t (B,) -> (mse, vb): the noise's MSE;
+        vb, the variational bound's term for the learned variance with the mean frozen, KL(q(x_{t-1}
+        | x_t, x) || p(x_{t-1} | x_t)) in bits per dimension (at t = 0 the decoder's NLL)."""
+        x_t = self.at("sqrt_alpha_bar", t) * x + self.at("sqrt_one_minus_alpha_bar", t) * eps
+        eps_pred, v = model(x_t, t, y).float().chunk(2, dim=1)
+        mean, log_var, _ = self.p_mean_variance(torch.cat([eps_pred.detach(), v], 1), x_t, t)
+        true_log_var = self.at("log_beta_tilde", t)
+        kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                    + (self.posterior_mean(x, x_t, t) - mean) ** 2 * torch.exp(-log_var))
+
+        def cdf(v):                              # the tanh approximation of the normal CDF
+            return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v.pow(3))))
+        inv_std = torch.exp(-0.5 * log_var)
+        upper = cdf(inv_std * (x - mean + 1 / 255))
+        lower = cdf(inv_std * (x - mean - 1 / 255))
+        # the probability of x's bin of width 2/255; the outermost bins reach to infinity
+        p = torch.where(x < -0.999, upper, torch.where(x > 0.999, 1 - lower, upper - lower))
+        nll = -torch.log(p.clamp(min=1e-12))
+        vb = torch.where(t == 0, nll.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2.0)
+        return (eps - eps_pred).pow(2).mean((1, 2, 3)), vb
 
 
 #################################################################################

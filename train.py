@@ -2,17 +2,17 @@
 Train DiT, SPRINT or SparseDiT: one plain DDP loop for both stages of SPRINT, with the loss of the
 model's diffusion (flow matching as SiT; DiT's DDPM loss for a model converted from a released DiT).
 
-    python train.py --model sprint --drop 0.75        # the toy SPRINT on toy data, CPU or GPU
+    python train.py --model sprint --drop 0.75        # the toy SPRINT, both stages, CPU or GPU
     torchrun --nproc_per_node=8 train.py --model sprint --size XL --data imagenet256_sdvae \
-        --latent-scale 0.18215 --global-batch-size 256 --lr 1e-4 --ema-decay 0.9999 --steps 400000
+        --global-batch-size 256 --lr 1e-4 --ema-decay 0.9999 --steps 400000
     torchrun --nproc_per_node=8 train.py --model sparsedit --size XL --init DiT-XL-2-256x256.pt ...
 
-The defaults are the toy run; README.md's recipes give the papers' sizes and schedules. Stage 2
-(--finetune-steps) trains on all tokens from the stage-1 EMA weights with a fresh optimizer, its own
-lr, warm-up and EMA (SPRINT Sec. 3.3). Exact resume from the step alone: epoch e's data order comes
-from (seed, e), every other draw of step s from (seed, s), for the whole global batch on every rank
-(each takes its rows): a checkpoint is the weights, EMA, optimizer, step and config. Data: an image
-folder, a folder with x.npy and y.npy (memory-mapped), an .npz with x and y, or none (toy shapes).
+The defaults are the toy run; README.md's recipes give the papers'. The file reads in the order of
+a run: flags, data, model, the loss and its draws, the step, the loop (each step trains, then logs,
+evaluates, draws a grid, saves a checkpoint when each is due). Stage 2 (--finetune-steps) trains on
+all tokens from the stage-1 EMA weights with a fresh optimizer, its own lr, warm-up and EMA (SPRINT
+Sec. 3.3). Exact resume from the step alone: epoch e's data order comes from (seed, e), every other
+draw of step s from (seed, s), for the global batch on every rank (each takes its rows).
 """
 import argparse
 import copy
@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 import zipfile
@@ -35,10 +36,10 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sample import (DDPM, autocast, checkpoint_weights, load_weights, read_checkpoint, sample,
-                    sample_inputs, save_grid, setup_distributed)
-from sparsedit import MODELS, SparseDiT
-from sprint import DDPM_STEPS, SIZES, ModelConfig, sample_ids_keep
+from sample import (LATENT_SCALE, autocast, checkpoint_weights, find_checkpoint, load_weights,
+                    read_checkpoint, sample, sample_inputs, save_grid, setup_distributed, to_uint8)
+from sparsedit import DDPM, MODELS, SparseDiT
+from sprint import DDPM_STEPS, SIZES, ModelConfig, num_kept, sample_ids_keep
 
 
 #################################################################################
@@ -68,8 +69,8 @@ def parser():
     p.add_argument("--density", type=number(1), nargs=2, help="sparsedit's sparse grid sides")
     p.add_argument("--data", help="an image folder, x.npy and y.npy's folder, or an .npz")
     p.add_argument("--image-size", type=number(1), help="default: the data's, 16 toy, 64 folders")
-    p.add_argument("--latent-scale", type=float, help="times float latents (SD-VAE: 0.18215)")
-    p.add_argument("--num-workers", type=number(0), help="default: 8 for images, 0 for arrays")
+    p.add_argument("--latent-scale", type=float, default=LATENT_SCALE, help="times float latents")
+    p.add_argument("--num-workers", type=number(0), help="default: 8 images, 4 x.npy, 0 in memory")
     p.add_argument("--drop", type=number(0, 1, float), default=0.75, help="SPRINT's token drop")
     p.add_argument("--mask-type", choices=["structured", "random"], default="structured")
     p.add_argument("--path-drop", type=number(0, 1, float), default=0.1, help="SPRINT's")
@@ -77,10 +78,14 @@ def parser():
     p.add_argument("--lr", type=float, default=1e-3, help="stage 1 (SPRINT, SiT: 1e-4)")
     p.add_argument("--ema-decay", type=float, default=0.995, help="stage 1 (the papers: 0.9999)")
     p.add_argument("--steps", type=number(0), default=2000, help="stage-1 steps")
-    p.add_argument("--finetune-steps", type=number(0), default=0, help="stage 2, at 0%% drop")
+    p.add_argument("--finetune-steps", type=number(0), default=500, help="stage 2, at 0%% drop")
     p.add_argument("--ft-lr", type=float, default=1e-3, help="stage 2 (official: 2e-4)")
     p.add_argument("--ft-warmup", type=number(0), default=100, help="stage 2 (official: 5000)")
     p.add_argument("--ft-ema-decay", type=float, default=0.995, help="(official: 0.9999)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: the paper's "
+                   "on CUDA (paper_recipe), fp32 on a CPU")
+    p.add_argument("--grad-clip", type=number(0, kind=float), help="max gradient norm, 0: none "
+                   "(default: the paper's; SPRINT 1.0, DiT and SparseDiT none)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", help="a checkpoint's EMA weights (a DiT's: SparseDiT's start)")
     start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
@@ -95,10 +100,10 @@ def parser():
 
 
 def parse_args(argv):
-    """The flags of a new run or of the run --resume continues -> (flags, (checkpoint path, it))."""
+    """The flags of a new run or of the run --resume continues -> (flags, its checkpoint or None)."""
     args = parser().parse_args(argv)
     if args.resume is None:
-        return args, (None, None)
+        return args, None
     path = max(glob.glob(os.path.join(args.resume, "checkpoints", "*.pt")), default=args.resume)
     if not os.path.isfile(path):
         raise ValueError(f"--resume {args.resume}: no such checkpoint, nor a run folder with one")
@@ -106,19 +111,21 @@ def parse_args(argv):
         ckpt = read_checkpoint(path)
     except ValueError as e:
         raise ValueError(f"--resume {e}") from None
+    if "args" not in ckpt:
+        raise ValueError(f"--resume {path}: not a checkpoint of train.py (give it as --init)")
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     if given - {"--resume", "--steps", "--finetune-steps"}:
         raise ValueError(f"--resume {path} takes the run's flags, and only --steps and "
                          f"--finetune-steps may grow: leave out the others")
-    run = argparse.Namespace(**{**ckpt["args"], "resume": path})
+    stored = ckpt["args"]
+    run = argparse.Namespace(**{**vars(parser().parse_args([])), **stored, "resume": path})
     run.steps = args.steps if "--steps" in given else run.steps
     run.finetune_steps = args.finetune_steps if "--finetune-steps" in given else run.finetune_steps
-    step, stored = ckpt["step"], ckpt["args"]
-    grows = run.steps >= stored["steps"] and run.finetune_steps >= stored["finetune_steps"]
-    if not grows or run.steps != stored["steps"] and step > stored["steps"]:
+    shrinks = run.steps < stored["steps"] or run.finetune_steps < stored["finetune_steps"]
+    if shrinks or (ckpt["step"] > stored["steps"] and run.steps != stored["steps"]):
         raise ValueError(f"--steps {run.steps} --finetune-steps {run.finetune_steps}: a resumed "
-                         f"run may only grow, its stage 1 only while it lasts (step {step})")
-    return run, (path, ckpt)
+                         f"run may only grow, its stage 1 only while it lasts (step {ckpt['step']})")
+    return run, ckpt
 
 
 #################################################################################
@@ -166,11 +173,10 @@ def center_crop_arr(img, size):
 
 
 class Arrays:
-    """x: an image folder's files (decoded per batch, in DataLoader workers), uint8 images
-    (N, H, W, 3), float latents (N, C, H, W) or (N, V, C, H, W), V views of each image
-    (tools/encode_latents.py's image and mirror) of which a step draws one; y: N labels. In memory,
-    or a folder's x.npy and y.npy memory-mapped, opened per batch as nanoGPT opens its tokens: a
-    rank's memory does not grow with N. data[idx] reads those rows, images centre-cropped."""
+    """x: an image folder's files (decoded in DataLoader workers), uint8 images (N, H, W, 3) or float
+    latents (N, [V views, [2: a VAE posterior's mean and std,]] C, H, W); y: N labels. In memory, or
+    x.npy and y.npy memory-mapped, opened per batch as nanoGPT opens its tokens: a rank's memory
+    does not grow with N. data[idx] reads those rows, images centre-cropped."""
     def __init__(self, source, size, x=None, y=None):
         self.source, self.size, self.x, self.y = source, size, x, y
 
@@ -186,15 +192,19 @@ class Arrays:
         x, y = self.arrays()
         x = [self.decode(path) for path in x[idx]] if x.dtype.kind == "U" else np.asarray(x[idx])
         y = torch.from_numpy(y[idx].astype(np.int64))
-        if isinstance(x, list) or x.dtype == np.uint8 and x.shape[1:3] != (self.size, self.size):
+        if isinstance(x, list) or (x.dtype == np.uint8 and x.shape[1:3] != (self.size,) * 2):
             x = np.stack([center_crop_arr(img, self.size) for img in x])
         if x.dtype == np.uint8:                                      # (B, H, W, 3) -> (B, 3, H, W)
             return torch.from_numpy(x).permute(0, 3, 1, 2), y
+        self.check_finite(x, idx)
+        return torch.from_numpy(x), y
+
+    def check_finite(self, x, idx):
+        """Latents x, the rows idx: one with NaN or infinite values is an error naming it."""
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
         if len(bad):
             raise ValueError(f"--data {self.source}: x[{np.asarray(idx)[bad[0]]}] holds NaN or "
                              f"infinite values; remove it")
-        return torch.from_numpy(x), y
 
     def decode(self, path):
         try:
@@ -233,18 +243,19 @@ def load_data(args):
         raise ValueError(f"--data {args.data}: not an image folder, a folder with x.npy and y.npy, "
                          f"nor an .npz with arrays x and y ({type(e).__name__}: {e})") from None
     pixels = x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3
-    latents = x.dtype.kind == "f" and x.ndim in (4, 5) and x.shape[-1] == x.shape[-2]
-    if not (pixels or latents) or y.shape != x.shape[:1] or not len(y) or y.dtype.kind not in "iu" \
-            or y.min() < 0:
+    latents = x.dtype.kind == "f" and x.ndim in (4, 5, 6) and x.shape[-1] == x.shape[-2]
+    moments = x.ndim != 6 or x.shape[2] == 2
+    labels = y.shape == x.shape[:1] and len(y) > 0 and y.dtype.kind in "iu" and y.min() >= 0
+    if not (pixels or (latents and moments)) or not labels:
         raise ValueError(f"--data {args.data}: x must hold N uint8 images (N, H, W, 3) or float "
-                         f"latents (N, [views,] C, H, H), y their N labels >= 0; got x {x.shape} "
-                         f"{x.dtype}, y {y.shape} {y.dtype}")
+                         f"latents (N, [views, [2 (mean, std),]] C, H, H), y their N labels >= 0; "
+                         f"got x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
     if latents and args.image_size not in (None, x.shape[-1]):
         raise ValueError(f"--image-size {args.image_size}: {args.data} holds {x.shape[-1]}x"
                          f"{x.shape[-1]} latents, which are not resized; leave --image-size out")
-    data.size = args.image_size or min(x.shape[1:3])
+    data.size = args.image_size or (min(x.shape[1:3]) if pixels else x.shape[-1])
     if latents and data.x is not None:               # in memory: every latent checked now
-        data[np.arange(len(y))]
+        data.check_finite(x, np.arange(len(y)))
     return data, int(y.max()) + 1
 
 
@@ -267,8 +278,27 @@ def epoch_batches(indices, global_batch, rank, world, seed, step):
         epoch, batch = epoch + 1, 0
 
 
+def model_inputs(x, pixels, latent_scale, G=None, rows=None):
+    """A batch as the model sees it: pixels in [-1, 1], latents times the latent scale. Training (G
+    given, draws for the global batch, this rank's rows): images flipped left-right with probability
+    1/2 (SiT's, DiT's; stored views: the mirror's), a fresh posterior sample mean + std * n
+    (SPRINT's sample_posterior). Held out: the image as it is, the posterior mean."""
+    flip = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    if G is not None:
+        flip = (torch.rand(G, device=x.device) < 0.5)[rows]
+    x = x.float()
+    if pixels:                                                      # (B, 3, H, W)
+        return torch.where(flip[:, None, None, None], x.flip(3), x) / 127.5 - 1
+    if x.ndim >= 5:                              # (B, V, ...): view 0, the image, or its mirror
+        x = x[torch.arange(len(x), device=x.device), flip.long() % x.shape[1]]
+    if x.ndim == 5:                              # (B, 2, C, H, W): the posterior's mean and std
+        n = 0.0 if G is None else torch.randn(G, *x.shape[2:], device=x.device)[rows]
+        x = x[:, 0] + x[:, 1] * n
+    return x * latent_scale
+
+
 #################################################################################
-#                      The model, its EMA and the optimizer                     #
+#                The model, its EMA, the optimizer, the paper's recipe          #
 #################################################################################
 
 def build_model(args, channels, side, num_classes, device, resumed=None):
@@ -277,8 +307,8 @@ def build_model(args, channels, side, num_classes, device, resumed=None):
     try:
         init_cfg, weights = None, None
         if args.init and not resumed:
-            init_cfg, weights = checkpoint_weights(read_checkpoint(args.init), args.init,
-                                                   input_size=side)
+            path = find_checkpoint(args.init)
+            init_cfg, weights = checkpoint_weights(read_checkpoint(path), path, input_size=side)
         paper = {k: getattr(init_cfg, k) for k in ("diffusion", "positions", "qk_norm") if init_cfg}
         extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k)}
         cfg = ModelConfig(**resumed["config"]) if resumed else ModelConfig(
@@ -307,34 +337,19 @@ def make_optimizer(model, lr, device):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda")
 
 
+def paper_recipe(cfg):
+    """(precision on CUDA, max gradient norm or 0) of the model's official code: SparseDiT's fp16,
+    no clipping; DiT's (DDPM models) fp32 with TF32, no clipping; SPRINT's (and its SiT's) bf16, 1."""
+    if cfg.model == "sparsedit":
+        return "fp16", 0.0
+    return ("fp32", 0.0) if cfg.diffusion == "ddpm" else ("bf16", 1.0)
+
+
 #################################################################################
-#     The losses (flow matching; the DiT paper's DDPM) and the training step    #
+#   The losses (flow matching; the DiT paper's DDPM), their draws, the step     #
 #################################################################################
 
 LABEL_DROP = 0.1               # labels -> the null label, for classifier-free guidance
-
-
-def ddpm_loss(model, x, y, t, eps, ddpm, **sparse):
-    """DiT's training_losses per sample at timesteps t -> (mse, vb): mse of the predicted noise; vb
-    the variational bound's term for the learned variance, the mean frozen: KL(q(x_{t-1} | x_t, x)
-    || p(x_{t-1} | x_t)) in bits per dimension, at t = 0 the discretised decoder's NLL."""
-    x_t = ddpm.at("sqrt_alpha_bar", t) * x + ddpm.at("sqrt_one_minus_alpha_bar", t) * eps
-    eps_pred, v = model(x_t, t, y, **sparse).float().chunk(2, dim=1)
-    mean, log_var, _ = ddpm.p_mean_variance(torch.cat([eps_pred.detach(), v], 1), x_t, t)
-    true_log_var = ddpm.at("min_log", t)
-    kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
-                + (ddpm.posterior_mean(x, x_t, t) - mean) ** 2 * torch.exp(-log_var))
-
-    def cdf(v):                                  # the tanh approximation of the normal CDF
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))
-    inv_std = torch.exp(-0.5 * log_var)
-    upper = cdf(inv_std * (x - mean + 1 / 255))
-    lower = cdf(inv_std * (x - mean - 1 / 255))
-    # the probability of x's bin; the outermost bins reach to infinity
-    p = torch.where(x < -0.999, upper, torch.where(x > 0.999, 1 - lower, upper - lower))
-    nll = -torch.log(p.clamp(min=1e-12))
-    vb = torch.where(t == 0, nll.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2.0)
-    return (eps - eps_pred).pow(2).mean((1, 2, 3)), vb
 
 
 def loss_at(model, x, draws, ddpm):
@@ -342,11 +357,10 @@ def loss_at(model, x, draws, ddpm):
     matching's, the MSE of the velocity v = eps - x on the path x_t = (1 - t) x + t eps (SiT); or,
     given ddpm, DiT's mse + vb."""
     t, y, eps, sparse = draws
-    with autocast(x.device):
-        if ddpm:
-            return sum(ddpm_loss(model, x, y, t, eps, ddpm, **sparse))
-        tt = t.view(-1, 1, 1, 1)
-        v = model((1 - tt) * x + tt * eps, t, y, **sparse)
+    if ddpm:                                              # a DDPM model has no sparse path
+        return sum(ddpm.losses(model, x, y, t, eps))
+    tt = t.view(-1, 1, 1, 1)
+    v = model((1 - tt) * x + tt * eps, t, y, **sparse)
     return (v.float() - (eps - x)).pow(2).mean((1, 2, 3))
 
 
@@ -354,65 +368,58 @@ Stage = namedtuple("Stage", "drop mask_type path_drop lr ema_decay")
 
 
 def stage_at(args, step, sparse_path):
-    """This step's stage (SPRINT Sec. 3.3): stage 1 at --drop; stage 2 at 0% drop, with its own
-    lr, EMA and the official warm-up (LinearLR from 1%, EMA decay at most 0.999). Path drop in both;
-    neither drop without a sparse path."""
-    two = step >= args.steps
-    begin, lr, warmup, decay = ((args.steps, args.ft_lr, args.ft_warmup, args.ft_ema_decay) if two
-                                else (0, args.lr, 0, args.ema_decay))
-    progress = min(1.0, (step - begin) / warmup) if warmup else 1.0
-    return Stage(0.0 if two else args.drop * sparse_path, args.mask_type,
-                 args.path_drop * sparse_path, lr * (0.01 + 0.99 * progress),
-                 min(decay, 0.999) if progress < 1 else decay)
+    """This step's stage (SPRINT Sec. 3.3). Stage 1: --drop, --lr, --ema-decay. Stage 2, from step
+    --steps on: every token, --ft-lr warmed up linearly from 1% over --ft-warmup steps (the
+    official LinearLR), the EMA decay at most 0.999 meanwhile, then --ft-ema-decay. Path drop in
+    both stages; neither drop without a sparse path."""
+    path_drop = args.path_drop if sparse_path else 0.0
+    if step < args.steps:
+        drop = args.drop if sparse_path else 0.0
+        return Stage(drop, args.mask_type, path_drop, args.lr, args.ema_decay)
+    warming_up = step - args.steps < args.ft_warmup
+    progress = (step - args.steps) / args.ft_warmup if warming_up else 1.0
+    ema_decay = min(args.ft_ema_decay, 0.999) if warming_up else args.ft_ema_decay
+    return Stage(0.0, args.mask_type, path_drop, args.ft_lr * (0.01 + 0.99 * progress), ema_decay)
 
 
-def sparse_path_inputs(G, rows, grid, stage, device):
-    """SPRINT's random inputs of a forward, drawn for a global batch of G, this rank's rows:
-    ids_keep (B, M), the tokens the middle blocks keep; path_drop (B,), samples that skip them."""
-    inputs = {}
-    if stage.drop:
-        inputs["ids_keep"] = sample_ids_keep(G, grid, stage.drop, stage.mask_type, device)[rows]
-    if stage.path_drop:
-        inputs["path_drop"] = (torch.rand(G, device=device) < stage.path_drop)[rows]
-    return inputs
-
-
-# a training step's random inputs, this rank's rows: t (B,), labels (B,), noise eps like x, and
-# SPRINT's {ids_keep, path_drop}
+# a step's random inputs, this rank's rows: t (B,), labels (B,), noise eps, {ids_keep, path_drop}
 Draws = namedtuple("Draws", "t y eps sparse")
 
 
 def draw(y, shape, G, rows, stage, cfg):
-    """Draws for the labels y (B,) of this rank's rows of a global batch of G, drawn for the whole
-    batch (any number of processes draws what one does): t logit-normal for flow matching (t =
-    sigmoid(n), n ~ N(0, 1)) or a uniform timestep 0..999 for DDPM; 10% of the labels the null
-    label; SPRINT's token and path drop, apart from the label drop; eps (B, *shape) ~ N(0, I)."""
+    """The draws of labels y (B,), this rank's rows of a global batch of G, drawn for the whole batch
+    (any number of processes draws what one does): t logit-normal for flow matching (sigmoid(n),
+    n ~ N(0, 1)) or a uniform timestep 0..999 for DDPM; 10% of the labels the null label; SPRINT's
+    token and path drop, apart from the label drop; eps (B, *shape) ~ N(0, I)."""
     device = y.device
     if cfg.diffusion == "ddpm":
         t = torch.randint(DDPM_STEPS, (G,), device=device)
     else:
         t = torch.sigmoid(torch.randn(G, device=device))
     null = torch.rand(G, device=device) < LABEL_DROP
-    sparse = sparse_path_inputs(G, rows, cfg.grid, stage, device)
+    sparse = {}                                  # SPRINT's: the kept tokens, the dropped paths
+    if stage.drop:
+        sparse["ids_keep"] = sample_ids_keep(G, cfg.grid, stage.drop, stage.mask_type, device)[rows]
+    if stage.path_drop:
+        sparse["path_drop"] = (torch.rand(G, device=device) < stage.path_drop)[rows]
     eps = torch.randn(G, *shape, device=device)
     return Draws(t[rows], torch.where(null[rows], cfg.num_classes, y), eps[rows], sparse)
 
 
-def update_ema(ema, model, decay):
-    """EMA <- decay * EMA + (1 - decay) * model, fused over all parameters (torch's EMA update)."""
-    ema_update = get_ema_multi_avg_fn(decay)
-    ema_update(list(ema.parameters()), list(model.parameters()), None)
-
-
-def train_step(model, raw, ema, opt, x, draws, ema_decay, ddpm):
-    """One AdamW step on this rank's batch x with its draws -> (loss, grad norm) on the device: no
-    host sync. model: raw as it runs (compiled, DDP)."""
-    loss = loss_at(model, x, draws, ddpm).mean()
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, grad_clip, scaler):
+    """One AdamW step on this rank's batch x, then ema <- decay ema + (1 - decay) raw -> (loss,
+    gradient norm), on the device: no host sync. model: raw as it runs (compiled, DDP); scaler:
+    fp16's loss scaling (otherwise it does nothing)."""
+    with autocast(x.device, precision):
+        loss = loss_at(model, x, draws, ddpm).mean()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)                               # the true gradient, to clip and to log
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    scaler.step(opt)
+    scaler.update()
     opt.zero_grad(set_to_none=True)
-    update_ema(ema, raw, ema_decay)
+    ema_update = get_ema_multi_avg_fn(ema_decay)      # fused over all parameters
+    ema_update(list(ema.parameters()), list(raw.parameters()), None)
     return loss.detach(), grad_norm
 
 
@@ -421,18 +428,27 @@ def train_step(model, raw, ema, opt, x, draws, ema_decay, ddpm):
 #################################################################################
 
 @torch.no_grad()
-def held_out_loss(model, x, y, stage, ddpm, batch=64, levels=8):
-    """The training loss on the held-out set at noise levels (i + 0.5)/levels and the stage's token
-    drop (no path drop), with the same noise and drop pattern at every evaluation."""
-    torch.manual_seed(0)                    # the next training step draws from its own seed
-    total = 0.0
-    for level in (torch.arange(levels, device=x.device) + 0.5) / levels:
-        for xb, yb in zip(x.split(batch), y.split(batch)):
-            t = (level * DDPM_STEPS).long() if ddpm else level
-            sparse = sparse_path_inputs(len(xb), slice(None), model.cfg.grid, stage, x.device)
-            draws = Draws(t.expand(len(xb)), yb, torch.randn_like(xb), sparse)
-            total += loss_at(model, xb, draws, ddpm).sum()
-    return total.item() / (levels * len(x))
+def held_out_loss(model, x, y, rows, n, stage, ddpm, precision, levels=8, batch=64):
+    """This rank's share of the mean loss of the n held-out images (its rows x, y) at noise levels
+    (i + 0.5) / levels, the stage's token drop. Level i's noise, then drops, come from seed i for
+    all n: the same at every evaluation, with and without the drop, for any number of processes."""
+    total = torch.zeros((), device=x.device)
+    for i in range(levels):
+        torch.manual_seed(i)                  # the next training step reseeds from its own step
+        eps = torch.randn(n, *x.shape[1:], device=x.device)[rows]
+        sparse = {}
+        if stage.drop:
+            ids = sample_ids_keep(n, model.cfg.grid, stage.drop, stage.mask_type, x.device)
+            sparse["ids_keep"] = ids[rows]
+        level = torch.tensor((i + 0.5) / levels, device=x.device)
+        t = (level * DDPM_STEPS).long() if ddpm else level
+        for b in range(0, len(x), batch):
+            part = slice(b, b + batch)
+            draws = Draws(t.expand(len(x[part])), y[part], eps[part],
+                          {k: v[part] for k, v in sparse.items()})
+            with autocast(x.device, precision):
+                total += loss_at(model, x[part], draws, ddpm).sum()
+    return total / (levels * n)
 
 
 def log(run_dir, text=None, **record):
@@ -446,21 +462,29 @@ def log(run_dir, text=None, **record):
 
 
 def run_folder(args):
-    """results/NNN-model-size-patch, never another run's, with checkpoints/, samples/ (EMA grids),
-    log.txt (for people) and log.jsonl (for programs)."""
-    runs = len(os.listdir(args.results_dir)) if os.path.isdir(args.results_dir) else 0
-    path = f"{args.results_dir}/{runs:03d}-{args.model}-{args.size}-{args.patch_size}"
-    os.makedirs(os.path.join(path, "checkpoints"))              # never an existing run's
-    os.makedirs(os.path.join(path, "samples"))
+    """results/NNN-model-size-patch, NNN one past the highest there (os.mkdir claims it: runs started
+    together each get their own), with checkpoints/, samples/, log.txt, log.jsonl."""
+    os.makedirs(args.results_dir, exist_ok=True)
+    taken = [re.match(r"\d+", name) for name in os.listdir(args.results_dir)]
+    number = max((int(m.group()) for m in taken if m), default=-1) + 1
+    while True:
+        path = f"{args.results_dir}/{number:03d}-{args.model}-{args.size}-{args.patch_size}"
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            number += 1
+    os.mkdir(os.path.join(path, "checkpoints"))
+    os.mkdir(os.path.join(path, "samples"))
     return path
 
 
-def save_checkpoint(run_dir, step, raw, ema, opt, args, train_s):
+def save_checkpoint(run_dir, step, raw, ema, opt, scaler, args, train_s):
     """checkpoints/<step>.pt, written atomically: a kill at any moment leaves every file whole."""
     path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
     torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                    config=asdict(raw.cfg), args=vars(args), step=step, train_s=train_s),
-               path + ".tmp")
+                    scaler=scaler.state_dict(), config=asdict(raw.cfg), args=vars(args), step=step,
+                    train_s=train_s), path + ".tmp")
     os.replace(path + ".tmp", path)
     log(run_dir, step=step, train_s=train_s, checkpoint=path)
     return path
@@ -472,7 +496,7 @@ def save_checkpoint(run_dir, step, raw, ema, opt, args, train_s):
 
 def main(argv=None):
     """Train as the flags say -> the run folder (rank 0; None on the other ranks)."""
-    args, (last_ckpt, ckpt) = parse_args(sys.argv[1:] if argv is None else argv)
+    args, ckpt = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, device = setup_distributed()
     G, total = args.global_batch_size, args.steps + args.finetune_steps
     if total < 1:
@@ -482,122 +506,146 @@ def main(argv=None):
     L = G // world
     rows = slice(rank * L, (rank + 1) * L)                 # this rank's rows of a global batch
 
-    # Data: a fixed held-out subset for evaluation, the rest to train on, from the step on
+    # Data: the images to train on, from the step on; a held-out subset, each rank its share
     dataset, num_classes = load_data(args)
     train_idx, eval_idx = split(len(dataset))
     if len(train_idx) < G:
         raise ValueError(f"--global-batch-size {G}: the data holds {len(train_idx)} to train on")
-    first = dataset[[0]][0]                                 # (1, [V,] C, H, W)
+    first = dataset[[0]][0]                                 # (1, [V, [2,]] C, H, W)
     pixels = first.dtype == torch.uint8
     start, train_s = (ckpt["step"], ckpt["train_s"]) if ckpt else (0, 0.0)
     order = epoch_batches(train_idx, G, rank, world, args.seed, start)
     decodes = dataset.x is not None and dataset.x.dtype.kind == "U"     # an image folder's files
-    workers = 8 * decodes if args.num_workers is None else args.num_workers
+    workers = 8 if decodes else (4 if dataset.x is None else 0)         # 4: x.npy's memory map
+    workers = workers if args.num_workers is None else args.num_workers
     loader = iter(DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                              pin_memory=device.type == "cuda", generator=torch.Generator()))
-
-    def to_device(x, y):
-        """A batch on the device: uint8 pixels -> [-1, 1], latents times --latent-scale."""
-        x = x.to(device, non_blocking=True).float()
-        x = x / 127.5 - 1 if pixels else x * (args.latent_scale or 1.0)
-        return x, y.to(device, non_blocking=True)
+    share = math.ceil(len(eval_idx) / world)
+    eval_rows = slice(rank * share, (rank + 1) * share)
+    mine = eval_idx[eval_rows]
+    eval_x, eval_y = dataset[mine] if len(mine) else (first[:0], torch.zeros(0, dtype=torch.long))
+    eval_x = model_inputs(eval_x.to(device), pixels, args.latent_scale)
+    eval_y = eval_y.to(device)
 
     # Model: the same initial weights on every rank, then --init's or a resumed run's state
     torch.manual_seed(args.seed)
     raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
     ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
+    precision, grad_clip = paper_recipe(raw.cfg)
+    precision = args.precision or (precision if device.type == "cuda" else "fp32")
+    grad_clip = grad_clip if args.grad_clip is None else args.grad_clip
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if ckpt:
+        scaler.load_state_dict(ckpt.get("scaler", {}))
     held_out = stage_at(args, 0, raw.has_sparse_path)._replace(path_drop=0.0)   # stage 1's drop
-    sparse_path_inputs(1, slice(None), raw.cfg.grid, held_out, device)   # a bad --drop fails here
+    # a drop the token grid cannot keep is an error here, before anything is written
+    kept = num_kept(held_out.drop, raw.num_tokens) if held_out.drop else raw.num_tokens
     model = torch.compile(raw) if args.compile else raw
     if world > 1:              # buffers (RoPE grid, mask token, table) are equal by construction
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                     broadcast_buffers=False)
-    evaluate = rank == 0 and args.eval_every and len(eval_idx)
-    if evaluate:
-        eval_x, eval_y = to_device(*dataset[eval_idx])
-        eval_x = eval_x[:, 0] if eval_x.ndim == 5 else eval_x   # each held-out image as it is
-    # the EMA sample grid: 4 rows of up to 10 classes, the same noise every time
-    classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
-    grid_z, grid_y, _ = sample_inputs(range(4 * len(classes)), args.seed, classes, num_classes,
-                                      first.shape[-3:], device)
+    last_ckpt = args.resume                       # the checkpoint a resumed run continues, or None
     run_dir = None
     if rank == 0:
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
-        f"parameters, {raw.training_flops(held_out.drop) / 1e9:.3g} GFLOPs/image as trained; "
-        f"{len(train_idx)} + {len(eval_idx)} held out; {world} process(es) x {L}; {run_dir}")
+        f"parameters, {raw.training_flops(held_out.drop) / 1e9:.3g} GFLOPs/image as trained (the "
+        f"middle on {kept} of {raw.num_tokens} tokens); {precision}, gradient clip "
+        f"{grad_clip or 'none'}; {len(train_idx)} images + {len(eval_idx)} held out; {world} "
+        f"process(es) x {L}; {run_dir}")
 
-    pending = []                                # each step's (loss, grad norm) on the device
+    def evaluate(step):
+        """The held-out loss with all tokens (what sampling sees) and at stage 1's drop (what stage
+        1 trains on: the gap stage 2 closes), each rank on its share."""
+        columns = {"eval_loss": held_out._replace(drop=0.0)}
+        if held_out.drop:
+            columns["eval_loss_drop"] = held_out
+        losses = {}
+        for name, stage in columns.items():
+            loss = held_out_loss(raw, eval_x, eval_y, eval_rows, len(eval_idx), stage, ddpm,
+                                 precision)
+            if world > 1:
+                dist.all_reduce(loss)
+            losses[name] = loss.item()
+        text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
+
+    # the EMA grid: 4 rows of up to 10 classes, the same noise every time
+    classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
+    grid_z, grid_y, _ = sample_inputs(range(4 * len(classes)), args.seed, classes, num_classes,
+                                      first.shape[-3:], device)
+
+    def draw_grid(step):
+        """samples/<step>.png, by rank 0: Euler (DDPM models: DDPM) 25 steps, CFG 4, from the EMA
+        (at XL a few seconds, while the other ranks wait)."""
+        with autocast(device, precision):
+            x = sample(ema, grid_z, grid_y, "ddpm" if ddpm else "euler", 25, cfg_scale=4.0)
+        if not pixels:                           # latents: 3 channels, scaled, without a VAE
+            x = (x[:, :3] / (2 * x.std())).clamp(-1, 1)
+        save_grid(to_uint8(x, raw.cfg.diffusion), f"{run_dir}/samples/{step:07d}.png",
+                  nrow=len(classes))
+
+    evaluating = len(eval_idx) > 0 and args.eval_every > 0
+    if start == 0 and evaluating:
+        evaluate(0)
+    pending = []                                # each step's (loss, grad norm), on the device
     pbar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    clock = time.perf_counter()
     try:
-        for step in range(start, total + 1):
-            # After every log interval, stage end, evaluation, grid or checkpoint: one read of the
-            # device, the log, and what is due (a resumed run did its start's already)
-            stage_end = step in (0, args.steps, total)
-            due = {k: every and step % every == 0 for k, every in (("eval", args.eval_every),
-                   ("sample", args.sample_every), ("ckpt", args.ckpt_every))}
-            n = len(pending)
-            read = step > start and (n == args.log_every or stage_end or any(due.values()))
-            if read:
-                vals = torch.stack(pending)
-                pending = []
-                if world > 1:
-                    dist.all_reduce(vals)
-                vals = vals.cpu() / world
-                seconds = time.perf_counter() - t0
-                train_s += seconds                          # training only: evaluations come after
-                if not vals.isfinite().all():
-                    i = int((~vals.isfinite().all(1)).nonzero()[0, 0])
-                    raise FloatingPointError(f"step {step - n + i + 1}: non-finite loss; stopped, "
-                                             f"the last checkpoint is {last_ckpt or 'none'}")
-                flops = 3 * raw.training_flops(stage.drop) * n * G / seconds / world   # a process
-                figures = {"loss": vals[:, 0].mean().item(), "img/s": n * G / seconds,
-                           "TFLOP/s": flops / 1e12}
-                pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
-                log(run_dir, step=step, stage=1 + (step > args.steps), train_s=train_s,
-                    lr=stage.lr, grad_norm=vals[:, 1].mean().item(), **figures)
-            if evaluate and (step == 0 or step > start) and (stage_end or due["eval"]):
-                # all tokens (what sampling sees) and the stage-1 drop: the gap stage 2 closes
-                all_tokens = held_out._replace(drop=0.0)
-                losses = {"eval_loss": held_out_loss(raw, eval_x, eval_y, all_tokens, ddpm)}
-                if held_out.drop:
-                    losses["eval_loss_drop"] = held_out_loss(raw, eval_x, eval_y, held_out, ddpm)
-                text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
-            if run_dir and step > start and args.sample_every and (step == total or due["sample"]):
-                with autocast(device):
-                    imgs = sample(ema, grid_z, grid_y, "ddpm" if ddpm else "euler", 25,
-                                  cfg_scale=4.0)
-                if not pixels:                      # latents: channels 0-2, scaled, without a VAE
-                    imgs = (imgs[:, :3] / (2 * imgs.std())).clamp(-1, 1)
-                save_grid(imgs, f"{run_dir}/samples/{step:07d}.png", nrow=len(classes))
-            if run_dir and step > start and (stage_end or due["ckpt"]):
-                last_ckpt = save_checkpoint(run_dir, step, raw, ema, opt, args, train_s)
-            if read or step == start:
-                t0 = time.perf_counter()
-            if step == total:
-                break
-
-            stage = stage_at(args, step, raw.has_sparse_path)    # the next read logs its lr, FLOPs
+        for step in range(start, total):
+            # Train one step, every random draw of it from (seed, step), on every rank
+            stage = stage_at(args, step, raw.has_sparse_path)
             if step == args.steps and step > 0:
                 # stage 2 starts from the stage-1 EMA weights with a fresh optimizer, as --init
                 raw.load_state_dict(ema.state_dict())
                 opt = make_optimizer(raw, stage.lr, device)
             for group in opt.param_groups:
                 group["lr"] = stage.lr
-            # every random draw of this step, on every rank, from (seed, step)
             torch.manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
-            x, y = to_device(*next(loader))
-            flip = (torch.rand(G, device=device) < 0.5)[rows]     # SiT's flips (or their latents)
-            if x.ndim == 5:                                       # (B, V, C, H, W): view 0 or 1
-                x = x[torch.arange(L, device=device), flip.long() % x.shape[1]]
-            elif pixels:
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            draws = draw(y, x.shape[1:], G, rows, stage, raw.cfg)
-            loss, grad_norm = train_step(model, raw, ema, opt, x, draws, stage.ema_decay, ddpm)
+            x, y = next(loader)
+            x = model_inputs(x.to(device, non_blocking=True), pixels, args.latent_scale, G, rows)
+            draws = draw(y.to(device, non_blocking=True), x.shape[1:], G, rows, stage, raw.cfg)
+            loss, grad_norm = train_step(model, raw, ema, opt, x, draws, ema_decay=stage.ema_decay,
+                                         ddpm=ddpm, precision=precision, grad_clip=grad_clip,
+                                         scaler=scaler)
             pending.append(torch.stack([loss, grad_norm]))
             pbar.update()
+
+            # Then what is due after `done` steps: the log, which reads the device once (also just
+            # before a measurement, which is not training time), the held-out loss, a grid, a
+            # checkpoint
+            done = step + 1
+            stage_end = done in (args.steps, total)
+            eval_now = evaluating and (stage_end or done % args.eval_every == 0)
+            grid_now = args.sample_every > 0 and (done == total or done % args.sample_every == 0)
+            ckpt_now = stage_end or (args.ckpt_every > 0 and done % args.ckpt_every == 0)
+            if not (done % args.log_every == 0 or stage_end or eval_now or grid_now or ckpt_now):
+                continue
+            values = torch.stack(pending)
+            if world > 1:
+                dist.all_reduce(values)
+            values = values.cpu() / world
+            seconds = time.perf_counter() - clock
+            train_s += seconds
+            if not values.isfinite().all():
+                bad = done - len(pending) + int((~values.isfinite().all(1)).nonzero()[0, 0]) + 1
+                raise FloatingPointError(f"step {bad}: non-finite loss; stopped, the last "
+                                         f"checkpoint is {last_ckpt or 'none'}")
+            images_per_s = len(pending) * G / seconds
+            flops = 3 * raw.training_flops(stage.drop) * images_per_s / world   # a process's
+            figures = {"loss": values[:, 0].mean().item(), "img/s": images_per_s,
+                       "TFLOP/s": flops / 1e12}
+            pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
+            log(run_dir, step=done, stage=1 if done <= args.steps else 2, train_s=train_s,
+                lr=stage.lr, grad_norm=values[:, 1].mean().item(), **figures)
+            pending = []
+            if eval_now:
+                evaluate(done)
+            if grid_now and run_dir:
+                draw_grid(done)
+            if ckpt_now and run_dir:
+                last_ckpt = save_checkpoint(run_dir, done, raw, ema, opt, scaler, args, train_s)
+            clock = time.perf_counter()
     finally:                     # also on an error: its message then starts on a line of its own
         pbar.close()
         if hasattr(loader, "_shutdown_workers"):  # workers end with the run, not seconds later

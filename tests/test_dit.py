@@ -11,7 +11,7 @@ import torch
 
 import sample
 import sprint
-import train
+from sparsedit import DDPM, space_timesteps
 from tiny import npz, records, run, run_sample
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "dit_official.npz")
@@ -96,10 +96,8 @@ def test_guidance_is_forward_with_cfg_on_the_first_3_channels(model):
 def test_the_training_loss_terms_are_dits_per_sample(model):
     """create_diffusion("").training_losses: mse of the noise, vb (the learned variance's
     variational bound term, the decoder's NLL at t = 0), their sum."""
-    ddpm = sample.DDPM()
     with torch.no_grad():
-        mse, vb = train.ddpm_loss(model, *(fixture(f"loss_{k}") for k in ("x0", "y", "t", "noise")),
-                                  ddpm)
+        mse, vb = DDPM().losses(model, *(fixture(f"loss_{k}") for k in ("x0", "y", "t", "noise")))
     assert fixture("loss_t")[0] == 0                                      # the decoder term too
     assert rel(mse, fixture("loss_mse")) < 1e-5
     assert rel(vb, fixture("loss_vb")) < 1e-5                             # measured 2.8e-8
@@ -119,7 +117,7 @@ def test_the_variance_term_trains_the_variance_channels_only():
             return self.out
     x0, y, t, noise = (fixture(f"loss_{k}") for k in ("x0", "y", "t", "noise"))
     out = Output(torch.randn(len(x0), 8, *x0.shape[2:]))
-    mse, vb = train.ddpm_loss(out, x0, y, t, noise, sample.DDPM())
+    mse, vb = DDPM().losses(out, x0, y, t, noise)
     (grad_vb,) = torch.autograd.grad(vb.sum(), out.out, retain_graph=True)
     (grad_mse,) = torch.autograd.grad(mse.sum(), out.out)
     assert (grad_vb[:, :4] == 0).all() and (grad_vb[:, 4:] != 0).any()
@@ -127,12 +125,12 @@ def test_the_variance_term_trains_the_variance_channels_only():
 
 
 def test_the_respaced_timesteps_are_dits():
-    assert sample.space_timesteps(25) == FIXTURE["steps25"].tolist()
-    assert sample.space_timesteps(250) == FIXTURE["steps250"].tolist()
+    assert space_timesteps(25) == FIXTURE["steps25"].tolist()
+    assert space_timesteps(250) == FIXTURE["steps250"].tolist()
 
 
 def test_p_mean_variance_of_the_respaced_diffusion_is_dits(model):
-    ddpm = sample.DDPM(sample.space_timesteps(25))
+    ddpm = DDPM(space_timesteps(25))
     x, i = fixture("pmv_x"), fixture("pmv_i")
     with torch.no_grad():
         out = model(x, torch.tensor(ddpm.timesteps)[i], fixture("pmv_y"))
@@ -157,7 +155,7 @@ def test_a_guided_25_step_chain_is_dits_sample_loop(model, monkeypatch):
 
 def test_sample_py_samples_a_released_dit_with_ddpm(released, tmp_path, capsys):
     run_sample("--ckpt", released, "--steps", 5, "--cfg-scale", 1.5, "--num-samples", 3,
-               "--out", tmp_path / "dit.npz")
+               "--out", tmp_path / "dit.npz", "--vae", "none")
     assert "ddpm-5" in capsys.readouterr().out
     saved = npz(tmp_path / "dit.latents.npz")
     assert saved["latents"].shape == (3, 4, 8, 8) and np.isfinite(saved["latents"]).all()

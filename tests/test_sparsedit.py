@@ -3,6 +3,7 @@ changsn/SparseDiT's own conversion of it at every sparse side; Poolingformer, SD
 timestep-adaptive density (its shape, over flow times and DDPM timesteps), initialisation from a
 DiT, FLOPs against the paper and, in training, against what runs."""
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,31 +64,82 @@ def official(key):
     return torch.from_numpy(OFFICIAL[key])
 
 
-def test_a_released_dit_converted_here_runs_as_sparsedits_own_conversion_at_every_side(
-        tmp_path, monkeypatch):
-    """changsn/SparseDiT's load_model + model on a DiT stored as a released file (1 Poolingformer,
-    2 dumbbells of [1, 3, 1, 1], 1 dense top block; its sparse side fixed per run): our from_dit of
-    the same file, run at the same side, and the DiT itself."""
+@pytest.fixture
+def released_dit(tmp_path, monkeypatch):
+    """The fixture's DiT stored as a released file is -> (its path, SparseDiT's layout and sides).
+    The heads of a model without q/k norm come from the size of its width: the fixture's is "T"."""
     config = {k[len("config_"):]: OFFICIAL[k] for k in OFFICIAL.files if k.startswith("config_")}
-    # the heads of a model without q/k norm come from the size of its width
     monkeypatch.setitem(sprint.SIZES, "T", (int(config["hidden_size"]), int(config["num_heads"]),
                                             (0, int(config["depth"]), 0)))
     path = tmp_path / "DiT-tiny.pt"
     torch.save({k[4:]: official(k) for k in OFFICIAL.files if k.startswith("dit/")}, path)
+    layout = [int(config["num_poolingformer"]), int(config["num_dumbbell"]),
+              int(config["dumbbell_group"][1]), int(config["num_normal_block"])]
+    return path, layout, OFFICIAL["sides"].tolist()
+
+
+def converted(path, layout, sides):
+    """A SparseDiT of this layout converted from the released file, as train.py --init converts."""
     dit_cfg, weights = sample.checkpoint_weights(sample.read_checkpoint(path), path)
-    P, S, K, T = (int(config["num_poolingformer"]), int(config["num_dumbbell"]),
-                  int(config["dumbbell_group"][1]), int(config["num_normal_block"]))
-    sides = OFFICIAL["sides"].tolist()
     cfg = dataclasses.replace(dit_cfg, model="sparsedit",
-                              extra={"layout": [P, S, K, T], "density": [min(sides), max(sides)]})
+                              extra={"layout": layout, "density": [min(sides), max(sides)]})
     model = SparseDiT(cfg)
     model.load_state_dict(model.from_dit(weights))
+    return model
+
+
+def test_a_released_dit_converted_here_runs_as_sparsedits_own_conversion_at_every_side(
+        released_dit):
+    """changsn/SparseDiT's load_model + model on a DiT stored as a released file (1 Poolingformer,
+    2 dumbbells of [1, 3, 1, 1], 1 dense top block; its sparse side fixed per run): our from_dit of
+    the same file, run at the same side, and the DiT itself."""
+    path, layout, sides = released_dit
+    model = converted(path, layout, sides)
     x, t, y = official("x"), official("t"), official("y")
     with torch.no_grad():
         assert rel(sample.load_model(path)(x, t, y), official("dit_out")) < 1e-5
         for side in sides:
             out = model(x, t, y, side=side)
             assert rel(out, official(f"conv_side{side}")) < 1e-5, side   # measured 3e-7
+
+
+# SparseDiT's own names -> ours (the recovery linears merged_layer1 and merged_layer2 are W1, W2)
+OFFICIAL_NAMES = [(r"poolingformer_blocks\.", "poolingformers."),
+                  (r"dumbbell_blocks\.(\d+)\.token_merge_blocks\.0\.", r"sdtms.\1.generation."),
+                  (r"dumbbell_blocks\.(\d+)\.semantic_blocks\.", r"sdtms.\1.sparse."),
+                  (r"dumbbell_blocks\.(\d+)\.token_recover_blocks\.0\.merged_layer1\.",
+                   r"sdtms.\1.W1."),
+                  (r"dumbbell_blocks\.(\d+)\.token_recover_blocks\.0\.merged_layer2\.",
+                   r"sdtms.\1.W2."),
+                  (r"dumbbell_blocks\.(\d+)\.token_recover_blocks\.0\.", r"sdtms.\1.recovery."),
+                  (r"dumbbell_blocks\.(\d+)\.normal_blocks\.0\.", r"sdtms.\1.dense."),
+                  (r"^normal_blocks\.", "top.")]
+
+
+def test_a_trained_sparsedit_runs_as_sparsedits_own_model_at_every_side(released_dit):
+    """SparseDiT's model with every parameter random (the recovery linears' biases too), its state
+    dict mapped onto ours: the same outputs at every sparse side. The embedders, the table and the
+    final layer are read as a released DiT's are (a Conv2d patch embedding, a (p1, p2, c) final
+    layer)."""
+    path, layout, sides = released_dit
+    theirs = {k[len("sparse/"):]: official(k) for k in OFFICIAL.files if k.startswith("sparse/")}
+    blocks = {k: v for k, v in theirs.items() if "_blocks." in k}
+    released = {k: v for k, v in theirs.items() if k not in blocks}   # the DiT-shaped rest
+    released.update({k[4:]: official(k) for k in OFFICIAL.files if k.startswith("dit/blocks.")})
+    torch.save(released, path.parent / "rest.pt")
+    model = converted(path.parent / "rest.pt", layout, sides)
+    sd = {k: v for k, v in model.state_dict().items()
+          if not k.startswith(("poolingformers.", "sdtms.", "top."))}
+    for name, tensor in blocks.items():
+        for pattern, ours in OFFICIAL_NAMES:
+            name = re.sub(pattern, ours, name)
+        sd[name] = tensor
+    model.load_state_dict(sd)                                   # strict: every name mapped
+    x, t, y = official("x"), official("t"), official("y")
+    with torch.no_grad():
+        for side in sides:
+            out = model(x, t, y, side=side)
+            assert rel(out, official(f"rand_side{side}")) < 1e-5, side   # measured 1e-7
 
 
 def test_poolingformer_equals_attention_with_all_weights_equal():
@@ -174,7 +226,8 @@ def test_from_dit_maps_blocks_in_order_and_slices_qkv():
     assert torch.equal(sdtm.dense.adaLN_modulation[1].weight, blocks[10].adaLN_modulation[1].weight)
     assert torch.equal(model.top[0].mlp.fc2.weight, blocks[11].mlp.fc2.weight)
     assert torch.equal(model.final_layer.linear.weight, dit.final_layer.linear.weight)
-    assert torch.equal(sdtm.W1, torch.zeros(D, D)) and torch.equal(sdtm.W2, torch.eye(D))
+    assert torch.equal(sdtm.W1.weight, torch.zeros(D, D)) and torch.equal(sdtm.W2.weight, torch.eye(D))
+    assert not sdtm.W1.bias.any() and not sdtm.W2.bias.any()
     shallow = DiT(dataclasses.replace(tiny(), model="dit", depths=(1, 8, 2), extra={}))
     with pytest.raises(ValueError, match="a DiT of depth 11 cannot initialise a SparseDiT of "
                                          "depth 12"):

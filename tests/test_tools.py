@@ -78,6 +78,8 @@ def fake_vae(monkeypatch):
     decoded = []
 
     class FakeVAE(torch.nn.Module):
+        dtype = torch.float32
+
         def decode(self, z):
             decoded.append(z)
             image = z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
@@ -92,8 +94,8 @@ def test_saved_latents_decode_to_the_images_that_vae_makes(tmp_path, fake_vae, c
     ckpt = save_ckpt(tmp_path / "lat.pt", sampling_model(in_channels=4), args={"latent_scale": 0.5})
     common = ["--ckpt", ckpt, "--steps", 3, "--num-samples", 5, "--per-proc-batch-size", 2]
     run_sample(*common, "--vae", "sd-vae", "--out", tmp_path / "img.npz")
-    run_sample(*common, "--out", tmp_path / "lat.npz")
-    assert "holds latents, not images (no --vae): decode them with tools/decode_latents.py" in \
+    run_sample(*common, "--vae", "none", "--out", tmp_path / "lat.npz")
+    assert "holds latents, not images (--vae none): decode them with tools/decode_latents.py" in \
         capsys.readouterr().out
     images = npz(tmp_path / "img.npz")
     latents = npz(tmp_path / "lat.latents.npz")
@@ -126,8 +128,8 @@ def test_decoding_refuses_what_it_cannot_read_before_loading_the_vae(tmp_path, m
     cases = [(tmp_path / "none.npz", r"none\.npz: not a readable \.npz \(.*No such file"),
              (tmp_path / "images.npz", r"images\.npz: holds arr_0, arr_1, not the latents and "
                                        r"labels \(latents, arr_1\) that sample\.py saves"),
-             (tmp_path / "x.latents.npz", r"--vae needs the optional package diffusers: pip "
-                                          r"install diffusers")]
+             (tmp_path / "x.latents.npz", r"--vae stabilityai/sd-vae-ft-ema needs the optional "
+                                          r"package diffusers: pip install diffusers")]
     for latents, message in cases:
         with pytest.raises(SystemExit, match=r"^decode_latents\.py: error: .*" + message):
             decode.main([str(latents), str(tmp_path / "out.npz"), "--device", "cpu"])

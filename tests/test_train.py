@@ -57,6 +57,11 @@ def official_loss(tmp_path_factory):
     return model, f["images"], draws, f
 
 
+# train_step's settings for SPRINT on a CPU: fp32, clipping at 1.0, no loss scaling
+STEP = dict(ema_decay=0.9999, ddpm=None, precision="fp32", grad_clip=1.0,
+            scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
 def test_the_training_loss_is_the_official_sprint_loss_from_the_same_draws(official_loss):
     model, images, draws, f = official_loss
     outputs = []
@@ -68,7 +73,7 @@ def test_the_training_loss_is_the_official_sprint_loss_from_the_same_draws(offic
     # the step train.py takes trains on, and reports, their mean
     ema = copy.deepcopy(model)
     opt = train.make_optimizer(model, 1e-4, torch.device("cpu"))
-    loss, _ = train.train_step(model, model, ema, opt, images, draws, 0.9999, ddpm=None)
+    loss, _ = train.train_step(model, model, ema, opt, images, draws, **STEP)
     assert abs(loss.item() / f["loss"].item() - 1) < 1e-5
 
 
@@ -158,7 +163,7 @@ def test_a_step_is_adamw_on_the_gradient_clipped_to_norm_1_then_the_ema_update()
     opt.step = spy
     x = torch.randn(8, 4, 8, 8)
     _, draws = draws_of(stage_of(), G=8)
-    _, grad_norm = train.train_step(model, model, ema, opt, x, draws, decay, ddpm=None)
+    _, grad_norm = train.train_step(model, model, ema, opt, x, draws, **{**STEP, "ema_decay": decay})
     clipped = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads[0]]))
     assert grad_norm > 2 and abs(clipped - 1) < 1e-5                  # SPRINT's max_grad_norm 1.0
     for p0, g, p1, e0, e1 in zip(before.parameters(), grads[0], model.parameters(),

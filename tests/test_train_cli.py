@@ -4,6 +4,8 @@ refused in one line that names it, no traceback, nothing on disk lost. In this p
 
 import os
 import re
+import shutil
+import urllib.error
 
 import numpy as np
 import pytest
@@ -12,7 +14,12 @@ from PIL import Image
 
 import sample
 import train
-from tiny import TINY, image_folder, records, run
+from tiny import TINY, damaged_files, image_folder, records, run
+
+
+def offline(url, dst, *args, **kwargs):
+    """torch.hub.download_url_to_file on a machine without network: the error urllib raises."""
+    raise urllib.error.URLError("no network")
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -48,16 +55,29 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
     assert (run_dir / "samples" / "0000040.png").is_file()
     ckpt = torch.load(run_dir / "checkpoints" / "0000040.pt", weights_only=True)
     # a checkpoint is the weights, EMA, optimizer, step and config (and the flags, the seconds)
-    assert set(ckpt) == {"model", "ema", "opt", "config", "args", "step", "train_s"}
+    assert set(ckpt) == {"model", "ema", "opt", "scaler", "config", "args", "step", "train_s"}
     net = sample.load_model(str(run_dir / "checkpoints" / "0000040.pt"))   # all sample.py needs
     cfg = net.cfg
     assert (cfg.model, cfg.hidden_size, cfg.num_classes, cfg.input_size) == (model, 32, 10, 16)
 
 
-def test_a_new_run_never_reuses_a_run_folder(tmp_path):
+def test_a_new_run_is_numbered_past_the_highest_and_never_reuses_a_folder(tmp_path, monkeypatch):
     first = run(tmp_path, "--steps", "1")
     second = run(tmp_path, "--steps", "1")
     assert (first.name, second.name) == ("000-sprint-toy-4", "001-sprint-toy-4")
+    shutil.rmtree(first)                                 # a deleted run: its number stays taken
+    assert run(tmp_path, "--steps", "1").name == "002-sprint-toy-4"
+    # two runs started at the same moment: both found 002 the highest, one claimed 003 first
+    mkdir = os.mkdir
+
+    def raced(path, *args):
+        if path.endswith("003-sprint-toy-4") and not os.path.exists(path):
+            mkdir(path)                                  # the other run's claim
+            os.mkdir(os.path.join(path, "checkpoints"))
+        return mkdir(path, *args)
+    monkeypatch.setattr(os, "mkdir", raced)
+    assert run(tmp_path, "--steps", "1").name == "004-sprint-toy-4"
+    assert os.listdir(tmp_path / "results" / "003-sprint-toy-4") == ["checkpoints"]   # untouched
 
 
 def test_checkpoints_every_0_steps_means_only_at_the_end_of_each_stage(tmp_path):
@@ -95,8 +115,12 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
     np.save(tmp / "short_y" / "y.npy", np.zeros(11, np.int64))
     np.savez(tmp / "lat.npz", x=np.zeros((12, 4, 4, 4), np.float16), y=np.zeros(12, np.int64))
     (tmp / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
+    (tmp / "damaged").mkdir()
+    damaged = damaged_files(tmp / "damaged", {"x_embedder.proj.weight": torch.zeros(4, 16)})
+    torch.save(torch.load(ckpt, weights_only=True)["ema"], tmp / "released.pt")  # a state dict
     not_arrays = r"not an image folder, a folder with x\.npy and y\.npy, nor an \.npz with arrays"
-    shapes = r"x must hold N uint8 images \(N, H, W, 3\) or float latents \(N, \[views,\] C, H, H\)"
+    shapes = (r"x must hold N uint8 images \(N, H, W, 3\) or float latents \(N, \[views, \[2 "
+              r"\(mean, std\),\]\] C, H, H\)")
     return {
         "missing data": (["--data", tmp / "missing"], rf"--data .*missing: {not_arrays} x and y "
                                                       rf"\(FileNotFoundError: "),
@@ -134,7 +158,20 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
                                r"--init .*0000001\.pt does not fit this sprint model: Error\(s\) in "
                                r"loading state_dict for SPRINT: Missing key\(s\) .*middle\.1\."),
         "truncated init": (["--init", tmp / "cut.pt"], r"--init .*cut\.pt: not a readable "
-                                                       r"checkpoint \(cut short\? RuntimeError\)$"),
+                                                       r"checkpoint \(cut short, damaged, or not "
+                                                       r"one: RuntimeError\)$"),
+        **{f"init {name}": (["--init", tmp / "damaged" / name], rf"--init .*{re.escape(name)}: n")
+           for name in damaged},
+        **{f"resume {name}": (["--resume", tmp / "damaged" / name], rf"--resume .*{re.escape(name)}: "
+                              r"n") for name in damaged},
+        "resume a released file": (["--resume", tmp / "released.pt"], r"--resume .*released\.pt: "
+                                   r"not a checkpoint of train\.py \(give it as --init\)$"),
+        "a released file offline": (["--init", "DiT-XL-2-512x512.pt"], r"^train\.py: error: --init "
+                                    r"DiT-XL-2-512x512\.pt: cannot download https://dl\.fbaipublic"
+                                    r"files\.com/DiT/models/DiT-XL-2-512x512\.pt to .*/hub/"
+                                    r"checkpoints/DiT-XL-2-512x512\.pt \(<urlopen error no network>"),
+        "precision fp8": (["--precision", "fp8"], r"argument --precision: invalid choice: 'fp8'"),
+        "clip below 0": (["--grad-clip", "-1"], r"argument --grad-clip: -1: must be at least 0"),
         "resume nothing": (["--resume", tmp / "nowhere.pt"], r"--resume .*nowhere\.pt: no such "
                                                              r"checkpoint, nor a run folder"),
         "truncated resume": (["--resume", tmp / "cut.pt"], r"--resume .*cut\.pt: not a readable "
@@ -146,8 +183,11 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
     }
 
 
-def test_every_bad_input_is_one_line_naming_it_and_nothing_is_lost(tmp_path, stage1_ckpts, capsys):
+def test_every_bad_input_is_one_line_naming_it_and_nothing_is_lost(tmp_path, stage1_ckpts, capsys,
+                                                                  monkeypatch):
     ckpt, dit_ckpt = stage1_ckpts
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cases = bad_inputs(tmp_path, ckpt, dit_ckpt)
     before = {path: path.read_bytes() for path in ckpt.parent.parent.glob("*/*")}
     for case, (flags, message) in cases.items():

@@ -2,6 +2,7 @@
 400 images of the embedded data, checkpoints in train.py's layout, image folders, two-process
 launches, and the resident memory of this process."""
 import importlib.util
+import io
 import json
 import os
 import socket
@@ -23,9 +24,10 @@ from sparsedit import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
-# a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to skip
+# a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to skip;
+# stage 1 alone unless a test asks for stage 2
 TINY = ("--hidden-size 32 --num-heads 2 --depths 1 1 1 --patch-size 4 --global-batch-size 8 "
-        "--num-workers 0 --log-every 1 --lr 2e-3").split()
+        "--num-workers 0 --log-every 1 --lr 2e-3 --finetune-steps 0").split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # subprocesses use one thread (conftest.one_thread)
 TOY_DATA = None                                  # an .npz of 400 embedded images (conftest.toy_data)
 
@@ -143,6 +145,38 @@ def write_safetensors(path, tensors, dtype="BF16"):
         offset += len(raw)
     meta = json.dumps(header).encode()
     Path(path).write_bytes(struct.pack("<Q", len(meta)) + meta + b"".join(blobs))
+
+
+class Other:
+    """An object a pickle may hold, which torch.load(weights_only=True) refuses."""
+
+
+def damaged_files(tmp_path, released):
+    """Files in tmp_path that are no checkpoint -> their names: cut short (a checkpoint of ours and
+    the released file `released`, a state dict), random bytes, pickles of other objects,
+    safetensors files with a damaged header."""
+    torch.save({"model": tiny_model().state_dict()}, tmp_path / "whole.pt")
+    write_safetensors(tmp_path / "whole.safetensors", released, "F32")
+    files = {}
+    for suffix in (".pt", ".safetensors"):
+        data = (tmp_path / f"whole{suffix}").read_bytes()
+        files[f"cut{suffix}"] = data[: len(data) // 2]
+    files["random.pt"] = np.random.default_rng(0).bytes(4096)
+    files["list.pt"] = pickled([torch.zeros(2), 3])
+    files["object.pt"] = pickled({"model": Other()})
+    header = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    files["long_header.safetensors"] = struct.pack("<Q", 10**6) + header + bytes(8)
+    files["entry_not_a_mapping.safetensors"] = struct.pack("<Q", 8) + b'{"a": 1}' + bytes(8)
+    files["header_a_list.safetensors"] = struct.pack("<Q", 6) + b'[1, 2]' + bytes(8)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return files
+
+
+def pickled(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def run_sample(*argv):

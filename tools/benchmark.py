@@ -7,7 +7,8 @@ training step, or of sample.py's guided sampling step with CFG and with PDG, as 
     python tools/benchmark.py sample --model sprint --size XL --batch 64 --compile
 
 Times are the median of --reps calls after 3 warm-up calls (compilation happens there), timed with
-CUDA events on a GPU, in bf16 autocast there (fp32 on a CPU) as the scripts run. FLOPs come from
+CUDA events on a GPU, in the precision the scripts use there (the model's paper's: train.py's
+paper_recipe, sample.py's SAMPLING; fp32 on a CPU). FLOPs come from
 the models' own counts (a training step is about three forwards); MFU is against a matmul peak
 measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU), not a datasheet figure. A model whose
 cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged.
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import train                                                                     # noqa: E402
-from sample import autocast, guided_velocity, trajectory_passes                  # noqa: E402
+from sample import SAMPLING, autocast, guided_velocity, trajectory_passes        # noqa: E402
 from sparsedit import MODELS                                                     # noqa: E402
 from sprint import SIZES, ModelConfig                                            # noqa: E402
 
@@ -79,10 +80,14 @@ def benchmark_train(args, device):
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     model = torch.compile(raw) if args.compile else raw
+    precision, grad_clip = train.paper_recipe(raw.cfg)
+    precision = precision if device.type == "cuda" else "fp32"
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step():
         draws = train.draw(y, x.shape[1:], B, slice(None), stage, raw.cfg)
-        train.train_step(model, raw, ema, opt, x, draws, stage.ema_decay, None)
+        train.train_step(model, raw, ema, opt, x, draws, ema_decay=stage.ema_decay, ddpm=None,
+                         precision=precision, grad_clip=grad_clip, scaler=scaler)
 
     ms = time_ms(step, device, args.reps)
     flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
@@ -118,9 +123,10 @@ def benchmark_sample(args, device):
     print("|---|---|---|---|---|---|---|")
     ms = {}
     flops = {}
+    precision = SAMPLING[model.cfg.diffusion][0] if device.type == "cuda" else "fp32"
     for mode in ["cfg"] + (["pdg"] if model.has_sparse_path else []):
         guidance = dict(cfg_scale=4.0, pdg=mode == "pdg")   # any scale but 1 costs the same
-        with autocast(device):
+        with autocast(device, precision):
             times = [time_ms(lambda: guided_velocity(net, x, t, y, **guidance), device, args.reps)
                      for t in ts]
         ms[mode] = sum(times) / len(ts)

@@ -1,11 +1,12 @@
 """
-Latents that sample.py saved without --vae (<out>.latents.npz) -> images, decoded with the SD VAE:
+Latents that sample.py saved with --vae none (<out>.latents.npz) -> images, decoded with the SD VAE:
 
     python tools/decode_latents.py samples.latents.npz samples.npz --vae stabilityai/sd-vae-ft-ema
 
-The output is what sample.py --vae would have written: an ADM .npz (arr_0 uint8 N x H x W x 3, arr_1
-labels) for fid.py, or a grid image (.png). Both files are streamed batch by batch: 50,000 images
-at 512 px never sit in memory at once. Needs the optional diffusers package.
+The output is what sample.py with a VAE would have written: an ADM .npz (arr_0 uint8 N x H x W x 3,
+arr_1 labels) for fid.py, or a grid image (.png), in the precision and with the pixel conversion of
+the model's official sampling code (sample.SAMPLING; fp32 on a CPU). Both files are streamed batch
+by batch: 50,000 images at 512 px never sit in memory at once. Needs the optional diffusers package.
 """
 import argparse
 import itertools
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-from sample import finish, load_vae, save_grid, write_npz                        # noqa: E402
+from sample import SAMPLING, finish, load_vae, save_grid, write_npz              # noqa: E402
 
 
 def read_rows(path, key, batch):
@@ -38,13 +39,15 @@ def read_rows(path, key, batch):
 
 
 def read_labels(path):
-    """The labels (arr_1) of a latents file, checked to be one: it holds `latents` too."""
+    """The labels (arr_1) of a latents file, checked to be one, and the diffusion of the model that
+    sampled them (files older than that record: flow)."""
     try:
         with np.load(path) as saved:                 # reads only the members asked for
             if not {"latents", "arr_1"} <= set(saved.files):
                 raise ValueError(f"{path}: holds {', '.join(saved.files)}, not the latents and "
-                                 f"labels (latents, arr_1) that sample.py saves without --vae")
-            return saved["arr_1"]
+                                 f"labels (latents, arr_1) that sample.py saves with --vae none")
+            diffusion = str(saved["diffusion"][0]) if "diffusion" in saved.files else "flow"
+            return saved["arr_1"], diffusion
     except (OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz ({e})") from None
 
@@ -54,9 +57,10 @@ def decode(latents, out, vae, device="cuda", batch=64):
     """Decode latents (the .npz's `latents`, already divided by the latent scale) into `out`."""
     if os.path.exists(out):
         raise ValueError(f"{out} exists: choose another output (nothing is overwritten)")
-    labels = read_labels(latents)
-    decoder = load_vae(vae, device)
-    blocks = (finish(torch.from_numpy(z.copy()).to(device), decoder, latent_scale=1.0)["arr_0"]
+    labels, diffusion = read_labels(latents)
+    precision = SAMPLING[diffusion][0] if torch.device(device).type == "cuda" else "fp32"
+    decoder = load_vae(vae, device, precision)
+    blocks = (finish(torch.from_numpy(z.copy()).to(device), decoder, 1.0, diffusion)["arr_0"]
               for z in read_rows(latents, "latents", batch))
     first = next(blocks)                             # (B, H, W, 3): the images' shape
     folder, name = os.path.split(out)
@@ -74,7 +78,7 @@ def decode(latents, out, vae, device="cuda", batch=64):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("latents", help="an .latents.npz written by sample.py without --vae")
+    p.add_argument("latents", help="an .latents.npz written by sample.py with --vae none")
     p.add_argument("out", help="an .npz (for fid.py) or a .png grid")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL "
                    "(default %(default)s)")
