@@ -196,15 +196,7 @@ class Arrays:
             x = np.stack([center_crop_arr(img, self.size) for img in x])
         if x.dtype == np.uint8:                                      # (B, H, W, 3) -> (B, 3, H, W)
             return torch.from_numpy(x).permute(0, 3, 1, 2), y
-        self.check_finite(x, idx)
         return torch.from_numpy(x), y
-
-    def check_finite(self, x, idx):
-        """Latents x, the rows idx: one with NaN or infinite values is an error naming it."""
-        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
-        if len(bad):
-            raise ValueError(f"--data {self.source}: x[{np.asarray(idx)[bad[0]]}] holds NaN or "
-                             f"infinite values; remove it")
 
     def decode(self, path):
         try:
@@ -254,8 +246,6 @@ def load_data(args):
         raise ValueError(f"--image-size {args.image_size}: {args.data} holds {x.shape[-1]}x"
                          f"{x.shape[-1]} latents, which are not resized; leave --image-size out")
     data.size = args.image_size or (min(x.shape[1:3]) if pixels else x.shape[-1])
-    if latents and data.x is not None:               # in memory: every latent checked now
-        data.check_finite(x, np.arange(len(y)))
     return data, int(y.max()) + 1
 
 
@@ -389,20 +379,20 @@ Draws = namedtuple("Draws", "t y eps sparse")
 def draw(y, shape, G, rows, stage, cfg):
     """The draws of labels y (B,), this rank's rows of a global batch of G, drawn for the whole batch
     (any number of processes draws what one does): t logit-normal for flow matching (sigmoid(n),
-    n ~ N(0, 1)) or a uniform timestep 0..999 for DDPM; 10% of the labels the null label; SPRINT's
-    token and path drop, apart from the label drop; eps (B, *shape) ~ N(0, I)."""
+    n ~ N(0, 1)) or a uniform timestep 0..999 for DDPM; 10% of the labels the null label; eps
+    (B, *shape) ~ N(0, I); then SPRINT's token and path drop, apart from the label drop."""
     device = y.device
     if cfg.diffusion == "ddpm":
         t = torch.randint(DDPM_STEPS, (G,), device=device)
     else:
         t = torch.sigmoid(torch.randn(G, device=device))
     null = torch.rand(G, device=device) < LABEL_DROP
+    eps = torch.randn(G, *shape, device=device)
     sparse = {}                                  # SPRINT's: the kept tokens, the dropped paths
     if stage.drop:
         sparse["ids_keep"] = sample_ids_keep(G, cfg.grid, stage.drop, stage.mask_type, device)[rows]
     if stage.path_drop:
         sparse["path_drop"] = (torch.rand(G, device=device) < stage.path_drop)[rows]
-    eps = torch.randn(G, *shape, device=device)
     return Draws(t[rows], torch.where(null[rows], cfg.num_classes, y), eps[rows], sparse)
 
 
@@ -428,27 +418,14 @@ def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, gr
 #################################################################################
 
 @torch.no_grad()
-def held_out_loss(model, x, y, rows, n, stage, ddpm, precision, levels=8, batch=64):
-    """This rank's share of the mean loss of the n held-out images (its rows x, y) at noise levels
-    (i + 0.5) / levels, the stage's token drop. Level i's noise, then drops, come from seed i for
-    all n: the same at every evaluation, with and without the drop, for any number of processes."""
-    total = torch.zeros((), device=x.device)
-    for i in range(levels):
-        torch.manual_seed(i)                  # the next training step reseeds from its own step
-        eps = torch.randn(n, *x.shape[1:], device=x.device)[rows]
-        sparse = {}
-        if stage.drop:
-            ids = sample_ids_keep(n, model.cfg.grid, stage.drop, stage.mask_type, x.device)
-            sparse["ids_keep"] = ids[rows]
-        level = torch.tensor((i + 0.5) / levels, device=x.device)
-        t = (level * DDPM_STEPS).long() if ddpm else level
-        for b in range(0, len(x), batch):
-            part = slice(b, b + batch)
-            draws = Draws(t.expand(len(x[part])), y[part], eps[part],
-                          {k: v[part] for k, v in sparse.items()})
-            with autocast(x.device, precision):
-                total += loss_at(model, x[part], draws, ddpm).sum()
-    return total / (levels * n)
+def held_out_loss(model, x, y, rows, n, stage, ddpm, precision):
+    """This rank's share of the mean training loss of the n held-out images (its rows x, y), drawn
+    as a step draws (the stage's drops) from seed 0: the same draws at every evaluation and for any
+    number of processes, the same t, labels and noise with the drop and without it."""
+    torch.manual_seed(0)                      # the next training step reseeds from its own step
+    draws = draw(y, x.shape[1:], n, rows, stage, model.cfg)
+    with autocast(x.device, precision):
+        return loss_at(model, x, draws, ddpm).sum() / n
 
 
 def log(run_dir, text=None, **record):
@@ -557,16 +534,14 @@ def main(argv=None):
     def evaluate(step):
         """The held-out loss with all tokens (what sampling sees) and at stage 1's drop (what stage
         1 trains on: the gap stage 2 closes), each rank on its share."""
-        columns = {"eval_loss": held_out._replace(drop=0.0)}
+        stages = {"eval_loss": held_out._replace(drop=0.0)}
         if held_out.drop:
-            columns["eval_loss_drop"] = held_out
-        losses = {}
-        for name, stage in columns.items():
-            loss = held_out_loss(raw, eval_x, eval_y, eval_rows, len(eval_idx), stage, ddpm,
-                                 precision)
-            if world > 1:
-                dist.all_reduce(loss)
-            losses[name] = loss.item()
+            stages["eval_loss_drop"] = held_out
+        values = torch.stack([held_out_loss(raw, eval_x, eval_y, eval_rows, len(eval_idx), stage,
+                                            ddpm, precision) for stage in stages.values()])
+        if world > 1:
+            dist.all_reduce(values)
+        losses = dict(zip(stages, values.tolist()))
         text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
         log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from tiny import image_folder, records, resident_bytes, run, tool
+from tiny import TINY, image_folder, records, resident_bytes, run, tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -109,7 +109,34 @@ def test_a_folder_of_arrays_is_read_batch_by_batch_not_whole(tmp_path):
     assert grown < 100e6, f"resident memory grew by {grown / 1e6:.0f} MB"
 
 
-def test_a_nan_latent_in_the_middle_of_a_memory_mapped_set_stops_the_run_naming_it(tmp_path):
+@pytest.mark.parametrize("source, workers", [("x.npy", 4), ("npz", 0), ("folder", 8)])
+def test_default_workers_read_a_memory_map_and_decode_images_the_main_process_holds_the_rest(
+        tmp_path, monkeypatch, source, workers):
+    """DataLoader workers by default: 4 read batches of a memory-mapped x.npy, 8 decode an image
+    folder's files; arrays already in memory need none."""
+    x, y = np.zeros((40, 8, 8, 3), np.uint8), np.arange(40) % 4
+    data = {"folder": image_folder(tmp_path / "images", classes=2, per_class=20, size=(8, 8)),
+            "npz": tmp_path / "d.npz", "x.npy": tmp_path}[source]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    seen = []
+
+    def loader(*args, num_workers, **kwargs):
+        seen.append(num_workers)
+        raise KeyboardInterrupt                              # the run need go no further
+    monkeypatch.setattr(train, "DataLoader", loader)
+    at = TINY.index("--num-workers")
+    flags = TINY[:at] + TINY[at + 2:]                        # the default
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*flags, "--data", str(data), "--image-size", "8", "--results-dir",
+                    str(tmp_path / "results")])
+    assert seen == [workers]
+
+
+def test_a_nan_latent_in_the_middle_of_a_memory_mapped_set_stops_the_run_at_its_step(tmp_path):
+    """tools/encode_latents.py refuses to write a latent that is not finite; one in latents of other
+    origin makes its step's loss non-finite, and the run stops there, naming the step."""
     latents = np.random.default_rng(0).standard_normal((200, 4, 16, 16)).astype(np.float32)
     latents[137, 2, 1, 3] = np.nan
     data = tmp_path / "latents"
@@ -117,8 +144,7 @@ def test_a_nan_latent_in_the_middle_of_a_memory_mapped_set_stops_the_run_naming_
     np.save(data / "x.npy", latents)
     np.save(data / "y.npy", np.arange(200) % 4)
     # steps that reach every training item: the run starts, then stops at the batch holding it
-    with pytest.raises(ValueError, match=r"^--data .*latents: x\[137\] holds NaN or infinite "
-                                         r"values; remove it$"):
+    with pytest.raises(FloatingPointError, match=r"^step \d+: non-finite loss; stopped"):
         run(tmp_path, "--data", str(data), "--steps", "40")
     assert (tmp_path / "results").is_dir()                  # opened without a scan of the whole
 
@@ -144,9 +170,10 @@ def test_memory_mapped_pixels_are_cropped_per_batch_and_travel_to_workers_by_fil
 
 @pytest.fixture
 def fake_vae(monkeypatch):
-    """diffusers' AutoencoderKL replaced: the latent is the 8 x 8 average of the pixels plus a
-    fourth channel of zeros; `fake_vae.calls` counts encodings, `fake_vae.fail` maps a call number
-    to the exception it raises, `fake_vae.nan` marks a batch row whose latent is NaN."""
+    """diffusers' AutoencoderKL replaced: the posterior's mean is the 8 x 8 average of the pixels
+    plus a fourth channel of zeros, its std 0.25; `fake_vae.calls` counts encodings, `fake_vae.fail`
+    maps a call number to the exception it raises, `fake_vae.nan` marks a batch row whose latent
+    is NaN."""
     state = types.SimpleNamespace(calls=0, fail={}, nan=None)
 
     class FakeVAE(torch.nn.Module):
@@ -158,7 +185,8 @@ def fake_vae(monkeypatch):
             z = torch.cat([z, torch.zeros_like(z[:, :1])], dim=1)         # (B, 4, H/8, W/8)
             if state.nan is not None and state.calls == state.nan[0]:
                 z[state.nan[1]] = float("nan")
-            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: z))
+            posterior = types.SimpleNamespace(mean=z, std=torch.full_like(z, 0.25))
+            return types.SimpleNamespace(latent_dist=posterior)
 
     fake = types.ModuleType("diffusers")
     fake.AutoencoderKL = types.SimpleNamespace(from_pretrained=lambda *a, **k: FakeVAE())
@@ -173,13 +201,15 @@ def test_encoding_writes_every_image_and_its_mirror_and_train_py_reads_them(tmp_
                  "--batch-size", "4", "--num-workers", "0"])
     x = np.load(tmp_path / "latents" / "x.npy")
     y = np.load(tmp_path / "latents" / "y.npy")
-    assert x.shape == (6, 2, 4, 2, 2) and x.dtype == np.float16     # 6 images, 2 views each
+    # 6 images, 2 views each, each view's posterior mean and std
+    assert x.shape == (6, 2, 2, 4, 2, 2) and x.dtype == np.float16
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
     pixels = train.image_folder(folder, 16)[0][range(6)][0].float() / 127.5 - 1
     expected = torch.nn.functional.avg_pool2d(pixels, 8).half().numpy()
-    assert np.array_equal(x[:, 0, :3], expected) and not x[:, :, 3].any()
+    assert np.array_equal(x[:, 0, 0, :3], expected) and not x[:, :, 0, 3].any()
+    assert (x[:, :, 1] == 0.25).all()                                # the std
     # the mirrors (summed in another order: equal to float16 rounding)
-    assert np.allclose(x[:, 1, :3].astype(np.float32), expected[..., ::-1], rtol=0, atol=1e-3)
+    assert np.allclose(x[:, 1, 0, :3].astype(np.float32), expected[..., ::-1], rtol=0, atol=1e-3)
     assert not (tmp_path / "latents.partial").exists()
     dataset, num_classes = load("--data", str(tmp_path / "latents"))
     assert num_classes == 2 and torch.equal(dataset[[4]][0], torch.from_numpy(x[[4]]))
@@ -187,6 +217,24 @@ def test_encoding_writes_every_image_and_its_mirror_and_train_py_reads_them(tmp_
     run_dir = run(tmp_path, "--data", str(tmp_path / "latents"), "--patch-size", "1",
                   "--global-batch-size", "4", "--steps", "2")
     assert torch.load(run_dir / "checkpoints" / "0000002.pt")["config"]["input_size"] == 2
+
+
+def test_each_step_draws_a_fresh_latent_from_the_stored_posterior_of_a_view():
+    """SPRINT's sample_posterior: z = mean + std * n with a new n each step, then times the latent
+    scale; a view (the image or its mirror) with probability 1/2 each. Held out: the mean."""
+    G = 4000
+    posterior = [(-10.0, 0.5), (10.0, 2.0)]               # (mean, std) of view 0 and of view 1
+    x = torch.tensor(posterior).reshape(1, 2, 2, 1, 1, 1).expand(G, -1, -1, -1, -1, -1)
+    torch.manual_seed(0)
+    z = train.model_inputs(x, False, 0.5, G, slice(None)).flatten() / 0.5    # (G, V, 2, 1, 1, 1)
+    view_1 = z > 0                                        # the views' samples lie apart
+    assert abs(view_1.float().mean() - 0.5) < 0.03
+    for view, (m, s) in enumerate(posterior):
+        samples = z[view_1 == bool(view)]
+        assert abs(samples.mean() - m) < 0.1 and abs(samples.std() / s - 1) < 0.06
+    again = train.model_inputs(x, False, 0.5, G, slice(None)).flatten() / 0.5
+    assert not torch.equal(z, again)                      # fresh each step
+    assert torch.equal(train.model_inputs(x[:3], False, 0.5), torch.full((3, 1, 1, 1), -5.0))
 
 
 def test_the_held_out_images_are_never_trained_on_mirrored(tmp_path, fake_vae):
@@ -218,7 +266,7 @@ def test_an_interrupted_encoding_leaves_no_folder_that_passes_for_complete(tmp_p
     fake_vae.calls = 0
     fake_vae.fail = {}
     encode.main(argv)
-    assert np.load(tmp_path / "latents" / "x.npy").shape == (6, 2, 4, 2, 2)
+    assert np.load(tmp_path / "latents" / "x.npy").shape == (6, 2, 2, 4, 2, 2)
     assert sorted(os.listdir(tmp_path)) == ["images", "latents"]
 
 

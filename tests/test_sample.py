@@ -176,6 +176,20 @@ def test_the_sde_sampler_is_the_official_euler_maruyama_loop_guided_on_its_drift
     torch.testing.assert_close(ours, x.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_images_become_pixels_as_each_papers_sampling_code_converts_them():
+    """SPRINT's sample_ddp: clamp(255 (x + 1) / 2, 0, 255) truncated to uint8 (in bf16 on CUDA);
+    DiT's, and SparseDiT's after it: clamp(127.5 x + 128, 0, 255) truncated (in fp32 with TF32)."""
+    x = torch.linspace(-1.2, 1.2, 10001).reshape(1, 1, 1, -1).expand(1, 3, 1, -1)
+    values = x[0, 0].numpy()
+    sprint_pixels = np.clip(255 * (values + 1) / 2, 0, 255).astype(np.uint8)
+    dit_pixels = np.clip(127.5 * values + 128, 0, 255).astype(np.uint8)
+    assert np.array_equal(sample.to_uint8(x, "flow")[0, ..., 0], sprint_pixels)
+    assert np.array_equal(sample.to_uint8(x, "ddpm")[0, ..., 0], dit_pixels)
+    assert not np.array_equal(sprint_pixels, dit_pixels)           # half a level apart
+    assert {k: precision for k, (precision, _) in sample.SAMPLING.items()} == {"flow": "bf16",
+                                                                               "ddpm": "fp32"}
+
+
 @pytest.mark.parametrize("sampler, steps", [("sde", 250), ("euler", 250), ("heun", 50)])
 def test_sampler_lands_on_the_data_distribution(sampler, steps):
     torch.manual_seed(0)

@@ -205,6 +205,45 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
     assert seen == [(False, True)] * 2
 
 
+@pytest.mark.parametrize("model, diffusion, recipe", [("sprint", "flow", ("bf16", 1.0)),
+                                                      ("dit", "flow", ("bf16", 1.0)),
+                                                      ("dit", "ddpm", ("fp32", 0.0)),
+                                                      ("sparsedit", "ddpm", ("fp16", 0.0))])
+def test_each_model_trains_as_its_official_code_does(model, diffusion, recipe):
+    """SPRINT's code trains SPRINT and its SiT in bf16 and clips at 1.0; DiT's trains in fp32 (TF32)
+    and SparseDiT's in fp16, neither clips (METHOD.md's recipes)."""
+    cfg = sprint.ModelConfig(model=model, diffusion=diffusion, depths=(1, 2, 1))
+    assert train.paper_recipe(cfg) == recipe
+
+
+def test_without_clipping_adamw_sees_the_whole_gradient():
+    model = randomize(tiny_model("dit"))
+    opt = train.make_optimizer(model, 1e-3, torch.device("cpu"))
+    norms, adamw_step = [], opt.step
+
+    def spy():
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm()
+                                                           for p in model.parameters()])))
+        adamw_step()
+    opt.step = spy
+    _, draws = draws_of(train.stage_at(train.parser().parse_args([]), 0, sparse_path=False), G=8)
+    _, grad_norm = train.train_step(model, model, copy.deepcopy(model), opt, torch.randn(8, 4, 8, 8),
+                                    draws, **{**STEP, "grad_clip": 0.0})
+    assert grad_norm > 2 and torch.isclose(norms[0], grad_norm)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_fp16_scales_its_loss(tmp_path, precision):
+    """--precision on a CPU (the papers' own default only on CUDA): a finite loss, and for fp16 a
+    loss scale that the checkpoint keeps for an exact resume."""
+    run_dir = run(tmp_path, "--steps", "3", "--precision", precision, "--eval-every", "3")
+    losses = [rec["loss"] for rec in records(run_dir) if "loss" in rec]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert f"; {precision}, gradient clip 1.0;" in (run_dir / "log.txt").read_text()
+    scaler = torch.load(run_dir / "checkpoints" / "0000003.pt", weights_only=True)["scaler"]
+    assert (scaler.get("scale", 0) > 0) == (precision == "fp16")
+
+
 def test_stage_2_starts_from_the_stage_1_ema_weights_with_a_fresh_optimizer(tmp_path, monkeypatch):
     entering = []                              # (weights, optimizer state) as each step begins
     step = train.train_step
@@ -262,7 +301,8 @@ def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
     assert train.stage_at(args, 0, False)[::2] == (0.0, 0.0, 0.9999)
 
 
-def test_the_held_out_loss_is_measured_at_the_end_of_each_stage(tmp_path):
+def test_the_held_out_loss_is_measured_at_the_end_of_each_stage_with_the_same_noise_in_both_columns(
+        tmp_path):
     run_dir = run(
         tmp_path, "--drop", "0.75", "--steps", "2", "--finetune-steps", "1", "--eval-every", "100"
     )
@@ -270,6 +310,9 @@ def test_the_held_out_loss_is_measured_at_the_end_of_each_stage(tmp_path):
     # the gap before and after fine-tuning
     assert [rec["step"] for rec in evals] == [0, 2, 3]
     assert all("eval_loss_drop" in rec for rec in evals)
+    # at step 0 the model outputs 0 whatever it sees: the columns differ only if their noise does
+    assert evals[0]["eval_loss"] == evals[0]["eval_loss_drop"]
+    assert evals[1]["eval_loss"] != evals[1]["eval_loss_drop"]
 
 
 #################################################################################
@@ -322,9 +365,10 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
 #          DDP: two processes train as one does, and only rank 0 writes         #
 #################################################################################
 
-def test_two_gloo_processes_train_as_one_process_does_and_only_rank_0_writes(tmp_path):
+def test_two_gloo_processes_train_and_evaluate_as_one_process_does_and_only_rank_0_writes(tmp_path):
     """Every random draw covers the global batch and each rank takes its rows, the data order
-    too: two processes of 4 see what one process of 8 sees, and DDP averages their gradients."""
+    too: two processes of 4 see what one process of 8 sees, and DDP averages their gradients. The
+    held-out loss is each rank's share of the held-out images, summed: what one process gets."""
     flags = [*TINY, "--data", tiny.TOY_DATA, "--steps", "2", "--ckpt-every", "1", "--eval-every",
              "1", "--sample-every", "2"]
     (tmp_path / "two").mkdir()
@@ -341,6 +385,10 @@ def test_two_gloo_processes_train_as_one_process_does_and_only_rank_0_writes(tmp
     a, b = (torch.load(d / "checkpoints" / "0000002.pt", weights_only=True) for d in (one, two))
     for k in a["ema"]:
         torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=0, atol=1e-5)   # 7e-7 in 20 steps
+    evals = [[rec for rec in records(d) if "eval_loss" in rec] for d in (one, two)]
+    assert [rec["step"] for rec in evals[1]] == [0, 1, 2]
+    assert evals[1][0]["eval_loss"] == pytest.approx(evals[0][0]["eval_loss"], rel=1e-6)
+    assert evals[1][0]["eval_loss_drop"] == pytest.approx(evals[0][0]["eval_loss_drop"], rel=1e-6)
 
 
 #################################################################################

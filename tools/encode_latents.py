@@ -3,11 +3,12 @@ An image folder -> SD-VAE latents in the memory-mapped layout that `train.py --d
 
     python tools/encode_latents.py /path/to/imagenet/train imagenet256_sdvae --size 256
 
-DIR/x.npy holds float16 latents (N, 2, 4, size/8, size/8): each image's and its mirror image's
-(SiT's flip augmentation: train.py draws one of the two each step, and its held-out images are
-whole images, both views); DIR/y.npy their int64 labels (N,). Images are read as train.py reads an
-image folder (ADM's centre crop; a file PIL cannot decode is named). Train on the result with
---latent-scale 0.18215. Needs the optional diffusers package.
+DIR/x.npy holds float16 VAE posteriors (N, 2, 2, 4, size/8, size/8): for each image and its mirror
+image (SiT's flip augmentation: train.py draws one of the two each step, and its held-out images are
+whole images, both views) the posterior's mean and standard deviation, from which train.py draws a
+fresh latent each step, as SPRINT does (its sample_posterior); DIR/y.npy their int64 labels (N,).
+Images are read as train.py reads an image folder (ADM's centre crop; a file PIL cannot decode is
+named). train.py scales the latents by SD-VAE's 0.18215 (--latent-scale). Needs diffusers.
 
 Memory stays flat whatever N: x.npy is preallocated (numpy's open_memmap writes its header and
 size) and each batch is written into its rows through an ordinary file handle. A latent that is not
@@ -63,7 +64,7 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
 
 def write_latents(images, encoder, folder, size, device, batch, workers):
     """Every image and its mirror image through the VAE, into folder/x.npy and folder/y.npy."""
-    shape = (len(images), 2, 4, size // 8, size // 8)
+    shape = (len(images), 2, 2, 4, size // 8, size // 8)
     x_start = preallocate(os.path.join(folder, "x.npy"), shape, np.float16)
     y_start = preallocate(os.path.join(folder, "y.npy"), shape[:1], np.int64)
     row_bytes = int(np.prod(shape[1:])) * 2                    # float16
@@ -73,9 +74,10 @@ def write_latents(images, encoder, folder, size, device, batch, workers):
     with open(os.path.join(folder, "x.npy"), "r+b") as x, \
             open(os.path.join(folder, "y.npy"), "r+b") as y:
         for pixels, labels in tqdm(batches, "encoding", total=len(order)):
-            views = [encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist.sample()
+            views = [encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist
                      for view in (pixels, pixels.flip(3))]     # the image, its mirror
-            z = torch.stack(views, dim=1).half().cpu().numpy()   # (B, 2, 4, size/8, size/8)
+            moments = [torch.stack([p.mean, p.std], dim=1) for p in views]   # (B, 2, 4, h, w)
+            z = torch.stack(moments, dim=1).half().cpu().numpy()   # (B, 2, 2, 4, h, w)
             bad = np.flatnonzero(~np.isfinite(z.reshape(len(z), -1)).all(axis=1))
             if len(bad):
                 raise ValueError(f"{images.x[first + bad[0]]}: its latent holds NaN or infinite "
