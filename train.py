@@ -8,11 +8,9 @@ model's diffusion (flow matching as SiT; DiT's DDPM loss for a model converted f
     torchrun --nproc_per_node=8 train.py --model sparsedit --size XL --init DiT-XL-2-256x256.pt ...
 
 The defaults are the toy run; README.md's recipes give the papers'. The file reads in the order of
-a run: flags, data, model, the loss and its draws, the step, the loop (each step trains, then logs,
-evaluates, draws a grid, saves a checkpoint when each is due). Stage 2 (--finetune-steps) trains on
-all tokens from the stage-1 EMA weights with a fresh optimizer, its own lr, warm-up and EMA (SPRINT
-Sec. 3.3). Exact resume from the step alone: epoch e's data order comes from (seed, e), every other
-draw of step s from (seed, s), for the global batch on every rank (each takes its rows).
+a run: flags, data, model, the loss and its draws, the step, then the loop: each step trains, then
+logs, evaluates and saves a checkpoint when each is due. Exact resume from the step alone: epoch e's
+data order comes from (seed, e), every other draw of step s from (seed, s), for the global batch.
 """
 import argparse
 import copy
@@ -37,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sample import (LATENT_SCALE, autocast, checkpoint_weights, find_checkpoint, load_weights,
-                    read_checkpoint, sample, sample_inputs, save_grid, setup_distributed, to_uint8)
+                    read_checkpoint, setup_distributed)
 from sparsedit import DDPM, MODELS, SparseDiT
 from sprint import DDPM_STEPS, SIZES, ModelConfig, num_kept, sample_ids_keep
 
@@ -94,7 +92,6 @@ def parser():
     p.add_argument("--results-dir", default="results")
     p.add_argument("--log-every", type=number(1), default=25, help="loss, img/s, TFLOP/s")
     p.add_argument("--ckpt-every", type=number(0), default=500, help="0: at stage ends only")
-    p.add_argument("--sample-every", type=number(0), default=250, help="EMA grid; 0: never")
     p.add_argument("--eval-every", type=number(0), default=250, help="held-out loss; 0: never")
     return p
 
@@ -173,10 +170,9 @@ def center_crop_arr(img, size):
 
 
 class Arrays:
-    """x: an image folder's files (decoded in DataLoader workers), uint8 images (N, H, W, 3) or float
-    latents (N, [V views, [2: a VAE posterior's mean and std,]] C, H, W); y: N labels. In memory, or
-    x.npy and y.npy memory-mapped, opened per batch as nanoGPT opens its tokens: a rank's memory
-    does not grow with N. data[idx] reads those rows, images centre-cropped."""
+    """x: an image folder's files, uint8 images (N, H, W, 3) or float latents (N, [V views, [2: the
+    VAE posterior's mean and std,]] C, H, W); y: N labels. In memory, or x.npy and y.npy memory-
+    mapped, opened per batch as nanoGPT opens its tokens. data[idx]: those rows, images cropped."""
     def __init__(self, source, size, x=None, y=None):
         self.source, self.size, self.x, self.y = source, size, x, y
 
@@ -194,9 +190,8 @@ class Arrays:
         y = torch.from_numpy(y[idx].astype(np.int64))
         if isinstance(x, list) or (x.dtype == np.uint8 and x.shape[1:3] != (self.size,) * 2):
             x = np.stack([center_crop_arr(img, self.size) for img in x])
-        if x.dtype == np.uint8:                                      # (B, H, W, 3) -> (B, 3, H, W)
-            return torch.from_numpy(x).permute(0, 3, 1, 2), y
-        return torch.from_numpy(x), y
+        x = torch.from_numpy(x)
+        return (x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x), y   # (B, 3, H, W) pixels
 
     def decode(self, path):
         try:
@@ -270,9 +265,8 @@ def epoch_batches(indices, global_batch, rank, world, seed, step):
 
 def model_inputs(x, pixels, latent_scale, G=None, rows=None):
     """A batch as the model sees it: pixels in [-1, 1], latents times the latent scale. Training (G
-    given, draws for the global batch, this rank's rows): images flipped left-right with probability
-    1/2 (SiT's, DiT's; stored views: the mirror's), a fresh posterior sample mean + std * n
-    (SPRINT's sample_posterior). Held out: the image as it is, the posterior mean."""
+    given: draws for the global batch) flips half the images left-right (SiT, DiT; stored views: the
+    mirror's) and samples posteriors mean + std * n (SPRINT); held out: the images, the means."""
     flip = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     if G is not None:
         flip = (torch.rand(G, device=x.device) < 0.5)[rows]
@@ -343,9 +337,8 @@ LABEL_DROP = 0.1               # labels -> the null label, for classifier-free g
 
 
 def loss_at(model, x, draws, ddpm):
-    """The training loss of each sample (B,) at the drawn times, labels, noise and drops: flow
-    matching's, the MSE of the velocity v = eps - x on the path x_t = (1 - t) x + t eps (SiT); or,
-    given ddpm, DiT's mse + vb."""
+    """The training loss of each sample (B,) for its draws: flow matching's, the MSE of the velocity
+    v = eps - x on the path x_t = (1 - t) x + t eps (SiT); or, given ddpm, DiT's mse + vb."""
     t, y, eps, sparse = draws
     if ddpm:                                              # a DDPM model has no sparse path
         return sum(ddpm.losses(model, x, y, t, eps))
@@ -358,10 +351,10 @@ Stage = namedtuple("Stage", "drop mask_type path_drop lr ema_decay")
 
 
 def stage_at(args, step, sparse_path):
-    """This step's stage (SPRINT Sec. 3.3). Stage 1: --drop, --lr, --ema-decay. Stage 2, from step
-    --steps on: every token, --ft-lr warmed up linearly from 1% over --ft-warmup steps (the
-    official LinearLR), the EMA decay at most 0.999 meanwhile, then --ft-ema-decay. Path drop in
-    both stages; neither drop without a sparse path."""
+    """This step's stage (SPRINT Sec. 3.3). Stage 1: --drop, --lr, --ema-decay. Stage 2 from step
+    --steps on: every token, from the stage-1 EMA weights with a fresh AdamW, --ft-lr warmed up from
+    1% over --ft-warmup steps (the official LinearLR) with the EMA decay at most 0.999, then
+    --ft-ema-decay. Path drop in both stages; neither drop without a sparse path."""
     path_drop = args.path_drop if sparse_path else 0.0
     if step < args.steps:
         drop = args.drop if sparse_path else 0.0
@@ -377,10 +370,9 @@ Draws = namedtuple("Draws", "t y eps sparse")
 
 
 def draw(y, shape, G, rows, stage, cfg):
-    """The draws of labels y (B,), this rank's rows of a global batch of G, drawn for the whole batch
-    (any number of processes draws what one does): t logit-normal for flow matching (sigmoid(n),
-    n ~ N(0, 1)) or a uniform timestep 0..999 for DDPM; 10% of the labels the null label; eps
-    (B, *shape) ~ N(0, I); then SPRINT's token and path drop, apart from the label drop."""
+    """The draws for labels y (B), this rank's rows of a global batch of G, drawn for all G: t (flow:
+    logit-normal, sigmoid(n), n ~ N(0, 1); DDPM: uniform over 0..999), 10% of the labels the null
+    label, eps (B, *shape) ~ N(0, I), then SPRINT's token and path drops, apart from the label's."""
     device = y.device
     if cfg.diffusion == "ddpm":
         t = torch.randint(DDPM_STEPS, (G,), device=device)
@@ -397,9 +389,8 @@ def draw(y, shape, G, rows, stage, cfg):
 
 
 def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, grad_clip, scaler):
-    """One AdamW step on this rank's batch x, then ema <- decay ema + (1 - decay) raw -> (loss,
-    gradient norm), on the device: no host sync. model: raw as it runs (compiled, DDP); scaler:
-    fp16's loss scaling (otherwise it does nothing)."""
+    """One AdamW step on this rank's batch, then ema <- decay ema + (1 - decay) raw -> (loss, grad
+    norm) on the device: no host sync. model: raw as it runs (compiled, DDP); scaler: fp16's."""
     with autocast(x.device, precision):
         loss = loss_at(model, x, draws, ddpm).mean()
     scaler.scale(loss).backward()
@@ -420,8 +411,8 @@ def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, gr
 @torch.no_grad()
 def held_out_loss(model, x, y, rows, n, stage, ddpm, precision):
     """This rank's share of the mean training loss of the n held-out images (its rows x, y), drawn
-    as a step draws (the stage's drops) from seed 0: the same draws at every evaluation and for any
-    number of processes, the same t, labels and noise with the drop and without it."""
+    as a step draws from seed 0: the same draws every time, for any number of processes, and the
+    same t, labels and noise with the stage's drop and without it."""
     torch.manual_seed(0)                      # the next training step reseeds from its own step
     draws = draw(y, x.shape[1:], n, rows, stage, model.cfg)
     with autocast(x.device, precision):
@@ -440,7 +431,7 @@ def log(run_dir, text=None, **record):
 
 def run_folder(args):
     """results/NNN-model-size-patch, NNN one past the highest there (os.mkdir claims it: runs started
-    together each get their own), with checkpoints/, samples/, log.txt, log.jsonl."""
+    together each get their own), with checkpoints/, log.txt (for people), log.jsonl (programs)."""
     os.makedirs(args.results_dir, exist_ok=True)
     taken = [re.match(r"\d+", name) for name in os.listdir(args.results_dir)]
     number = max((int(m.group()) for m in taken if m), default=-1) + 1
@@ -452,7 +443,6 @@ def run_folder(args):
         except FileExistsError:
             number += 1
     os.mkdir(os.path.join(path, "checkpoints"))
-    os.mkdir(os.path.join(path, "samples"))
     return path
 
 
@@ -497,8 +487,7 @@ def main(argv=None):
     workers = workers if args.num_workers is None else args.num_workers
     loader = iter(DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                              pin_memory=device.type == "cuda", generator=torch.Generator()))
-    share = math.ceil(len(eval_idx) / world)
-    eval_rows = slice(rank * share, (rank + 1) * share)
+    eval_rows = slice(rank, None, world)           # this rank's share of the held-out images
     mine = eval_idx[eval_rows]
     eval_x, eval_y = dataset[mine] if len(mine) else (first[:0], torch.zeros(0, dtype=torch.long))
     eval_x = model_inputs(eval_x.to(device), pixels, args.latent_scale)
@@ -545,21 +534,6 @@ def main(argv=None):
         text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
         log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
 
-    # the EMA grid: 4 rows of up to 10 classes, the same noise every time
-    classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
-    grid_z, grid_y, _ = sample_inputs(range(4 * len(classes)), args.seed, classes, num_classes,
-                                      first.shape[-3:], device)
-
-    def draw_grid(step):
-        """samples/<step>.png, by rank 0: Euler (DDPM models: DDPM) 25 steps, CFG 4, from the EMA
-        (at XL a few seconds, while the other ranks wait)."""
-        with autocast(device, precision):
-            x = sample(ema, grid_z, grid_y, "ddpm" if ddpm else "euler", 25, cfg_scale=4.0)
-        if not pixels:                           # latents: 3 channels, scaled, without a VAE
-            x = (x[:, :3] / (2 * x.std())).clamp(-1, 1)
-        save_grid(to_uint8(x, raw.cfg.diffusion), f"{run_dir}/samples/{step:07d}.png",
-                  nrow=len(classes))
-
     evaluating = len(eval_idx) > 0 and args.eval_every > 0
     if start == 0 and evaluating:
         evaluate(0)
@@ -587,14 +561,12 @@ def main(argv=None):
             pbar.update()
 
             # Then what is due after `done` steps: the log, which reads the device once (also just
-            # before a measurement, which is not training time), the held-out loss, a grid, a
-            # checkpoint
+            # before an evaluation, which is not training time), the held-out loss, a checkpoint
             done = step + 1
             stage_end = done in (args.steps, total)
             eval_now = evaluating and (stage_end or done % args.eval_every == 0)
-            grid_now = args.sample_every > 0 and (done == total or done % args.sample_every == 0)
             ckpt_now = stage_end or (args.ckpt_every > 0 and done % args.ckpt_every == 0)
-            if not (done % args.log_every == 0 or stage_end or eval_now or grid_now or ckpt_now):
+            if not (done % args.log_every == 0 or stage_end or eval_now or ckpt_now):
                 continue
             values = torch.stack(pending)
             if world > 1:
@@ -616,8 +588,6 @@ def main(argv=None):
             pending = []
             if eval_now:
                 evaluate(done)
-            if grid_now and run_dir:
-                draw_grid(done)
             if ckpt_now and run_dir:
                 last_ckpt = save_checkpoint(run_dir, done, raw, ema, opt, scaler, args, train_s)
             clock = time.perf_counter()

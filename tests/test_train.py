@@ -328,8 +328,8 @@ def test_resume_alone_continues_the_run_with_its_own_flags(tmp_path):
 
 
 def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
-    # evaluation and grids must not disturb the RNG
-    flags = ("--eval-every", "2", "--sample-every", "2")
+    # evaluations must not disturb the RNG
+    flags = ("--eval-every", "2")
     whole = run(tmp_path / "a", "--steps", "4", *flags)
     half = run(tmp_path / "b", "--steps", "2", *flags)
     resumed = run(tmp_path / "b", "--resume", str(half / "checkpoints" / "0000002.pt"),
@@ -342,7 +342,7 @@ def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
     # a checkpoint every step; the resume crosses into stage 2
     flags = ["--data", tiny.TOY_DATA, "--image-size", "16", "--steps", "2", "--finetune-steps", "6",
-             "--ckpt-every", "1", "--eval-every", "0", "--sample-every", "0"]
+             "--ckpt-every", "1", "--eval-every", "0"]
     proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -370,7 +370,7 @@ def test_two_gloo_processes_train_and_evaluate_as_one_process_does_and_only_rank
     too: two processes of 4 see what one process of 8 sees, and DDP averages their gradients. The
     held-out loss is each rank's share of the held-out images, summed: what one process gets."""
     flags = [*TINY, "--data", tiny.TOY_DATA, "--steps", "2", "--ckpt-every", "1", "--eval-every",
-             "1", "--sample-every", "2"]
+             "1"]
     (tmp_path / "two").mkdir()
     for code, stderr in two_ranks("train.py", *flags, cwd=tmp_path / "two"):
         assert code == 0, stderr

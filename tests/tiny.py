@@ -42,7 +42,7 @@ def run(tmp_path, *flags):
     if "--resume" in flags:                         # a resumed run takes its own flags
         return Path(train.main(list(flags)))
     data = [] if "--data" in flags else ["--data", TOY_DATA]
-    args = [*TINY, *data, "--eval-every", "0", "--sample-every", "0", *flags]
+    args = [*TINY, *data, "--eval-every", "0", *flags]
     return Path(train.main([*args, "--results-dir", str(tmp_path / "results")]))
 
 

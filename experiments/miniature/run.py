@@ -59,7 +59,7 @@ IMAGE_SIZE = 16
 # what every training run shares (scaled_flags adds --ema-decay, --eval-every): SiT-S's 2/8/2
 # blocks narrowed to 128 wide, 4 heads (3.7 M parameters), on 8 x 8 tokens of 16 px images
 TRAIN = (f"--size S --hidden-size 128 --num-heads 4 --image-size {IMAGE_SIZE} "
-         f"--global-batch-size 64 --lr 1e-3 --sample-every 0")
+         f"--global-batch-size 64 --lr 1e-3")
 # --ema-decay, and SPRINT's --ft-ema-decay: a horizon of 100 steps, so that after the shortest
 # stage (225 steps) the EMA holds 10% of where it started and after 450 steps 1%
 EMA_DECAY = 0.99
