@@ -1,8 +1,7 @@
 """
-The papers' evaluators in PyTorch, in one file: ADM's (FID, sFID, Inception Score, precision and
-recall, as guided-diffusion's evaluations/evaluator.py computes them with TensorFlow and the 2015
-Inception graph: both papers' scorer) and dgm-eval's FDD (the Fréchet distance in DINOv2 ViT-L/14
-space: SPRINT's second number).
+The papers' evaluators in PyTorch: ADM's (FID, sFID, Inception Score, precision and recall, as
+guided-diffusion's evaluator.py computes them with TensorFlow and the 2015 Inception graph: both
+papers' scorer) and dgm-eval's FDD (the Fréchet distance in DINOv2 ViT-L/14 space: SPRINT's).
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz          # FID, sFID, IS, P, R
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --fdd    # and FDD
@@ -11,19 +10,10 @@ space: SPRINT's second number).
 
 SAMPLES and REF: a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as sample.py writes
 it), an ADM reference batch (arr_0, mu, sigma, mu_s, sigma_s) or a --save-stats file; statistics a
-file holds win over its images, as in the evaluator. Images are read batch by batch. The released
-weights download once into torch's hub cache.
-
-ADM's: the graph resizes with TF1's ResizeBilinear and maps x to (x - 128) / 128 (`preprocess`,
-bit-exact against TensorFlow), then its Inception-v3 as pytorch-fid ports it (`FIDInceptionV3`);
-FID on pool3, sFID on mixed_6/conv's first 7 channels, IS on the logits without their bias in splits
-of 5,000, precision and recall with k = 3 balls in pool3 space and float16 distances (pytorch-fid's
-own input moves pixels by up to 0.25 at 256 px: its scores are not the papers'). FDD, dgm-eval's:
-PIL's bicubic resize to 224×224, ImageNet mean and std (`dinov2_input`), DINOv2 ViT-L/14 as
-torch.hub builds it (`DINOv2`), the CLS token after the final norm, the distance in float64.
-References: Heusel et al. 2017 (FID), Nash et al. 2021 (sFID), Salimans et al. 2016 (IS),
-Kynkäänniemi et al. 2019 (precision, recall), Dhariwal & Nichol 2021 (the evaluator), Szegedy et
-al. 2016 (Inception-v3), Oquab et al. 2023 (DINOv2), Stein et al. 2023 (dgm-eval, FDD).
+file holds are used instead of its images, as the evaluator does. Images are read batch by batch;
+the released networks download once into torch's hub cache. References: Heusel et al. 2017 (FID),
+Nash et al. 2021 (sFID), Salimans et al. 2016 (IS), Kynkäänniemi et al. 2019 (precision, recall),
+Dhariwal & Nichol 2021 (the evaluator), Oquab et al. 2023 (DINOv2), Stein et al. 2023 (FDD).
 """
 import argparse
 import contextlib
@@ -80,7 +70,8 @@ def resize_bilinear_tf1(images, size=299):
 
 
 def preprocess(images):
-    """Images (N, H, W, 3) of any size, values 0..255 -> the graph's input (N, 3, 299, 299)."""
+    """Images (N, H, W, 3) of any size, values 0..255 -> the graph's input (N, 3, 299, 299), which
+    pytorch-fid's own (F.interpolate, x / 127.5 - 1) misses by up to 0.25 at 256 px."""
     x = resize_bilinear_tf1(images)                              # (N, 299, 299, 3) in 0..255
     x = (x - 128) / 128                                          # the graph's Sub and Mul nodes
     return x.permute(0, 3, 1, 2).contiguous()                    # (N, 3, 299, 299)
@@ -90,10 +81,9 @@ def preprocess(images):
 #                        Inception-v3 (FID variant)                             #
 #################################################################################
 
-# The graph's Inception-v3 as pytorch-fid ports it, with the key names of its weight file, so that
-# the file loads as is. It differs from torchvision's Inception-v3 in three places: average pools do
-# not count padding, the last block (Mixed_7c) max-pools in its pool branch, and the classifier has
-# 1008 outputs (the 2015 graph's: the 1000 ImageNet classes and unused extra ones).
+# The graph's Inception-v3 as pytorch-fid ports it, with its weight file's key names. Unlike
+# torchvision's, average pools do not count padding, Mixed_7c max-pools in its pool branch, and the
+# classifier has 1008 outputs (the 2015 graph's: the 1000 ImageNet classes and unused ones).
 
 class BasicConv2d(nn.Module):
     """Conv (no bias) -> BatchNorm (eps 1e-3, as in the TF graph) -> ReLU."""
@@ -250,10 +240,9 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)                                    # (N, 192, 35, 35)
         x = chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)           # (N, 288, 35, 35)
         x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)  # (N, 768, 17, 17)
-        # sFID reads the graph's mixed_6/conv:0, first 7 channels: its blocks are mixed, mixed_1,
-        # ... (Mixed_5b, 5c, ...), so mixed_6 is Mixed_6d, whose "conv" is its 1x1 branch
-        # (torch-fidelity's conversion), concatenated first: channels 0-6 after BN and ReLU. The
-        # graph is channels-last, and the evaluator flattens (17, 17, 7): row, column, channel.
+        # sFID reads the graph's mixed_6/conv:0, first 7 channels: mixed, mixed_1, ... are Mixed_5b,
+        # 5c, ..., so mixed_6 is Mixed_6d, whose "conv" is its 1x1 branch, concatenated first
+        # (channels 0-6, after BN and ReLU); the graph is channels-last: (17, 17, 7) flattened.
         spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                  # (N, 17 * 17 * 7 = 2023)
         x = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (N, 2048, 8, 8)
         pool3 = x.mean(dim=(2, 3))                                          # (N, 2048): pool_3:0
@@ -274,9 +263,8 @@ class FIDInceptionV3(nn.Module):
 #################################################################################
 
 def dinov2_input(batch):
-    """dgm-eval's transform of uint8 images (N, H, W, 3): each resized to 224x224 by PIL's
-    (antialiased) bicubic, as torchvision's Resize resizes a PIL image, ToTensor's [0, 1],
-    Normalize's ImageNet mean and std -> (N, 3, 224, 224) float32."""
+    """dgm-eval's transform of uint8 images (N, H, W, 3): PIL's bicubic to 224x224 (torchvision's
+    Resize of a PIL image), ToTensor's [0, 1], ImageNet's mean and std -> (N, 3, 224, 224)."""
     x = np.stack([np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC))
                   for img in batch])
     x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
@@ -307,10 +295,9 @@ class ViTBlock(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """DINOv2 ViT-L/14 as torch.hub builds dinov2_vitl14 (img_size 518: a 37x37 position grid plus
-    CLS, interpolated bicubically to the input's grid with scale (grid + 0.1) / 37, no antialias;
-    no register tokens), with the keys of dinov2_vitl14_pretrain.pth. Its feature: the CLS token
-    after the final LayerNorm (1024 values)."""
+    """DINOv2 ViT-L/14 as torch.hub builds dinov2_vitl14 (a 37x37 position grid plus CLS, resized
+    bicubically to the input's grid with scale (grid + 0.1) / 37, no antialias; no registers), with
+    dinov2_vitl14_pretrain.pth's keys. Its feature: the CLS token after the final LayerNorm."""
     def __init__(self, dim=1024, depth=24, heads=16, patch=14, img_size=518):
         super().__init__()
         grid = img_size // patch
@@ -346,10 +333,9 @@ class DINOv2(nn.Module):
 #################################################################################
 
 def released(network, url, device="cpu"):
-    """The network (a class) in eval mode with its released weights, from torch's hub cache:
-    downloaded there once (pytorch-fid's file checked against the sha256 digits in its name), or
-    copied there by hand on a machine without network. Random weights are never used; a file that
-    does not fit is load_state_dict's own report."""
+    """The network (a class) in eval mode with its released weights from torch's hub cache:
+    downloaded there once (pytorch-fid's checked against the sha256 digits in its name) or put
+    there by hand. Never random weights; a file that does not fit: load_state_dict's report."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     with torch.device("meta"):                           # no random weights to draw first
         model = network()
@@ -468,9 +454,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, split_size=IS_SPLIT):
-    """ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))) in each run of split_size consecutive
-    samples (the last may be shorter), averaged over the runs; p(y|x) = softmax of the logits
-    (N, 1008)."""
+    """ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))), p(y|x) the logits' softmax (N, 1008), in
+    each run of split_size consecutive samples (the last may be shorter), averaged."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
     scores = []
     for part in torch.split(logits, split_size):
@@ -487,9 +472,8 @@ def inception_score(logits, split_size=IS_SPLIT):
 #################################################################################
 
 # The evaluator computes |u|^2 - 2 u.v + |v|^2 with TensorFlow's float16 ops, each rounding its
-# result: its radii are float16 numbers, which exact distances do not reproduce. Here each op
-# rounds once, as TensorFlow on a GPU does; on a CPU it adds the squares in float16 (Eigen's order):
-# of the fixture's 1,100 radii 766 are equal here, the rest within 0.5 (tests/test_fid.py).
+# result: its radii are float16 numbers, which exact distances miss. Here each op rounds once, as on
+# a GPU; TensorFlow's CPU adds the squares in float16 (Eigen's order): radii within 0.5 of it.
 
 def to_half(x):
     """x (float32) rounded to the nearest float16, kept in float32: a float16 operation's result."""
@@ -497,9 +481,8 @@ def to_half(x):
 
 
 def pairwise_distances(u, v):
-    """Squared Euclidean distances (R, C) between features u (R, D) and v (C, D), float32 tensors on
-    one device, as the evaluator's DistanceBlock computes them: in float16 where the whole block is
-    finite, else in float32."""
+    """Squared distances (R, C) between features u (R, D) and v (C, D) (float32, one device) as the
+    evaluator's DistanceBlock computes them: in float16 where the whole block is finite, else 32."""
     u16, v16 = to_half(u), to_half(v)
     # tf.square rounds each square, tf.reduce_sum adds them in float32 and rounds once
     norms_u = to_half(to_half(u16 * u16).sum(dim=1))            # (R,)
@@ -517,8 +500,7 @@ def pairwise_distances(u, v):
 
 def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK):
     """Each feature's squared distance (N,) to its k-th nearest neighbour in feats (N, D), as the
-    evaluator's ManifoldEstimator, in blocks of `block` rows and columns. A row includes the point
-    itself (at distance about 0), so the radius is the row's (k + 1)-th smallest distance."""
+    evaluator's ManifoldEstimator, blockwise: a row holds the point itself, so its (k + 1)-th."""
     radii = []
     for rows in feats.split(block):
         nearest = []
@@ -531,9 +513,8 @@ def manifold_radii(feats, k=NEIGHBOURS, block=DISTANCE_BLOCK):
 
 @torch.inference_mode()
 def precision_recall(ref, samples, k=NEIGHBOURS, block=DISTANCE_BLOCK, device="cpu"):
-    """(precision, recall) of pool3 features samples (N, D) against ref (M, D), as the evaluator
-    computes them: the shares of samples inside some reference ball and of references inside some
-    sample ball, a ball reaching from its point to the point's k-th nearest neighbour in its set."""
+    """(precision, recall) of features samples (N, D) against ref (M, D), as the evaluator's: the
+    shares of samples in some reference's ball, of references in some sample's (radius: k-th)."""
     if min(len(ref), len(samples)) < k + 1:
         raise ValueError(f"precision and recall need at least {k + 1} feature vectors per set "
                          f"(each one's ball reaches its k = {k}th neighbour)")
@@ -620,8 +601,9 @@ def main(argv=None):
     def distance(a, b, mean="mu", covariance="sigma"):
         return frechet_distance(a[mean], a[covariance], b[mean], b[covariance])
 
-    ref_keys = (("mu", "sigma") if args.fid_only else ADM_KEYS) + FDD_KEYS * args.fdd
-    sample_keys = ADM_KEYS + FDD_KEYS * args.fdd if args.save_stats else ref_keys
+    fdd_keys = FDD_KEYS if args.fdd else ()
+    ref_keys = (("mu", "sigma") if args.fid_only else ADM_KEYS) + fdd_keys
+    sample_keys = ADM_KEYS + fdd_keys if args.save_stats else ref_keys
     try:
         ours, report = statistics(args.samples, "SAMPLES", sample_keys, network, args.batch_size)
         report = {"SAMPLES": report}

@@ -1,20 +1,16 @@
 """
-Sampling from DiT / SPRINT / SparseDiT: SDE, Euler and Heun samplers for flow matching, DiT's DDPM
-sampler for the DiT paper's models, classifier-free (CFG) and path-drop guidance (PDG, SPRINT Sec.
-3.4); a grid, or 50,000 samples in an .npz for fid.py under torchrun. Reads train.py's checkpoints
-and the released SPRINT (.safetensors) and DiT (.pt) files.
+Sampling from DiT / SPRINT / SparseDiT: SDE, Euler and Heun for flow matching, DiT's DDPM sampler
+for the DiT paper's models; classifier-free (CFG) and path-drop guidance (PDG, SPRINT Sec. 3.4),
+u + w (c - u) with u at the null label and, for PDG, without the middle blocks; a grid, or 50,000
+samples in an .npz for fid.py. Reads train.py's checkpoints and the released SPRINT and DiT files.
 
     python sample.py --pdg                       # a grid, the newest SPRINT checkpoint in results/
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --pdg --cfg-scale 3 --num-samples 50000 \
         --seed 888 --out samples.npz                                     # the papers' evaluation
-    python sample.py --ckpt sprint_XL_imagenet512.safetensors --image-size 512 --pdg
     python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5     # released files, by name
 
-Guidance mixes a conditional and an unconditional prediction, u + w (c - u): with CFG u is the
-network at the null label; with PDG, at the null label *with its deep sparse path skipped* (mask
-tokens in its place), which costs only the dense blocks. Sample i draws its label and noise from
-seed + i on any number of GPUs; an .npz is ADM's layout (arr_0 uint8 N x H x W x 3, arr_1 labels).
-Precision, VAE and pixels are those of the model's official sampling code (SAMPLING).
+Sample i draws its label and noise from seed + i on any number of GPUs; an .npz is ADM's layout
+(arr_0 uint8 N x H x W x 3, arr_1 labels). Precision, VAE and pixels follow the papers' (SAMPLING).
 """
 import argparse
 import glob
@@ -50,9 +46,8 @@ def guided(level, cfg_scale, interval):
 
 def guided_velocity(model, x, t, y, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     """The model's prediction at the shared time t (a number) for x (B, C, H, W) and labels y (B,).
-    Unguided (scale 1, or outside the interval): one conditional pass. CFG: one forward of 2B, the
-    conditional and null-label halves; PDG: the full model on the conditional half, the model
-    without its middle blocks (skip_middle) on the null-label half."""
+    Unguided (scale 1, or outside the interval): one pass. CFG: one forward of the conditional and
+    null-label halves (2B); PDG: the full model on the first, without its middle on the second."""
     tt = torch.full((x.shape[0],), t, device=x.device)
     kw = model.sampling_kwargs(t)                                 # SparseDiT: this t's grid side
     if not guided(model.noise_level(t), cfg_scale, interval):
@@ -81,8 +76,8 @@ def time_grid(sampler, steps):
 
 
 def noise_like(x, generators=None):
-    """Standard normal noise shaped like x (B, ...): from each sample's own generator where given,
-    drawn on the CPU in float64 (the same whatever the batching and the device)."""
+    """N(0, 1) noise like x (B, ...): from each sample's generator if given, in float64 on the CPU
+    (the same whatever the batching and the device)."""
     if not generators:
         return torch.randn_like(x)
     noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64)
@@ -94,9 +89,9 @@ def noise_like(x, generators=None):
 @torch.no_grad()
 def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
     """From noise z (B, C, H, W) to data (float32). sde: the official Euler-Maruyama sampler (SiT,
-    REPA, SPRINT): diffusion w(t) = 2t, drift v - w/2 * score, score -(x + (1 - t) v) / t, a last
-    deterministic step from 0.04 to 0, its noise from `generators` (one per sample). euler, heun:
-    the ODE dx/dt = v; ddpm: DiT's (ddpm_sample). The flow state is float64, the model float32."""
+    SPRINT): diffusion w(t) = 2t, drift v - w/2 * score, score -(x + (1 - t) v) / t, noise from
+    `generators` (one per sample), then a step 0.04 -> 0 without; euler, heun: the ODE dx/dt = v;
+    ddpm: DiT's. The state is float64; the model runs in float32 or the caller's autocast."""
     if sampler == "ddpm":
         return ddpm_sample(model, z, y, steps, generators, **guidance)
 
@@ -125,8 +120,7 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
 
 @torch.no_grad()
 def ddpm_sample(model, z, y, steps=250, generators=None, **guidance):
-    """DiT's p_sample_loop over space_timesteps(steps): x <- mean + sigma * noise from x = z, no
-    noise at the last step, the state in float32."""
+    """DiT's p_sample_loop over space_timesteps(steps): mean + sigma * noise, none at the end."""
     ddpm = DDPM(space_timesteps(steps), z.device)
     x = z.float()
     for i in reversed(range(steps)):
@@ -228,11 +222,10 @@ def read_checkpoint(path):
 
 
 def from_released(sd, input_size=32):
-    """A released checkpoint's (config, weights under our names), read off its tensors: released
-    models take SD-VAE latents (4 channels). DiT's file has a position table (the DiT paper's model;
-    it gives the latent side), a Conv2d patch embedding (flattened: our (c, p1, p2) order) and a
-    final Linear in (p1, p2, c) order (reordered); SPRINT's has RoPE: the side is `input_size`.
-    The heads: the q/k norm's width gives them, else the size of this width (SIZES)."""
+    """A released checkpoint's (config, weights under our names), read off its tensors (SD-VAE
+    latents: 4 channels). DiT's has a position table (giving the latent side), a Conv2d patch
+    embedding (flattened: (c, p1, p2)) and a final Linear in (p1, p2, c) order (reordered); SPRINT's
+    has RoPE: the side is `input_size`. Heads: from the q/k norm's width, else SIZES by width."""
     if any(name.startswith(TRAINING_ONLY) for name in sd):
         print(f"ignored {TRAINING_ONLY}* of the checkpoint: REPA's projector head, for training "
               f"only")
@@ -327,8 +320,7 @@ def parse_args(argv=None):
 
 
 def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; plain `python`: rank 0 of 1. TF32
-    matmuls on CUDA, as the papers' code allows them."""
+    """(rank, world size, device) from torchrun's environment (`python`: 0 of 1); TF32 allowed."""
     cuda = torch.cuda.is_available()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
@@ -362,7 +354,7 @@ def sampling_model(args, device):
         pattern = f"{args.results_dir}/*-{'sprint' if args.pdg else '*'}-*/checkpoints/*.pt"
         if not glob.glob(pattern):
             raise ValueError(f"no checkpoint in {pattern}: train one with train.py, or give --ckpt")
-        run = re.compile(r".*/(\d+)-[^/]*/checkpoints/[^/]*$")        # the newest run, its last step
+        run = re.compile(r".*/(\d+)-[^/]*/checkpoints/[^/]*$")      # the newest run, its last step
         args.ckpt = max(glob.glob(pattern), key=lambda p: (int(run.match(p).group(1)), p))
     args.ckpt = find_checkpoint(args.ckpt)
     if not os.path.isfile(args.ckpt):
@@ -426,8 +418,7 @@ def sample_inputs(indices, seed, classes, num_classes, shape, device):
 
 
 def to_uint8(x, diffusion="flow"):
-    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy (ADM's .npz layout), converted
-    as the official code of the model's diffusion converts them (SAMPLING)."""
+    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the papers' code does (SAMPLING)."""
     pixels = SAMPLING[diffusion][1](x.float()).clamp(0, 255).byte()      # byte() truncates
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -31,13 +31,11 @@ from sprint import DDPM_STEPS, SPRINT, Attention, Backbone, Block, DiT, block_ma
 #   Layouts (the tri-segment architecture) and the timestep-adaptive density    #
 #################################################################################
 
-# depth: [P Poolingformers, S SDTMs, K sparse blocks per SDTM, T dense top blocks], P + S (K + 3)
-# + T = depth; XL's is the paper's, L's and S/B's keep its proportions and at least 2 SDTMs (one
-# collapses in the paper's ablation); depth 4 is the toy model's
+# depth: [P Poolingformers, S SDTMs of K sparse blocks, T dense], P + S (K + 3) + T = depth; XL's is
+# the paper's, L and S/B keep its proportions and >= 2 SDTMs (1 collapses, its ablation); 4: toy's
 LAYOUTS = {4: (1, 1, 0, 0), 12: (1, 2, 2, 1), 24: (2, 4, 2, 2), 28: (2, 4, 3, 2)}
-# sparse grid sides for a 16 x 16 token grid (256 px, patch 2), scaled for other grids
-DENSITY = (6, 10)
-SPARSEST_FROM = 0.75       # noise levels in [0.75, 1] (the first quarter of sampling): smallest grid
+DENSITY = (6, 10)          # sparse grid sides for 16 x 16 tokens (256 px), scaled for other grids
+SPARSEST_FROM = 0.75       # noise levels in [0.75, 1], sampling's first quarter: the smallest grid
 
 
 def parse_layout(cfg):
@@ -61,8 +59,8 @@ def parse_density(cfg):
     g = cfg.grid
     lo, hi = cfg.extra.get("density", [max(1, round(s * g / 16)) for s in DENSITY])
     if not 1 <= lo <= hi <= g:
-        raise ValueError(f"--density {lo} {hi}: sparse grid sides must satisfy "
-                         f"1 <= MIN <= MAX <= {g} (the token grid side)")
+        raise ValueError(f"--density {lo} {hi}: sparse grid sides need 1 <= MIN <= MAX <= {g}, "
+                         f"the token grid's side")
     return int(lo), int(hi)
 
 
@@ -74,11 +72,10 @@ def density_schedule(level, min_side, max_side):
 
 
 def pooled_grid(grid, side):
-    """Adaptive average pooling of a grid x grid token grid to side x side -> the averaging matrix
-    pool (side², grid²), the cells' centres pos (side², 2) (fractional: where pooled tokens sit for
-    RoPE), and up (grid²,), the cell each dense token reads in nearest upsampling. Cells are
-    F.adaptive_avg_pool2d's, [floor(i g / s), ceil((i + 1) g / s)); F.interpolate's nearest reads
-    cell floor(r s / g), which contains row r."""
+    """Adaptive average pooling of grid x grid tokens to side x side -> the averaging matrix pool
+    (side², grid²), the cells' centres pos (side², 2) (pooled tokens' RoPE positions), up (grid²,)
+    the cell each dense token reads in nearest upsampling. Cells: F.adaptive_avg_pool2d's, [floor(i
+    g / s), ceil((i + 1) g / s)); F.interpolate's nearest reads cell floor(r s / g), with row r."""
     i = torch.arange(side)
     start = (i * grid) // side
     end = -((-(i + 1) * grid) // side)
@@ -139,8 +136,7 @@ class CrossAttention(Attention):
 
 
 class CrossBlock(Block):
-    """A Block attending from x to ctx (both through this block's LayerNorm and adaLN): sparse
-    token generation and recovery."""
+    """A Block attending from x to ctx, both through its LayerNorm and adaLN (SDTM's ends)."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=True):
         super().__init__(dim, num_heads, mlp_ratio, qk_norm)
         self.attn = CrossAttention(dim, num_heads, qk_norm)
@@ -172,8 +168,7 @@ class SDTM(nn.Module):
         xs = grid.pool @ x                                         # X_s = AvgPool(X): (B, S, D)
         xs = self.generation(xs, x, c, grid.rope, rope)            # Q = X_s, K = V = X
         for block in self.sparse:
-            # padded sparse tokens are no keys
-            xs = block(xs, c, grid.rope, grid.mask)
+            xs = block(xs, c, grid.rope, grid.mask)                # padded tokens are no keys
         up = torch.take_along_dim(xs, grid.up, dim=1)              # Up(X_s), nearest: (B, N, D)
         xm = self.W1(up) + self.W2(x)                              # X_m
         x = self.recovery(xm, xs, c, rope, grid.rope, grid.mask)   # Q = X_m, K = V = X_s
@@ -203,8 +198,7 @@ class SparseDiT(Backbone):
         self.register_buffer("grid_pool", pool, persistent=False)         # (sides, S_max, N)
         self.register_buffer("grid_pos", pos, persistent=False)           # (sides, S_max, 2)
         self.register_buffer("grid_up", torch.stack(ups), persistent=False)   # (sides, N)
-        # (sides, S_max): True for real sparse tokens, False for padding
-        self.register_buffer("grid_real", real, persistent=False)
+        self.register_buffer("grid_real", real, persistent=False)         # False: padding
         self.initialize_weights()
         for sdtm in self.sdtms:              # X_m = X at first: the SDTM starts as the identity
             nn.init.zeros_(sdtm.W1.weight)
@@ -221,11 +215,9 @@ class SparseDiT(Backbone):
         return {"side": int(self.grid_side(torch.tensor([t])))}
 
     def sparse_grid(self, t, side=None):
-        """Each sample's own grid from its t, padded to the largest side; or one unpadded `side` for
-        the batch. Padding keeps shapes static (no host sync, one compiled graph) and is exact:
-        padded sparse tokens are masked out as keys and no dense token reads them. It costs the
-        largest grid's work whatever t is (training_flops); a sampler, whose batch shares one t,
-        passes side=grid_side(t) and runs that grid alone (flops)."""
+        """Each sample's own grid from its t, padded to the largest side (static shapes, no host
+        sync; exact: padded sparse tokens are masked out as keys and no dense token reads them), at
+        the largest grid's cost (training_flops); or one unpadded `side` (a sampler's batch)."""
         if side is None:
             k = self.grid_side(t) - self.min_side              # (B,) index into the stacked grids
             pool, pos, up = self.grid_pool[k], self.grid_pos[k], self.grid_up[k]
@@ -253,8 +245,7 @@ class SparseDiT(Backbone):
     #### FLOPs ####
 
     def macs(self, side):
-        """Multiply-adds per image with a side x side sparse grid (1 per multiply-add: the paper's
-        "FLOPs")."""
+        """Multiply-adds per image with a side x side sparse grid (the paper's "FLOPs")."""
         N, D, r = self.num_tokens, self.cfg.hidden_size, self.cfg.mlp_ratio
         P, S, K, T = self.layout
         n = side * side
@@ -284,9 +275,8 @@ class SparseDiT(Backbone):
         return self.flops(t)
 
     def flops(self, t=None):
-        """Forward FLOPs per image (2 per multiply-add) at time t (a number), or the mean over times
-        t (1-D); t=None: the mean over 1000 uniform noise levels, i.e. over a sampling trajectory
-        (the paper's figure)."""
+        """Forward FLOPs per image (2 per multiply-add) at time t, or their mean over times t (1-D);
+        None: over 1000 uniform noise levels, a sampling trajectory (the paper's figure)."""
         cpu = torch.device("cpu")                      # also for a model built on "meta"
         if t is None:
             level = torch.linspace(0, 1, 1000, device=cpu)
@@ -299,19 +289,16 @@ class SparseDiT(Backbone):
 
     #### Initialisation from a dense DiT ####
 
-    # parts of a DiT's fused qkv (thirds Q, K, V) that initialise the Poolingformer's and
-    # cross-attention's linears
+    # thirds of a DiT's fused qkv (Q, K, V) that initialise Poolingformers' and cross-attention's
     QKV_PARTS = {"attn.v.": slice(2, 3), "attn.q.": slice(0, 1), "attn.kv.": slice(1, 3)}
 
     def layers(self):
-        """(name prefix, block) for the depth-many blocks in depth order: DiT block i initialises
-        layer i."""
+        """(name prefix, block) of the blocks in depth order: DiT block i initialises layer i."""
         return [(name + ".", m) for name, m in self.named_modules() if isinstance(m, Block)]
 
     def from_dit(self, dit):
-        """A dense DiT's state dict (named as sprint.DiT's) mapped onto this model: blocks in order,
-        Q/K/V slices, recovery W1 = 0, W2 = I. The depths must agree (checked here); widths,
-        patches and classes are load_state_dict's to check."""
+        """A dense DiT's state dict (sprint.DiT's names) mapped onto this model: blocks in order,
+        Q/K/V slices, W1 = 0, W2 = I; depths checked here, the rest by load_state_dict."""
         depth = len({key.split(".")[1] for key in dit if key.startswith("blocks.")})
         if depth != len(self.layers()):
             raise ValueError(f"a DiT of depth {depth} cannot initialise a SparseDiT of depth "
@@ -337,8 +324,7 @@ class SparseDiT(Backbone):
 #################################################################################
 
 def space_timesteps(steps, num_timesteps=DDPM_STEPS):
-    """DiT's space_timesteps(1000, str(steps)): evenly strided over 0..999, rounded as DiT rounds
-    a running float sum."""
+    """DiT's space_timesteps(1000, str(steps)): strided over 0..999, a running float sum rounded."""
     if steps > num_timesteps:
         raise ValueError(f"--steps {steps}: DDPM keeps at most its {num_timesteps} timesteps")
     stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
@@ -346,11 +332,9 @@ def space_timesteps(steps, num_timesteps=DDPM_STEPS):
 
 
 class DDPM:
-    """DiT's create_diffusion: 1000 linear betas from 1e-4 to 0.02, of which `timesteps` are kept
-    (respacing: the kept steps' betas follow from alpha_bar there; the network still sees the
-    original timestep). Coefficients are computed in float64 and used in float32, as DiT does:
-    x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps; the posterior q(x_{t-1} | x_t, x_0) has
-    mean posterior_x0 x_0 + posterior_xt x_t and variance beta_tilde (its log clipped at t = 0)."""
+    """DiT's create_diffusion: 1000 linear betas from 1e-4 to 0.02, `timesteps` of them kept (their
+    betas follow from alpha_bar there; the network sees the original timestep); x_t = sqrt(alpha_
+    bar) x_0 + sqrt(1 - alpha_bar) eps. Coefficients in float64, used in float32, as DiT's are."""
     def __init__(self, timesteps=range(DDPM_STEPS), device="cpu"):
         self.timesteps = list(timesteps)
         alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, DDPM_STEPS))[self.timesteps]
@@ -388,9 +372,8 @@ class DDPM:
         return self.posterior_mean(x0, x, i), log_variance, x0
 
     def losses(self, model, x, y, t, eps):
-        """DiT's training_losses of each sample at timesteps t (B,) -> (mse, vb): the noise's MSE;
-        vb, the variational bound's term for the learned variance with the mean frozen, KL(q(x_{t-1}
-        | x_t, x) || p(x_{t-1} | x_t)) in bits per dimension (at t = 0 the decoder's NLL)."""
+        """DiT's training_losses per sample at timesteps t (B,) -> (the noise's mse, vb: the learned
+        variance's KL(q(x_{t-1} | x_t, x) || p(x_{t-1} | x_t)), the mean frozen, bits per dim)."""
         x_t = self.at("sqrt_alpha_bar", t) * x + self.at("sqrt_one_minus_alpha_bar", t) * eps
         eps_pred, v = model(x_t, t, y).float().chunk(2, dim=1)
         mean, log_var, _ = self.p_mean_variance(torch.cat([eps_pred.detach(), v], 1), x_t, t)

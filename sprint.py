@@ -9,14 +9,10 @@ dense decoder h:
     g   = g(keep(h_f))                          M = (1 - drop)·N tokens, deep: most of the FLOPs
     out = h(fuse([pad(g, mask_token), h_f]))    all N tokens again; fuse is one Linear 2D -> D
 
-Training drops 75% of the tokens in g (structured: one kept token per 2x2 group), and 10% of the
-samples drop g altogether (path drop), which makes path-drop guidance (PDG) possible at sampling
-time: the unconditional branch skips g.
-
-The backbone all models share is a DiT, called DiT throughout (`--model dit`). As SPRINT runs it
-(SiT: flow matching, 2D RoPE, q/k RMSNorm) it equals the official SPRINT code (test_sprint.py); as
-the DiT paper runs it (DDPM with learned variance, a fixed sin-cos position table, no q/k norm:
-what SparseDiT converts) it equals facebookresearch/DiT's (test_dit.py): three ModelConfig fields.
+Training keeps one token of each 2x2 group in g and drops g for 10% of the samples (path drop),
+so that path-drop guidance's unconditional pass may skip g. The shared backbone (`--model dit`)
+runs as SPRINT's SiT (flow matching, 2D RoPE, q/k RMSNorm: the official SPRINT code's outputs) or
+as the DiT paper's model (DDPM, a sin-cos table, no q/k norm: facebookresearch/DiT's outputs).
 References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), snap-research/Sprint.
 """
 import math
@@ -32,9 +28,8 @@ import torch.nn.functional as F
 #                         Model sizes and configuration                         #
 #################################################################################
 
-# name: (hidden size D, attention heads, (encoder, middle, decoder) depths): the SiT/DiT sizes with
-# SPRINT's splits (XL: 2/24/2, B: 2/8/2); toy is the small model that train.py trains on its
-# embedded data in minutes on a CPU (0.74 M parameters at patch 2).
+# name: (hidden size D, attention heads, (encoder, middle, decoder) depths): SiT's/DiT's sizes, with
+# SPRINT's splits (XL: 2/24/2, B: 2/8/2); toy: train.py's default, 0.74 M parameters at patch 2
 SIZES = {
     "toy": (96, 4, (1, 2, 1)),
     "S": (384, 6, (2, 8, 2)),
@@ -90,6 +85,15 @@ class ModelConfig:
     def out_channels(self):
         """C (a velocity), or 2C for DDPM's learned variance (noise, then the variance's v)."""
         return self.in_channels * (2 if self.diffusion == "ddpm" else 1)
+
+    @property
+    def paper_recipe(self):
+        """(precision on CUDA, max gradient norm or 0) of the official code that trains this model:
+        SparseDiT's fp16, no clipping; DiT's (DDPM) fp32 with TF32, none; SPRINT's (and its SiT's)
+        bf16, a norm of 1."""
+        if self.model == "sparsedit":
+            return "fp16", 0.0
+        return ("fp32", 0.0) if self.diffusion == "ddpm" else ("bf16", 1.0)
 
 
 #################################################################################
@@ -173,8 +177,7 @@ def sincos_table(grid, dim):
 def rope(pos, head_dim, theta=10000.0):
     """2D RoPE angles for positions pos (..., n, 2) -> (cos, sin), each (..., 1, n, head_dim/2): the
     first half of each head turns with the row, the second with the column (the official layout),
-    channel pair i of a half of size h by pos * theta^(-2i/h). Positions may be fractional
-    (SparseDiT's pooled tokens sit at the centres of their cells)."""
+    channel pair i of a half of size h by pos * theta^(-2i/h); pos may be fractional (SparseDiT)."""
     h = head_dim // 2
     exponents = torch.arange(0, h, 2, device=pos.device, dtype=torch.float32) / h
     freqs = theta ** -exponents                                             # (h/2,)
@@ -407,11 +410,8 @@ class DiT(Backbone):
 #################################################################################
 
 def group_shape(drop, grid):
-    """The smallest n x n group (n divides the grid) in which keeping k tokens drops exactly
-    `drop` -> (n, k).
-
-    0.75 -> 2x2 keep 1, 0.5 -> 2x2 keep 2, 0.875 -> 4x4 keep 2, 0.625 -> 4x4 keep 6.
-    """
+    """The smallest n x n group (n divides the grid) in which keeping k tokens drops exactly `drop`
+    -> (n, k): 0.75 -> 2x2 keep 1, 0.5 -> 2x2 keep 2, 0.875 -> 4x4 keep 2, 0.625 -> 4x4 keep 6."""
     for n in range(2, grid + 1):
         k = (1 - drop) * n * n
         if grid % n == 0 and abs(k - round(k)) < 1e-6 and 1 <= round(k) < n * n:
@@ -422,8 +422,7 @@ def group_shape(drop, grid):
 
 
 def num_kept(drop, num_tokens):
-    """M = (1 - drop) * N, a whole number of tokens, 0 < drop < 1 (a step without drop passes no
-    ids_keep)."""
+    """M = (1 - drop) * N, a whole number of tokens, for 0 < drop < 1."""
     m = (1 - drop) * num_tokens
     if not 0 < drop < 1 or abs(m - round(m)) > 1e-6:
         raise ValueError(f"--drop {drop}: a token drop must lie in (0, 1) and keep a whole number "
@@ -476,9 +475,8 @@ class SPRINT(Backbone):
 
     def forward(self, x, t, y, ids_keep=None, path_drop=None, skip_middle=False):
         """The prediction for x (B, C, H, W) at times t (B,), labels y (B,). ids_keep (B, M): the
-        tokens the middle blocks keep (None: all); path_drop (B,) bool: these samples' middle output
-        becomes mask tokens (training's 10%); skip_middle: the whole batch's, without running the
-        middle blocks at all (PDG's unconditional pass)."""
+        tokens the middle keeps (None: all); path_drop (B,) bool: these samples' middle outputs are
+        mask tokens (training's 10%); skip_middle: the whole batch's, g not run (PDG's null pass)"""
         h, c = self.embed(x, t, y)                                         # (B, N, D), (B, D)
         cos_sin = self.rope(self.pos)
         for block in self.encoder:

@@ -81,7 +81,7 @@ def parser():
     p.add_argument("--ft-warmup", type=number(0), default=100, help="stage 2 (official: 5000)")
     p.add_argument("--ft-ema-decay", type=float, default=0.995, help="(official: 0.9999)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: the paper's "
-                   "on CUDA (paper_recipe), fp32 on a CPU")
+                   "on CUDA (ModelConfig.paper_recipe), fp32 on a CPU")
     p.add_argument("--grad-clip", type=number(0, kind=float), help="max gradient norm, 0: none "
                    "(default: the paper's; SPRINT 1.0, DiT and SparseDiT none)")
     start = p.add_mutually_exclusive_group()
@@ -97,7 +97,7 @@ def parser():
 
 
 def parse_args(argv):
-    """The flags of a new run or of the run --resume continues -> (flags, its checkpoint or None)."""
+    """The flags of a new run or of the run --resume continues -> (flags, its checkpoint or None)"""
     args = parser().parse_args(argv)
     if args.resume is None:
         return args, None
@@ -121,7 +121,7 @@ def parse_args(argv):
     shrinks = run.steps < stored["steps"] or run.finetune_steps < stored["finetune_steps"]
     if shrinks or (ckpt["step"] > stored["steps"] and run.steps != stored["steps"]):
         raise ValueError(f"--steps {run.steps} --finetune-steps {run.finetune_steps}: a resumed "
-                         f"run may only grow, its stage 1 only while it lasts (step {ckpt['step']})")
+                         f"run may only grow, stage 1 only while it lasts (step {ckpt['step']})")
     return run, ckpt
 
 
@@ -282,12 +282,12 @@ def model_inputs(x, pixels, latent_scale, G=None, rows=None):
 
 
 #################################################################################
-#                The model, its EMA, the optimizer, the paper's recipe          #
+#                      The model, its EMA and the optimizer                     #
 #################################################################################
 
 def build_model(args, channels, side, num_classes, device, resumed=None):
-    """(model, EMA, AdamW): a resumed run's, or the flags' model with --init's weights (and its
-    diffusion, positions, q/k norm: a released DiT's), a SparseDiT converted from a DiT's."""
+    """(model, EMA, AdamW): a resumed run's, or the flags' with --init's weights (a released DiT's:
+    its diffusion, table and q/k norm), a SparseDiT converted from a DiT's."""
     try:
         init_cfg, weights = None, None
         if args.init and not resumed:
@@ -319,14 +319,6 @@ def build_model(args, channels, side, num_classes, device, resumed=None):
 def make_optimizer(model, lr, device):
     """AdamW with weight decay 0 (SiT, DiT); the fused kernel on CUDA."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda")
-
-
-def paper_recipe(cfg):
-    """(precision on CUDA, max gradient norm or 0) of the model's official code: SparseDiT's fp16,
-    no clipping; DiT's (DDPM models) fp32 with TF32, no clipping; SPRINT's (and its SiT's) bf16, 1."""
-    if cfg.model == "sparsedit":
-        return "fp16", 0.0
-    return ("fp32", 0.0) if cfg.diffusion == "ddpm" else ("bf16", 1.0)
 
 
 #################################################################################
@@ -365,13 +357,12 @@ def stage_at(args, step, sparse_path):
     return Stage(0.0, args.mask_type, path_drop, args.ft_lr * (0.01 + 0.99 * progress), ema_decay)
 
 
-# a step's random inputs, this rank's rows: t (B,), labels (B,), noise eps, {ids_keep, path_drop}
-Draws = namedtuple("Draws", "t y eps sparse")
+Draws = namedtuple("Draws", "t y eps sparse")   # sparse: SPRINT's {"ids_keep", "path_drop"}
 
 
 def draw(y, shape, G, rows, stage, cfg):
-    """The draws for labels y (B), this rank's rows of a global batch of G, drawn for all G: t (flow:
-    logit-normal, sigmoid(n), n ~ N(0, 1); DDPM: uniform over 0..999), 10% of the labels the null
+    """The draws for labels y (B), this rank's rows of a global batch of G, drawn for all G: t (flow
+    logit-normal, sigmoid(n), n ~ N(0, 1); DDPM uniform over 0..999), 10% of the labels the null
     label, eps (B, *shape) ~ N(0, I), then SPRINT's token and path drops, apart from the label's."""
     device = y.device
     if cfg.diffusion == "ddpm":
@@ -411,8 +402,7 @@ def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, gr
 @torch.no_grad()
 def held_out_loss(model, x, y, rows, n, stage, ddpm, precision):
     """This rank's share of the mean training loss of the n held-out images (its rows x, y), drawn
-    as a step draws from seed 0: the same draws every time, for any number of processes, and the
-    same t, labels and noise with the stage's drop and without it."""
+    as a step draws from seed 0: the same t, labels and noise every time, with and without drop."""
     torch.manual_seed(0)                      # the next training step reseeds from its own step
     draws = draw(y, x.shape[1:], n, rows, stage, model.cfg)
     with autocast(x.device, precision):
@@ -430,7 +420,7 @@ def log(run_dir, text=None, **record):
 
 
 def run_folder(args):
-    """results/NNN-model-size-patch, NNN one past the highest there (os.mkdir claims it: runs started
+    """results/NNN-model-size-patch, NNN one past the highest there (os.mkdir claims it: runs begun
     together each get their own), with checkpoints/, log.txt (for people), log.jsonl (programs)."""
     os.makedirs(args.results_dir, exist_ok=True)
     taken = [re.match(r"\d+", name) for name in os.listdir(args.results_dir)]
@@ -490,14 +480,13 @@ def main(argv=None):
     eval_rows = slice(rank, None, world)           # this rank's share of the held-out images
     mine = eval_idx[eval_rows]
     eval_x, eval_y = dataset[mine] if len(mine) else (first[:0], torch.zeros(0, dtype=torch.long))
-    eval_x = model_inputs(eval_x.to(device), pixels, args.latent_scale)
-    eval_y = eval_y.to(device)
+    eval_x, eval_y = model_inputs(eval_x.to(device), pixels, args.latent_scale), eval_y.to(device)
 
     # Model: the same initial weights on every rank, then --init's or a resumed run's state
     torch.manual_seed(args.seed)
     raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
     ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
-    precision, grad_clip = paper_recipe(raw.cfg)
+    precision, grad_clip = raw.cfg.paper_recipe
     precision = args.precision or (precision if device.type == "cuda" else "fp32")
     grad_clip = grad_clip if args.grad_clip is None else args.grad_clip
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -516,9 +505,8 @@ def main(argv=None):
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
         f"parameters, {raw.training_flops(held_out.drop) / 1e9:.3g} GFLOPs/image as trained (the "
-        f"middle on {kept} of {raw.num_tokens} tokens); {precision}, gradient clip "
-        f"{grad_clip or 'none'}; {len(train_idx)} images + {len(eval_idx)} held out; {world} "
-        f"process(es) x {L}; {run_dir}")
+        f"middle on {kept} of {raw.num_tokens} tokens); {precision}, gradient clip {grad_clip or 0}"
+        f"; {len(train_idx)} images + {len(eval_idx)} held out; {world} x {L}; {run_dir}")
 
     def evaluate(step):
         """The held-out loss with all tokens (what sampling sees) and at stage 1's drop (what stage
@@ -544,8 +532,7 @@ def main(argv=None):
         for step in range(start, total):
             # Train one step, every random draw of it from (seed, step), on every rank
             stage = stage_at(args, step, raw.has_sparse_path)
-            if step == args.steps and step > 0:
-                # stage 2 starts from the stage-1 EMA weights with a fresh optimizer, as --init
+            if step == args.steps and step > 0:         # stage 2: the EMA weights, a new AdamW
                 raw.load_state_dict(ema.state_dict())
                 opt = make_optimizer(raw, stage.lr, device)
             for group in opt.param_groups:
@@ -575,13 +562,11 @@ def main(argv=None):
             seconds = time.perf_counter() - clock
             train_s += seconds
             if not values.isfinite().all():
-                bad = done - len(pending) + int((~values.isfinite().all(1)).nonzero()[0, 0]) + 1
-                raise FloatingPointError(f"step {bad}: non-finite loss; stopped, the last "
+                raise FloatingPointError(f"a non-finite loss by step {done}: stopped, the last "
                                          f"checkpoint is {last_ckpt or 'none'}")
-            images_per_s = len(pending) * G / seconds
-            flops = 3 * raw.training_flops(stage.drop) * images_per_s / world   # a process's
-            figures = {"loss": values[:, 0].mean().item(), "img/s": images_per_s,
-                       "TFLOP/s": flops / 1e12}
+            per_s = len(pending) * G / seconds              # images; a step: about 3 forwards
+            figures = {"loss": values[:, 0].mean().item(), "img/s": per_s,
+                       "TFLOP/s": 3 * raw.training_flops(stage.drop) * per_s / world / 1e12}
             pbar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
             log(run_dir, step=done, stage=1 if done <= args.steps else 2, train_s=train_s,
                 lr=stage.lr, grad_norm=values[:, 1].mean().item(), **figures)
@@ -593,8 +578,7 @@ def main(argv=None):
             clock = time.perf_counter()
     finally:                     # also on an error: its message then starts on a line of its own
         pbar.close()
-        if hasattr(loader, "_shutdown_workers"):  # workers end with the run, not seconds later
-            loader._shutdown_workers()
+        del loader                               # its workers end with the run, not at exit
     if world > 1:            # every rank waits for rank 0's last checkpoint, then the group ends
         dist.barrier()
         dist.destroy_process_group()

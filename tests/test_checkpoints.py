@@ -3,7 +3,6 @@ SPRINT files load under our names in any precision, their architecture read off 
 REPA one's projector head set aside in one line; our checkpoints carry their config and prefer the
 EMA weights; a file that does not fit, or is cut short, is one message naming it."""
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -142,7 +142,7 @@ def test_a_nan_latent_in_the_middle_of_a_memory_mapped_set_stops_the_run_at_its_
     np.save(data / "x.npy", latents)
     np.save(data / "y.npy", np.arange(200) % 4)
     # steps that reach every training item: the run starts, then stops at the batch holding it
-    with pytest.raises(FloatingPointError, match=r"^step \d+: non-finite loss; stopped"):
+    with pytest.raises(FloatingPointError, match=r"^a non-finite loss by step \d+: stopped"):
         run(tmp_path, "--data", str(data), "--steps", "40")
     assert (tmp_path / "results").is_dir()                  # opened without a scan of the whole
 

@@ -123,7 +123,7 @@ def test_float_images_in_0_255_preprocess_like_uint8():
 
 def test_preprocess_is_not_pytorch_fids_input():
     # pytorch-fid's F.interpolate (half-pixel centres) and x / 127.5 - 1 move the graph's input by up
-    # to 0.2544, 0.0545 on average, at 256 px (fid.py's docstring: "up to 0.25")
+    # to 0.2544, 0.0545 on average, at 256 px (preprocess's docstring: "up to 0.25")
     rows = torch.from_numpy(ADM['pre_rows_cols'])
     image = torch.from_numpy(ADM['img256'])
     theirs = F.interpolate(image.permute(0, 3, 1, 2).float(), size=(299, 299), mode='bilinear',

@@ -7,8 +7,8 @@ training step, or of sample.py's guided sampling step with CFG and with PDG, as 
     python tools/benchmark.py sample --model sprint --size XL --batch 64 --compile
 
 Times are the median of --reps calls after 3 warm-up calls (compilation happens there), timed with
-CUDA events on a GPU, in the precision the scripts use there (the model's paper's: train.py's
-paper_recipe, sample.py's SAMPLING; fp32 on a CPU). FLOPs come from
+CUDA events on a GPU, in the precision the scripts use there (the model's paper's: training as
+ModelConfig.paper_recipe, sampling as sample.SAMPLING; fp32 on a CPU). FLOPs come from
 the models' own counts (a training step is about three forwards); MFU is against a matmul peak
 measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU), not a datasheet figure. A model whose
 cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged.
@@ -80,7 +80,7 @@ def benchmark_train(args, device):
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     model = torch.compile(raw) if args.compile else raw
-    precision, grad_clip = train.paper_recipe(raw.cfg)
+    precision, grad_clip = raw.cfg.paper_recipe
     precision = precision if device.type == "cuda" else "fp32"
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
