@@ -267,14 +267,14 @@ def model_inputs(x, pixels, latent_scale, G=None, rows=None):
     """A batch as the model sees it: pixels in [-1, 1], latents times the latent scale. Training (G
     given: draws for the global batch) flips half the images left-right (SiT, DiT; stored views: the
     mirror's) and samples posteriors mean + std * n (SPRINT); held out: the images, the means."""
-    flip = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    mirrored = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     if G is not None:
-        flip = (torch.rand(G, device=x.device) < 0.5)[rows]
+        mirrored = (torch.rand(G, device=x.device) < 0.5)[rows]
     x = x.float()
     if pixels:                                                      # (B, 3, H, W)
-        return torch.where(flip[:, None, None, None], x.flip(3), x) / 127.5 - 1
-    if x.ndim >= 5:                              # (B, V, ...): view 0, the image, or its mirror
-        x = x[torch.arange(len(x), device=x.device), flip.long() % x.shape[1]]
+        return torch.where(mirrored[:, None, None, None], x.flip(3), x) / 127.5 - 1
+    if x.ndim >= 5:              # (B, V, ...): view 0 is the image, 1 its mirror (if V = 2)
+        x = x[torch.arange(len(x), device=x.device), mirrored.long() % x.shape[1]]
     if x.ndim == 5:                              # (B, 2, C, H, W): the posterior's mean and std
         n = 0.0 if G is None else torch.randn(G, *x.shape[2:], device=x.device)[rows]
         x = x[:, 0] + x[:, 1] * n

@@ -174,9 +174,10 @@ def train_argv(args, seed, arm):
     flags, _, _, init = ARMS[arm]
     steps, finetune = lengths(args, arm)
     shared, finetune_flags = scaled_flags(args)
-    argv = [*flags.split(), *shared, "--data", args.data, "--steps", str(steps)]
+    argv = [*flags.split(), *shared, "--data", args.data, "--steps", str(steps),
+            "--finetune-steps", str(finetune)]
     if finetune:
-        argv += ["--finetune-steps", str(finetune), *finetune_flags]
+        argv += finetune_flags
     if init:
         argv += ["--init", checkpoint(args, seed, init)]
     results = os.path.join(args.out, f"seed{seed}", arm)

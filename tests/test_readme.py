@@ -1,0 +1,144 @@
+"""README.md as a specification of itself: every command it prints parses with today's parsers,
+every function, class and attribute it names exists where it says, and every number the code
+computes itself (parameter counts, FLOPs, sampling costs, sizes) is the number it prints."""
+import pydoc
+import re
+import shlex
+
+import pytest
+import torch
+
+import fid
+import sample
+import sparsedit
+import sprint
+import train
+from tiny import ROOT, tool
+
+README = (ROOT / "README.md").read_text()
+MODULES = {"sprint": sprint, "sparsedit": sparsedit, "train": train, "sample": sample, "fid": fid}
+
+
+class Parsed(Exception):
+    """Raised where a script, its flags parsed, would begin its work."""
+
+
+def stop(*args, **kwargs):
+    raise Parsed
+
+
+def commands():
+    """Every command in README's bash blocks (continuation lines joined, && split) -> [argv]."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in line.split("&&"):
+                words = shlex.split(command, comments=True)
+                if any(word.endswith(".py") for word in words):
+                    found.append(words)
+    return found
+
+
+def test_every_command_readme_prints_parses_with_todays_flags(monkeypatch):
+    monkeypatch.setattr(fid, "statistics", stop)
+    tools = {name: tool(name) for name in ("encode_latents", "decode_latents", "benchmark")}
+    monkeypatch.setattr(tools["encode_latents"], "encode", stop)
+    monkeypatch.setattr(tools["decode_latents"], "decode", stop)
+    monkeypatch.setattr(tools["benchmark"], "benchmark_train", stop)
+    monkeypatch.setattr(tools["benchmark"], "benchmark_sample", stop)
+    parse = {"train.py": train.parser().parse_args, "sample.py": sample.parse_args,
+             "fid.py": fid.main, **{f"tools/{k}.py": module.main for k, module in tools.items()}}
+    scripts = []
+    for words in commands():
+        at = next(i for i, word in enumerate(words) if word.endswith(".py"))
+        script, argv = words[at], words[at + 1:]
+        scripts.append(script)
+        try:
+            parse[script](argv)
+        except Parsed:
+            pass
+        except SystemExit as e:
+            pytest.fail(f"{' '.join(words)}: {e}")
+    # the card's two commands, the walkthrough, both papers' recipes, the evaluators, the tools
+    assert {"train.py", "sample.py", "fid.py", "tools/encode_latents.py"} <= set(scripts)
+    assert len(scripts) >= 14
+
+
+FILES = ("txt", "jsonl", "npy", "npz", "py", "png", "pt", "pth", "safetensors", "md")
+
+
+def named():
+    """The dotted names README gives in backticks, e.g. `train.draw`, `SPRINT.forward` (not the
+    files it names, `log.txt`)."""
+    names = set(re.findall(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)`", README))
+    return sorted(name for name in names if name.rsplit(".", 1)[1] not in FILES)
+
+
+def defined(name):
+    """The object README's `a.b.c` names: a module's attribute or a class's, or None."""
+    first, *rest = name.split(".")
+    if first == "torch":
+        return pydoc.locate(name)
+    owners = [MODULES[first]] if first in MODULES else [
+        getattr(m, first) for m in MODULES.values() if hasattr(m, first)]
+    for obj in owners:
+        for part in rest:
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return obj
+    return None
+
+
+def test_every_function_and_class_readme_names_exists_where_it_says():
+    code = [name for name in named() if name.split(".")[0] in MODULES
+            or any(hasattr(m, name.split(".")[0]) for m in MODULES.values())]
+    assert len(code) > 25
+    assert [name for name in code if defined(name) is None] == []
+    # bare names of ours in backticks: functions and classes of the five files
+    bare = set(re.findall(r"`([A-Za-z_]\w*)`", README))
+    ours = {"PatchEmbed", "rope", "Attention", "Backbone", "ModelConfig", "DiT", "SparseDiT",
+            "SDTM", "Poolingformer", "MODELS", "training_flops", "flops"}
+    assert ours <= bare
+    for name in ours:
+        owners = [*MODULES.values(), *sparsedit.MODELS.values()]
+        assert any(hasattr(owner, name) for owner in owners), name
+
+
+def text(number, digits):
+    return f"{number:.{digits}f}"
+
+
+def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
+    with torch.device("meta"):
+        models = {k: sparsedit.MODELS[k](sprint.ModelConfig(model=k, size="XL", input_size=32))
+                  for k in sparsedit.MODELS}
+        inception, dinov2 = fid.FIDInceptionV3(), fid.DINOv2()
+    dit, spr, sparse = models["dit"], models["sprint"], models["sparsedit"]
+    g = 1e9
+    printed = [
+        f"{spr.num_params() / 1e6:.1f} M parameters",
+        f"| DiT-XL/2 | {dit.flops() / g:.1f} | {dit.flops() / 2 / g:.1f} (the DiT paper: 118.6) |",
+        " / ".join(text(spr.flops(**kw) / g, 1) for kw in ({}, {"drop": 0.75},
+                                                           {"skip_middle": True})),
+        " / ".join(text(spr.flops(**kw) / 2 / g, 1) for kw in ({}, {"drop": 0.75},
+                                                               {"skip_middle": True})),
+        f"{sparse.flops() / g:.1f} / {sparse.training_flops() / g:.1f}",
+        f"{sparse.flops() / 2 / g:.1f} (the paper: 68.1) / {sparse.training_flops() / 2 / g:.1f}",
+        f"costs {spr.flops(drop=0.75) / g:.1f} GFLOPs against {spr.flops() / g:.1f}",
+        f"{(spr.flops() + spr.flops(skip_middle=True)) / 1e12:.3f} TFLOPs per guided step "
+        f"against CFG's {2 * spr.flops() / 1e12:.3f}",
+        f"({sum(p.numel() for p in inception.parameters()) / 1e6:.1f} M parameters)",
+        f"({sum(p.numel() for p in dinov2.parameters()) / 1e6:.0f} M)",
+        # an XL checkpoint: weights, EMA and AdamW's two moments, float32
+        f"is {4 * 4 * spr.num_params() / 1e9:.1f} GB",
+        # a latent dataset: two views' posterior mean and std, float16, 32 x 32 x 4
+        f"{2 * 2 * 4 * 32 * 32 * 2 // 1024} KiB per image, {1_281_167 * 32 * 1024 / 1e9:.0f} GB",
+    ]
+    toy = sparsedit.MODELS["sprint"](sprint.ModelConfig(model="sprint", size="toy", input_size=16,
+                                                        in_channels=3, num_classes=10))
+    pdg, cfg = (sample.trajectory_flops(toy, "sde", 250, cfg_scale=4.0, pdg=pdg) / 1e12
+                for pdg in (True, False))
+    printed.append(f"{pdg:.4f} instead of CFG's {cfg:.4f} forward")
+    printed.append(f"{toy.num_params() / 1e6:.2f}M parameters")            # the walkthrough's
+    flowing = " ".join(README.split())                   # README's text, its lines joined
+    assert [line for line in printed if line not in flowing] == []

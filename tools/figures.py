@@ -1,0 +1,153 @@
+"""
+README.md's figures, drawn from the code itself with Pillow, so that they stay true when it changes:
+
+    python tools/figures.py                 # all three, the samples from the newest SPRINT run
+    python tools/figures.py --ckpt results/000-sprint-toy-2/checkpoints/0002500.pt
+
+assets/sprint_tokens.png     the tokens SPRINT's middle blocks see under 75% drop (sprint.
+                             sample_ids_keep), structured and random, on a real image's token grid
+assets/sparsedit_grid.png    SparseDiT's sparse grid along the sampling trajectory (sparsedit.
+                             density_schedule) and the pooled grid at three noise levels
+                             (sparsedit.pooled_grid)
+assets/pdg_cfg.png           samples of the same seeds with path-drop guidance and with CFG
+                             (sample.sample, SDE 250 steps, scale 4)
+
+The image is a Noto emoji (experiments/miniature/emoji_google_32.npz, Apache-2.0) at 32 px: with
+patch 2 its token grid is 16 x 16, the grid of SPRINT's and SparseDiT's 256 px ImageNet models.
+"""
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import sample                                                                    # noqa: E402
+from sparsedit import DENSITY, density_schedule, pooled_grid                     # noqa: E402
+from sprint import sample_ids_keep                                               # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMOJI = os.path.join(ROOT, "experiments", "miniature", "emoji_google_32.npz")
+GRID, ZOOM = 16, 12                         # tokens a side (32 px, patch 2); screen pixels a token
+WHITE, INK, GREY = (255, 255, 255), (40, 40, 40), (200, 200, 200)
+
+
+def emoji(index=1234):
+    """One 32 x 32 emoji, uint8 (32, 32, 3)."""
+    with np.load(EMOJI) as f:
+        return f["x"][index]
+
+
+def enlarged(image, size=GRID * ZOOM):
+    """uint8 (H, W, 3) -> a Pillow image of size x size, nearest (the pixels stay visible)."""
+    return Image.fromarray(image).resize((size, size), Image.NEAREST)
+
+
+def label(canvas, xy, text):
+    ImageDraw.Draw(canvas).text(xy, text, fill=INK)
+
+
+def tokens_figure(path):
+    """The 16 x 16 token grid of an image; dropped tokens whitened, kept ones as they are."""
+    image = emoji()
+    torch.manual_seed(0)
+    panels = [("all 256 tokens (the encoder, the decoder)", np.arange(GRID * GRID))]
+    for kind in ("structured", "random"):
+        kept = sample_ids_keep(1, GRID, 0.75, kind)[0].numpy()
+        panels.append((f"75% drop, {kind}: 64 kept", kept))
+    side = GRID * ZOOM
+    canvas = Image.new("RGB", (3 * side + 4 * 20, side + 50), WHITE)
+    for k, (title, kept) in enumerate(panels):
+        keep = np.zeros(GRID * GRID, bool)
+        keep[kept] = True
+        mask = np.repeat(np.repeat(keep.reshape(GRID, GRID), 2, 0), 2, 1)[..., None]   # (32, 32)
+        shown = np.where(mask, image, (0.25 * image + 0.75 * 255).astype(np.uint8))
+        x0 = 20 + k * (side + 20)
+        canvas.paste(enlarged(shown), (x0, 35))
+        draw = ImageDraw.Draw(canvas)
+        for i in range(0, GRID + 1, 2):                 # the 2 x 2 groups structured drop keeps 1 of
+            draw.line([(x0 + i * ZOOM, 35), (x0 + i * ZOOM, 35 + side)], fill=GREY)
+            draw.line([(x0, 35 + i * ZOOM), (x0 + side, 35 + i * ZOOM)], fill=GREY)
+        label(canvas, (x0, 12), title)
+    canvas.save(path)
+
+
+def density_figure(path):
+    """The sparse grid side over the noise level (sampling runs from noise, 1, to the data, 0), and
+    the image's tokens pooled at three levels: each shows the mean of the cell it reads."""
+    image = emoji().astype(np.float32)
+    side = GRID * ZOOM
+    canvas = Image.new("RGB", (side + 3 * (side + 20) + 60, side + 70), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    # the schedule: side against noise level, axes in screen pixels
+    x0, y0, width, height = 40, 35, side, side
+    level = torch.linspace(0, 1, 201)
+    sides = density_schedule(level, *DENSITY).numpy()
+    lo, hi = DENSITY[0] - 1, DENSITY[1] + 1
+    points = [(x0 + width * (1 - float(t)), y0 + height * (hi - s) / (hi - lo))
+              for t, s in zip(level, sides)]
+    draw.rectangle([x0, y0, x0 + width, y0 + height], outline=GREY)
+    draw.line(points, fill=INK, width=2)
+    for s in range(DENSITY[0], DENSITY[1] + 1):
+        draw.text((x0 - 18, y0 + height * (hi - s) / (hi - lo) - 6), str(s), fill=INK)
+    draw.text((x0, y0 + height + 8), "noise level 1  (sampling runs this way ->)  0", fill=INK)
+    draw.text((x0, 12), "sparse grid side (16 x 16 tokens)", fill=INK)
+    # the pooled image at three noise levels, cells outlined, centres (their RoPE positions) dotted
+    for k, t in enumerate((1.0, 0.5, 0.0)):
+        s = int(density_schedule(torch.tensor([t]), *DENSITY))
+        pool, centres, up = pooled_grid(GRID, s)
+        tokens = image.reshape(GRID, 2, GRID, 2, 3).mean((1, 3)).reshape(GRID * GRID, 3)
+        pooled = (pool.numpy() @ tokens)[up.numpy()]           # each token shows its cell's mean
+        px = x0 + width + 40 + k * (side + 20)
+        canvas.paste(enlarged(pooled.reshape(GRID, GRID, 3).round().astype(np.uint8)), (px, y0))
+        starts = sorted({int(c) for c in torch.nonzero(torch.diff(up[:GRID]))} | {-1})
+        for b in [c + 1 for c in starts] + [GRID]:                     # cell borders, in tokens
+            draw.line([(px + b * ZOOM, y0), (px + b * ZOOM, y0 + side)], fill=GREY)
+            draw.line([(px, y0 + b * ZOOM), (px + side, y0 + b * ZOOM)], fill=GREY)
+        for r, c in centres.tolist():
+            cx, cy = px + (c + 0.5) * ZOOM, y0 + (r + 0.5) * ZOOM
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=INK)
+        draw.text((px, 12), f"t = {t:g}: {s} x {s} sparse tokens", fill=INK)
+    canvas.save(path)
+
+
+def samples_figure(path, ckpt, classes=range(10), steps=250, scale=4.0):
+    """A row of samples with PDG and one with CFG, from the same seeds (sample i: seed i)."""
+    model = sample.load_model(ckpt)
+    shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
+    classes = list(classes)[:model.cfg.num_classes]
+    rows = []
+    for pdg in (True, False):
+        z, y, gens = sample.sample_inputs(range(len(classes)), 0, classes, model.cfg.num_classes,
+                                          shape, "cpu")
+        x = sample.sample(model, z, y, "sde", steps, gens, cfg_scale=scale, pdg=pdg)
+        rows.append(sample.to_uint8(x, model.cfg.diffusion))
+    size = 4 * shape[-1]
+    canvas = Image.new("RGB", (60 + len(classes) * (size + 4), 2 * (size + 4) + 4), WHITE)
+    for r, (name, images) in enumerate(zip(("PDG", "CFG"), rows)):
+        label(canvas, (8, 4 + r * (size + 4) + size // 2 - 6), name)
+        for c, img in enumerate(images):
+            canvas.paste(enlarged(img, size), (60 + c * (size + 4), 4 + r * (size + 4)))
+    canvas.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--ckpt", help="the SPRINT run to sample (default: the newest in results/)")
+    p.add_argument("--out", default=os.path.join(ROOT, "assets"), help="the figures' folder")
+    args = p.parse_args(argv)
+    ckpt = args.ckpt or max(glob.glob("results/*-sprint-*/checkpoints/*.pt"), default=None)
+    if ckpt is None:
+        raise SystemExit("figures.py: error: no SPRINT checkpoint in results/: run python train.py "
+                         "--model sprint --drop 0.75 first, or give --ckpt")
+    tokens_figure(os.path.join(args.out, "sprint_tokens.png"))
+    density_figure(os.path.join(args.out, "sparsedit_grid.png"))
+    samples_figure(os.path.join(args.out, "pdg_cfg.png"), ckpt)
+    print(f"wrote sprint_tokens.png, sparsedit_grid.png, pdg_cfg.png ({ckpt}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
