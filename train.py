@@ -505,8 +505,8 @@ def main(argv=None):
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
         f"parameters, {raw.training_flops(held_out.drop) / 1e9:.3g} GFLOPs/image as trained (the "
-        f"middle on {kept} of {raw.num_tokens} tokens); {precision}, gradient clip {grad_clip or 0}"
-        f"; {len(train_idx)} images + {len(eval_idx)} held out; {world} x {L}; {run_dir}")
+        f"middle on {kept} of {raw.num_tokens} tokens); {precision}, grad clip {grad_clip or 0}; "
+        f"{len(train_idx)} + {len(eval_idx)} held-out images; batch {G} = {world} x {L}; {run_dir}")
 
     def evaluate(step):
         """The held-out loss with all tokens (what sampling sees) and at stage 1's drop (what stage

@@ -239,7 +239,7 @@ def test_mixed_precision_trains_and_fp16_scales_its_loss(tmp_path, precision):
     run_dir = run(tmp_path, "--steps", "3", "--precision", precision, "--eval-every", "3")
     losses = [rec["loss"] for rec in records(run_dir) if "loss" in rec]
     assert len(losses) == 3 and np.isfinite(losses).all()
-    assert f"; {precision}, gradient clip 1.0;" in (run_dir / "log.txt").read_text()
+    assert f"; {precision}, grad clip 1.0;" in (run_dir / "log.txt").read_text()
     scaler = torch.load(run_dir / "checkpoints" / "0000003.pt", weights_only=True)["scaler"]
     assert (scaler.get("scale", 0) > 0) == (precision == "fp16")
 
