@@ -140,5 +140,12 @@ def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
                 for pdg in (True, False))
     printed.append(f"{pdg:.4f} instead of CFG's {cfg:.4f} forward")
     printed.append(f"{toy.num_params() / 1e6:.2f}M parameters")            # the walkthrough's
+    with torch.device("meta"):                    # the CPU benchmark's S/2: a step, a guided step
+        small = {k: sparsedit.MODELS[k](sprint.ModelConfig(model=k, size="S", input_size=32))
+                 for k in ("dit", "sprint")}
+    printed.append(f"its FLOPs allow {small['dit'].flops() / small['sprint'].flops(0.75):.1f}×")
+    cfg_step, pdg_step = 2 * small["sprint"].flops(), (small["sprint"].flops()
+                                                       + small["sprint"].flops(skip_middle=True))
+    printed.append(f"their FLOPs allow {cfg_step / pdg_step:.2f}×")
     flowing = " ".join(README.split())                   # README's text, its lines joined
     assert [line for line in printed if line not in flowing] == []

@@ -143,6 +143,7 @@ def main(argv=None):
     if ckpt is None:
         raise SystemExit("figures.py: error: no SPRINT checkpoint in results/: run python train.py "
                          "--model sprint --drop 0.75 first, or give --ckpt")
+    os.makedirs(args.out, exist_ok=True)
     tokens_figure(os.path.join(args.out, "sprint_tokens.png"))
     density_figure(os.path.join(args.out, "sparsedit_grid.png"))
     samples_figure(os.path.join(args.out, "pdg_cfg.png"), ckpt)
