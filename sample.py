@@ -333,8 +333,8 @@ def setup_distributed():
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# how each paper's official code samples (METHOD.md), by the model's diffusion: the model's and the
-# VAE's precision on CUDA, and an image in [-1, 1] to pixels (clamped to 0..255, truncated)
+# how each paper's official code samples (README's recipes), by the model's diffusion: the model's
+# and VAE's precision on CUDA, and an image in [-1, 1] to pixels (clamped to 0..255, truncated)
 SAMPLING = {"flow": ("bf16", lambda x: 255 * (x + 1) / 2),      # SPRINT's sample_ddp.py
             "ddpm": ("fp32", lambda x: 127.5 * x + 128)}         # DiT's and SparseDiT's (TF32)
 

@@ -211,7 +211,7 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
                                                       ("sparsedit", "ddpm", ("fp16", 0.0))])
 def test_each_model_trains_as_its_official_code_does(model, diffusion, recipe):
     """SPRINT's code trains SPRINT and its SiT in bf16 and clips at 1.0; DiT's trains in fp32 (TF32)
-    and SparseDiT's in fp16, neither clips (METHOD.md's recipes)."""
+    and SparseDiT's in fp16, neither clips (README's table of the official recipes)."""
     cfg = sprint.ModelConfig(model=model, diffusion=diffusion, depths=(1, 2, 1))
     assert cfg.paper_recipe == recipe
 

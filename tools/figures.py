@@ -9,8 +9,9 @@ assets/sprint_tokens.png     the tokens SPRINT's middle blocks see under 75% dro
 assets/sparsedit_grid.png    SparseDiT's sparse grid along the sampling trajectory (sparsedit.
                              density_schedule) and the pooled grid at three noise levels
                              (sparsedit.pooled_grid)
-assets/pdg_cfg.png           samples of the same seeds with path-drop guidance and with CFG
-                             (sample.sample, SDE 250 steps, scale 4)
+assets/pdg_cfg.png           the toy data's ten classes, then the walkthrough model's samples of the
+                             same seeds with path-drop guidance and with CFG (sample.sample, SDE
+                             250 steps, scale 4)
 
 The image is a Noto emoji (experiments/miniature/emoji_google_32.npz, Apache-2.0) at 32 px: with
 patch 2 its token grid is 16 x 16, the grid of SPRINT's and SparseDiT's 256 px ImageNet models.
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import sample                                                                    # noqa: E402
+import train                                                                     # noqa: E402
 from sparsedit import DENSITY, density_schedule, pooled_grid                     # noqa: E402
 from sprint import sample_ids_keep                                               # noqa: E402
 
@@ -51,7 +53,7 @@ def label(canvas, xy, text):
 
 
 def tokens_figure(path):
-    """The 16 x 16 token grid of an image; dropped tokens whitened, kept ones as they are."""
+    """The 16 x 16 token grid of an image; dropped tokens faded, kept ones as they are."""
     image = emoji()
     torch.manual_seed(0)
     panels = [("all 256 tokens (the encoder, the decoder)", np.arange(GRID * GRID))]
@@ -68,7 +70,8 @@ def tokens_figure(path):
         x0 = 20 + k * (side + 20)
         canvas.paste(enlarged(shown), (x0, 35))
         draw = ImageDraw.Draw(canvas)
-        for i in range(0, GRID + 1, 2):                 # the 2 x 2 groups structured drop keeps 1 of
+        step = 2 if "structured" in title else 1        # the 2 x 2 groups it keeps one token of
+        for i in range(0, GRID + 1, step):
             draw.line([(x0 + i * ZOOM, 35), (x0 + i * ZOOM, 35 + side)], fill=GREY)
             draw.line([(x0, 35 + i * ZOOM), (x0 + side, 35 + i * ZOOM)], fill=GREY)
         label(canvas, (x0, 12), title)
@@ -80,7 +83,7 @@ def density_figure(path):
     the image's tokens pooled at three levels: each shows the mean of the cell it reads."""
     image = emoji().astype(np.float32)
     side = GRID * ZOOM
-    canvas = Image.new("RGB", (side + 3 * (side + 20) + 60, side + 70), WHITE)
+    canvas = Image.new("RGB", (side + 3 * (side + 20) + 60, side + 80), WHITE)
     draw = ImageDraw.Draw(canvas)
     # the schedule: side against noise level, axes in screen pixels
     x0, y0, width, height = 40, 35, side, side
@@ -93,8 +96,12 @@ def density_figure(path):
     draw.line(points, fill=INK, width=2)
     for s in range(DENSITY[0], DENSITY[1] + 1):
         draw.text((x0 - 18, y0 + height * (hi - s) / (hi - lo) - 6), str(s), fill=INK)
-    draw.text((x0, y0 + height + 8), "noise level 1  (sampling runs this way ->)  0", fill=INK)
-    draw.text((x0, 12), "sparse grid side (16 x 16 tokens)", fill=INK)
+    for t in (1, 0.75, 0.5, 0.25, 0):
+        draw.line([(x0 + width * (1 - t), y0 + height), (x0 + width * (1 - t), y0 + height + 4)],
+                  fill=INK)
+        draw.text((x0 + width * (1 - t) - 8, y0 + height + 6), f"{t:g}", fill=INK)
+    draw.text((x0, y0 + height + 22), "noise level t (sampling runs this way ->)", fill=INK)
+    draw.text((x0, 12), "side s of the sparse grid, by t", fill=INK)
     # the pooled image at three noise levels, cells outlined, centres (their RoPE positions) dotted
     for k, t in enumerate((1.0, 0.5, 0.0)):
         s = int(density_schedule(torch.tensor([t]), *DENSITY))
@@ -114,23 +121,29 @@ def density_figure(path):
     canvas.save(path)
 
 
-def samples_figure(path, ckpt, classes=range(10), steps=250, scale=4.0):
-    """A row of samples with PDG and one with CFG, from the same seeds (sample i: seed i)."""
+SHAPES = ("disc", "square", "diamond", "ring", "plus", "cross", "triangle", "rows", "columns",
+          "checks")                                    # train.embedded_dataset's ten classes
+
+
+def samples_figure(path, ckpt, steps=250, scale=4.0):
+    """Training images of the toy data's ten classes, then samples of the same seeds (sample i:
+    seed i) with PDG and with CFG."""
     model = sample.load_model(ckpt)
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
-    classes = list(classes)[:model.cfg.num_classes]
-    rows = []
+    images, labels = train.embedded_dataset(shape[-1])
+    rows = [("data", np.stack([images[labels == c][0] for c in range(10)]))]
     for pdg in (True, False):
-        z, y, gens = sample.sample_inputs(range(len(classes)), 0, classes, model.cfg.num_classes,
-                                          shape, "cpu")
+        z, y, gens = sample.sample_inputs(range(10), 0, list(range(10)), 10, shape, "cpu")
         x = sample.sample(model, z, y, "sde", steps, gens, cfg_scale=scale, pdg=pdg)
-        rows.append(sample.to_uint8(x, model.cfg.diffusion))
+        rows.append((f"{'PDG' if pdg else 'CFG'} {scale:g}", sample.to_uint8(x, "flow")))
     size = 4 * shape[-1]
-    canvas = Image.new("RGB", (60 + len(classes) * (size + 4), 2 * (size + 4) + 4), WHITE)
-    for r, (name, images) in enumerate(zip(("PDG", "CFG"), rows)):
-        label(canvas, (8, 4 + r * (size + 4) + size // 2 - 6), name)
-        for c, img in enumerate(images):
-            canvas.paste(enlarged(img, size), (60 + c * (size + 4), 4 + r * (size + 4)))
+    canvas = Image.new("RGB", (70 + 10 * (size + 4), 20 + 3 * (size + 4)), WHITE)
+    for c, name in enumerate(SHAPES):
+        label(canvas, (70 + c * (size + 4), 4), name)
+    for r, (name, row) in enumerate(rows):
+        label(canvas, (8, 20 + r * (size + 4) + size // 2 - 6), name)
+        for c, img in enumerate(row):
+            canvas.paste(enlarged(img, size), (70 + c * (size + 4), 20 + r * (size + 4)))
     canvas.save(path)
 
 
