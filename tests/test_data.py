@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import sample
 import train
 from tiny import TINY, image_folder, records, resident_bytes, run, tool
 
@@ -66,6 +67,28 @@ def test_arrays_of_pixels_or_latents_set_channels_size_and_classes(tmp_path, kin
     cfg = torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)["config"]
     channels = 3 if kind == "pixels in an .npz" else 4
     assert (cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (channels, 8, 5)
+
+
+def test_latents_are_scaled_by_sd_vaes_factor_and_decoded_by_the_runs_own(tmp_path, monkeypatch):
+    """One latent scale: train.py multiplies latents by --latent-scale, SD-VAE's 0.18215 unless
+    given, the checkpoint keeps it, and sample.py divides by that one before decoding."""
+    data = tmp_path / "latents"
+    data.mkdir()
+    np.save(data / "x.npy", np.random.default_rng(0).standard_normal((40, 4, 8, 8), np.float32))
+    np.save(data / "y.npy", np.arange(40) % 5)
+    seen = []
+    step = train.train_step
+
+    def spy(model, raw, ema, opt, x, *args, **kwargs):
+        seen.append(x)
+        return step(model, raw, ema, opt, x, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", spy)
+    run_dir = run(tmp_path, "--data", str(data), "--patch-size", "2", "--steps", "1")
+    latents = torch.from_numpy(np.load(data / "x.npy"))
+    assert abs(seen[0].std() / latents.std() - sample.LATENT_SCALE) < 0.01
+    ckpt = str(run_dir / "checkpoints" / "0000001.pt")
+    args = sample.parse_args(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "s.npz")])
+    assert sample.sampling_model(args, torch.device("cpu"))[2] == sample.LATENT_SCALE
 
 
 def test_pixels_are_resized_to_the_image_size_with_antialiasing_and_latents_are_not(tmp_path):

@@ -244,6 +244,18 @@ def test_mixed_precision_trains_and_fp16_scales_its_loss(tmp_path, precision):
     assert (scaler.get("scale", 0) > 0) == (precision == "fp16")
 
 
+def test_fp16_steps_whose_gradient_overflows_are_skipped_not_fatal(tmp_path, monkeypatch):
+    """A loss scale too large for fp16 makes the gradient infinite: GradScaler skips those steps and
+    halves the scale; the loss stays finite and the run goes on."""
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scaler(*a, init_scale=2.0 ** 60,
+                                                                        **k))
+    run_dir = run(tmp_path, "--steps", "4", "--precision", "fp16")
+    logged = [rec for rec in records(run_dir) if "loss" in rec]
+    assert len(logged) == 4 and not np.isfinite(logged[0]["grad_norm"])
+    assert np.isfinite([rec["loss"] for rec in logged]).all()
+
+
 def test_stage_2_starts_from_the_stage_1_ema_weights_with_a_fresh_optimizer(tmp_path, monkeypatch):
     entering = []                              # (weights, optimizer state) as each step begins
     step = train.train_step
