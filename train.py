@@ -494,7 +494,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt.get("scaler", {}))
     held_out = stage_at(args, 0, raw.has_sparse_path)._replace(path_drop=0.0)   # stage 1's drop
     # a drop the token grid cannot keep is an error here, before anything is written
-    kept = num_kept(held_out.drop, raw.num_tokens) if held_out.drop else raw.num_tokens
+    kept = f" (the middle on {num_kept(held_out.drop, raw.num_tokens)})" if held_out.drop else ""
     model = torch.compile(raw) if args.compile else raw
     if world > 1:              # buffers (RoPE grid, mask token, table) are equal by construction
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
@@ -504,8 +504,8 @@ def main(argv=None):
     if rank == 0:
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
-        f"parameters, {raw.training_flops(held_out.drop) / 1e9:.3g} GFLOPs/image as trained (the "
-        f"middle on {kept} of {raw.num_tokens} tokens); {precision}, grad clip {grad_clip or 0}; "
+        f"parameters, {raw.num_tokens} tokens, {raw.training_flops(held_out.drop) / 1e9:.3g} "
+        f"GFLOPs/image as trained{kept}; {precision}, grad clip {grad_clip or 0}; "
         f"{len(train_idx)} + {len(eval_idx)} held-out images; batch {G} = {world} x {L}; {run_dir}")
 
     def evaluate(step):
