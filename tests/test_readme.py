@@ -149,3 +149,14 @@ def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
     printed.append(f"their FLOPs allow {cfg_step / pdg_step:.2f}×")
     flowing = " ".join(README.split())                   # README's text, its lines joined
     assert [line for line in printed if line not in flowing] == []
+
+
+def test_the_first_command_prints_what_readme_shows(tmp_path, capsys, one_thread):
+    """README's excerpt of `python train.py --model sprint --drop 0.75`: its first two lines (the
+    run and the held-out loss at step 0) as one step of the same run prints them."""
+    excerpt = re.search(r"```text\n(sprint-toy/2: .*?)\n```", README, re.S).group(1).splitlines()
+    train.main(["--model", "sprint", "--drop", "0.75", "--steps", "1", "--finetune-steps", "0",
+                "--results-dir", str(tmp_path / "results")])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].replace(str(tmp_path) + "/", "") == excerpt[0]
+    assert printed[1] == excerpt[1]
