@@ -486,12 +486,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
     ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
-    precision, grad_clip = raw.cfg.paper_recipe
-    precision = args.precision or (precision if device.type == "cuda" else "fp32")
-    grad_clip = grad_clip if args.grad_clip is None else args.grad_clip
+    precision, grad_clip = raw.cfg.paper_recipe     # where no flag says; in args: resumes keep it
+    args.precision = precision = args.precision or (precision if device.type == "cuda" else "fp32")
+    args.grad_clip = grad_clip = grad_clip if args.grad_clip is None else args.grad_clip
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if ckpt:
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+    if ckpt and ckpt.get("scaler"):                     # a disabled scaler's state is empty
+        scaler.load_state_dict(ckpt["scaler"])
     held_out = stage_at(args, 0, raw.has_sparse_path)._replace(path_drop=0.0)   # stage 1's drop
     # a drop the token grid cannot keep is an error here, before anything is written
     kept = f" (the middle on {num_kept(held_out.drop, raw.num_tokens)})" if held_out.drop else ""

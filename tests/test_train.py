@@ -108,7 +108,8 @@ def test_flow_matching_draws_t_logit_normal():
     _, draws = draws_of(stage_of())
     logit = torch.logit(draws.t.double()).numpy()
     assert stats.kstest(logit, "norm").pvalue > 1e-3
-    assert draws.eps.shape == (G, 1, 1, 1) and stats.kstest(draws.eps.flatten(), "norm").pvalue > 1e-3
+    assert draws.eps.shape == (G, 1, 1, 1)
+    assert stats.kstest(draws.eps.flatten(), "norm").pvalue > 1e-3
 
 
 def test_ddpm_draws_every_timestep_uniformly():
@@ -163,7 +164,8 @@ def test_a_step_is_adamw_on_the_gradient_clipped_to_norm_1_then_the_ema_update()
     opt.step = spy
     x = torch.randn(8, 4, 8, 8)
     _, draws = draws_of(stage_of(), G=8)
-    _, grad_norm = train.train_step(model, model, ema, opt, x, draws, **{**STEP, "ema_decay": decay})
+    step = {**STEP, "ema_decay": decay}
+    _, grad_norm = train.train_step(model, model, ema, opt, x, draws, **step)
     clipped = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads[0]]))
     assert grad_norm > 2 and abs(clipped - 1) < 1e-5                  # SPRINT's max_grad_norm 1.0
     for p0, g, p1, e0, e1 in zip(before.parameters(), grads[0], model.parameters(),
@@ -171,8 +173,6 @@ def test_a_step_is_adamw_on_the_gradient_clipped_to_norm_1_then_the_ema_update()
         # AdamW's first step: its bias corrections make it lr * g / (|g| + eps); no weight decay
         torch.testing.assert_close(p1, p0 - lr * g / (g.abs() + 1e-8), rtol=0, atol=1e-7)
         torch.testing.assert_close(e1, decay * e0 + (1 - decay) * p1, rtol=1e-6, atol=1e-7)
-
-
 
 
 #################################################################################
@@ -227,8 +227,8 @@ def test_without_clipping_adamw_sees_the_whole_gradient():
         adamw_step()
     opt.step = spy
     _, draws = draws_of(train.stage_at(train.parser().parse_args([]), 0, sparse_path=False), G=8)
-    _, grad_norm = train.train_step(model, model, copy.deepcopy(model), opt, torch.randn(8, 4, 8, 8),
-                                    draws, **{**STEP, "grad_clip": 0.0})
+    x, ema = torch.randn(8, 4, 8, 8), copy.deepcopy(model)
+    _, grad_norm = train.train_step(model, model, ema, opt, x, draws, **{**STEP, "grad_clip": 0.0})
     assert grad_norm > 2 and torch.isclose(norms[0], grad_norm)
 
 
@@ -272,8 +272,8 @@ def test_stage_2_starts_from_the_stage_1_ema_weights_with_a_fresh_optimizer(tmp_
     assert not all(torch.equal(raw_1[k], ema[k]) for k in ema)        # the EMA is not the weights
 
 
-def test_a_step_sees_its_images_in_minus_1_to_1_each_mirrored_left_right_or_not(tmp_path,
-                                                                               monkeypatch):
+def test_a_step_sees_its_images_in_minus_1_to_1_each_mirrored_left_right_or_not(
+        tmp_path, monkeypatch):
     """SiT's and DiT's augmentation: a random horizontal flip of each image (or, for latents, the
     stored mirror's latents), the pixels mapped to [-1, 1]."""
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
@@ -351,6 +351,21 @@ def test_n_steps_then_resume_then_n_steps_equals_2n_steps(tmp_path):
                                half / "checkpoints" / "0000004.pt")
 
 
+def test_a_resumed_run_keeps_its_precision_clipping_and_loss_scale(tmp_path):
+    """The recipe a run resolved (on a CPU fp32, SPRINT's clip 1.0) is in its flags, so a resume on
+    another device keeps it; fp16's GradScaler continues where it stopped."""
+    plain = run(tmp_path / "plain", "--steps", "1")
+    stored = torch.load(plain / "checkpoints" / "0000001.pt", weights_only=True)["args"]
+    assert (stored["precision"], stored["grad_clip"]) == ("fp32", 1.0)
+    whole = run(tmp_path / "a", "--steps", "4", "--precision", "fp16")
+    half = run(tmp_path / "b", "--steps", "2", "--precision", "fp16")
+    run(tmp_path / "b", "--resume", str(half / "checkpoints" / "0000002.pt"), "--steps", "4")
+    a, b = (torch.load(d / "checkpoints" / "0000004.pt", weights_only=True) for d in (whole, half))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 4
+    assert_same_training_state(whole / "checkpoints" / "0000004.pt",
+                               half / "checkpoints" / "0000004.pt")
+
+
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
     # a checkpoint every step; the resume crosses into stage 2
     flags = ["--data", tiny.TOY_DATA, "--image-size", "16", "--steps", "2", "--finetune-steps", "6",
@@ -409,8 +424,8 @@ def test_two_gloo_processes_train_and_evaluate_as_one_process_does_and_only_rank
 
 def test_without_flags_train_py_is_the_toy_run():
     args, _ = train.parse_args([])
-    assert (args.model, args.size, args.data, args.drop, args.path_drop) == ("sprint", "toy", None,
-                                                                            0.75, 0.1)
+    assert (args.model, args.size, args.data) == ("sprint", "toy", None)
+    assert (args.drop, args.path_drop) == (0.75, 0.1)
     assert (args.global_batch_size, args.lr, args.steps, args.ema_decay) == (32, 1e-3, 2000, 0.995)
 
 
