@@ -24,8 +24,8 @@ from sparsedit import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
-# a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to skip;
-# stage 1 alone unless a test asks for stage 2
+# a 16-token model: tiny enough for a CPU test, with a 2x2 structured drop and a sparse path to
+# skip; stage 1 alone unless a test asks for stage 2
 TINY = ("--hidden-size 32 --num-heads 2 --depths 1 1 1 --patch-size 4 --global-batch-size 8 "
         "--num-workers 0 --log-every 1 --lr 2e-3 --finetune-steps 0").split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # subprocesses use one thread (conftest.one_thread)

@@ -68,7 +68,8 @@ MUTANTS = [
     ("dit clips", "sprint.py", 'if self.diffusion == "ddpm" else ("bf16", 1.0)',
      'if self.diffusion == "ddpm" else ("bf16", 0.0)'),
     ("no loss scaling", "train.py", 'enabled=precision == "fp16")', "enabled=False)"),
-    ("held-out columns on other noise", "train.py", "    torch.manual_seed(0)                      #",
+    ("held-out columns on other noise", "train.py",
+     "    torch.manual_seed(0)                      #",
      "    torch.manual_seed(int(100 * stage.drop))  #"),
     ("adamw weight decay", "train.py", "lr=lr, weight_decay=0,", "lr=lr, weight_decay=0.01,"),
     # --- SPRINT (sprint.py) ---
