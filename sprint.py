@@ -38,6 +38,7 @@ SIZES = {
     "XL": (1152, 16, (2, 24, 2)),
 }
 DDPM_STEPS = 1000          # the DiT paper's diffusion: integer timesteps 0..999
+DIT_PAPER = {"diffusion": "ddpm", "positions": "table", "qk_norm": False}    # its model's fields
 
 
 @dataclass
@@ -72,6 +73,9 @@ class ModelConfig:
                              f"{self.input_size}")
         if self.hidden_size % (4 * self.num_heads):
             raise ValueError("2D RoPE and the sin-cos table need a head dimension divisible by 4")
+        if self.model == "sprint" and self.diffusion == "ddpm":
+            raise ValueError("--diffusion ddpm: SPRINT trains with flow matching; the DiT paper's "
+                             "DDPM model is --model dit (or sparsedit)")
         if len(self.depths) != 3 or min(self.depths) < 0 or sum(self.depths) < 1:
             raise ValueError(f"--depths {' '.join(map(str, self.depths))}: give three block "
                              f"counts >= 0 (encoder, middle, decoder), at least one block in all")

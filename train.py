@@ -37,7 +37,7 @@ from tqdm import tqdm
 from sample import (LATENT_SCALE, autocast, checkpoint_weights, find_checkpoint, load_weights,
                     read_checkpoint, setup_distributed)
 from sparsedit import DDPM, MODELS, SparseDiT
-from sprint import DDPM_STEPS, SIZES, ModelConfig, num_kept, sample_ids_keep
+from sprint import DDPM_STEPS, DIT_PAPER, SIZES, ModelConfig, num_kept, sample_ids_keep
 
 
 #################################################################################
@@ -84,7 +84,9 @@ def parser():
                    "on CUDA (ModelConfig.paper_recipe), fp32 on a CPU")
     p.add_argument("--grad-clip", type=number(0, kind=float), help="max gradient norm, 0: none "
                    "(default: the paper's; SPRINT 1.0, DiT and SparseDiT none)")
-    start = p.add_mutually_exclusive_group()
+    start = p.add_mutually_exclusive_group()      # a new model, --init's weights, or a run's
+    start.add_argument("--diffusion", choices=["flow", "ddpm"], help="a new model's: flow (SiT's, "
+                       "the default) or the DiT paper's (DDPM, learned variance, sin-cos table)")
     start.add_argument("--init", help="a checkpoint's EMA weights (a DiT's: SparseDiT's start)")
     start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
     p.add_argument("--compile", action="store_true")
@@ -293,7 +295,8 @@ def build_model(args, channels, side, num_classes, device, resumed=None):
         if args.init and not resumed:
             path = find_checkpoint(args.init)
             init_cfg, weights = checkpoint_weights(read_checkpoint(path), path, input_size=side)
-        paper = {k: getattr(init_cfg, k) for k in ("diffusion", "positions", "qk_norm") if init_cfg}
+        paper = DIT_PAPER if args.diffusion == "ddpm" else {}
+        paper = {k: getattr(init_cfg, k) for k in DIT_PAPER} if init_cfg else paper
         extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k)}
         cfg = ModelConfig(**resumed["config"]) if resumed else ModelConfig(
             args.model, args.size, args.patch_size, side, channels, num_classes,
@@ -420,7 +423,7 @@ def log(run_dir, text=None, **record):
 
 
 def run_folder(args):
-    """results/NNN-model-size-patch, NNN one past the highest there (os.mkdir claims it: runs begun
+    """results/NNN-model-size-patch, NNN one past the highest there (makedirs claims it: runs begun
     together each get their own), with checkpoints/, log.txt (for people), log.jsonl (programs)."""
     os.makedirs(args.results_dir, exist_ok=True)
     taken = [re.match(r"\d+", name) for name in os.listdir(args.results_dir)]
@@ -428,12 +431,10 @@ def run_folder(args):
     while True:
         path = f"{args.results_dir}/{number:03d}-{args.model}-{args.size}-{args.patch_size}"
         try:
-            os.mkdir(path)
-            break
+            os.makedirs(os.path.join(path, "checkpoints"))
+            return path
         except FileExistsError:
             number += 1
-    os.mkdir(os.path.join(path, "checkpoints"))
-    return path
 
 
 def save_checkpoint(run_dir, step, raw, ema, opt, scaler, args, train_s):
@@ -509,8 +510,7 @@ def main(argv=None):
         f"{len(train_idx)} + {len(eval_idx)} held-out images; batch {G} = {world} x {L}; {run_dir}")
 
     def evaluate(step):
-        """The held-out loss with all tokens (what sampling sees) and at stage 1's drop (what stage
-        1 trains on: the gap stage 2 closes), each rank on its share."""
+        """Held-out loss with all tokens (as sampled), at stage 1's drop (the gap stage 2 closes)"""
         stages = {"eval_loss": held_out._replace(drop=0.0)}
         if held_out.drop:
             stages["eval_loss_drop"] = held_out

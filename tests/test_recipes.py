@@ -145,7 +145,8 @@ def test_readmes_recipes_at_scale_run_as_printed_on_a_tiny_stand_in(stand_ins, c
         run[script](argv)
         ran.append(script)
     assert ran == ["tools/encode_latents.py", "train.py", "train.py", "sample.py", "fid.py",
-                   "sample.py", "fid.py", "train.py", "sample.py", "train.py", "sample.py"]
+                   "sample.py", "fid.py", "train.py", "sample.py", "train.py", "train.py",
+                   "sample.py"]
     out = capsys.readouterr().out
     scores = [line.split(":")[0] for line in out.splitlines() if re.match(r"\w+: [\d.]+$", line)]
     assert scores == ["FID", "sFID", "IS", "Precision", "Recall", "FDD"] + ["FID", "sFID", "IS",
@@ -154,7 +155,10 @@ def test_readmes_recipes_at_scale_run_as_printed_on_a_tiny_stand_in(stand_ins, c
         with np.load(stand_ins / npz) as f:
             assert f["arr_0"].shape == (4, 256, 256, 3) and f["arr_0"].dtype == np.uint8
     runs = sorted(p.name for p in (stand_ins / "results").iterdir())
-    assert runs == ["000-sprint-XL-2", "001-sprint-XL-2", "002-sparsedit-XL-2", "003-sprint-B-4"]
+    assert runs == ["000-sprint-XL-2", "001-sprint-XL-2", "002-sparsedit-XL-2", "003-dit-XL-2",
+                    "004-sprint-B-4"]
+    dit = torch.load(stand_ins / "results/003-dit-XL-2/checkpoints/0000002.pt", weights_only=True)
+    assert {k: dit["config"][k] for k in sprint.DIT_PAPER} == sprint.DIT_PAPER   # from scratch
     stage_2 = torch.load(stand_ins / "results/001-sprint-XL-2/checkpoints/0000002.pt",
                          weights_only=True)
     assert stage_2["args"]["steps"] == 0 and stage_2["config"]["input_size"] == 32

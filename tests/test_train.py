@@ -86,7 +86,8 @@ G = 20_000                      # samples per statistical test; each test is see
 
 def draws_of(stage, diffusion="flow", num_classes=10, G=G):
     """train.draw for a global batch of G labels, on a 4 x 4 token grid -> (labels, draws)."""
-    cfg = sprint.ModelConfig(model="sprint", input_size=8, patch_size=2, num_classes=num_classes,
+    model = "dit" if diffusion == "ddpm" else "sprint"        # SPRINT trains with flow matching
+    cfg = sprint.ModelConfig(model=model, input_size=8, patch_size=2, num_classes=num_classes,
                              hidden_size=32, num_heads=2, depths=(1, 1, 1), diffusion=diffusion)
     torch.manual_seed(0)
     y = torch.randint(num_classes, (G,))

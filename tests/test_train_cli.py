@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import sample
+import sprint
 import train
 from tiny import ENV, TINY, TRAIN, damaged_files, image_folder, records, run
 
@@ -60,6 +61,25 @@ def test_the_cli_trains_end_to_end_and_the_held_out_loss_falls(tmp_path, model, 
     net = sample.load_model(str(run_dir / "checkpoints" / "0000040.pt"))   # all sample.py needs
     cfg = net.cfg
     assert (cfg.model, cfg.hidden_size, cfg.num_classes, cfg.input_size) == (model, 32, 10, 16)
+
+
+def test_the_dit_papers_own_model_trains_from_scratch_and_its_init_carries_it_to_sparsedit(
+        tmp_path):
+    """--diffusion ddpm: DiT's model (learned variance, the sin-cos table, no q/k norm), trained
+    with its DDPM loss and its recipe (fp32, no clipping); --init hands all of it to SparseDiT."""
+    dit_run = run(tmp_path, "--model", "dit", "--diffusion", "ddpm", "--depths", "1", "2", "1",
+                  "--steps", "2")
+    ckpt = dit_run / "checkpoints" / "0000002.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert {k: state["config"][k] for k in sprint.DIT_PAPER} == sprint.DIT_PAPER
+    assert (state["args"]["precision"], state["args"]["grad_clip"]) == ("fp32", 0.0)
+    model = sample.load_model(str(ckpt))
+    assert model.final_layer.linear.out_features == 4 * 4 * 2 * 3      # p x p x (eps, variance)
+    assert "pos_embed" in state["ema"] and not any("q_norm" in k for k in state["ema"])
+    sparse_run = run(tmp_path, "--model", "sparsedit", "--init", str(ckpt), "--depths", "1", "2",
+                     "1", "--steps", "1")
+    cfg = torch.load(sparse_run / "checkpoints" / "0000001.pt", weights_only=True)["config"]
+    assert (cfg["model"], cfg["diffusion"], cfg["positions"]) == ("sparsedit", "ddpm", "table")
 
 
 def test_a_new_run_is_numbered_past_the_highest_and_never_reuses_a_folder(tmp_path, monkeypatch):
@@ -147,6 +167,11 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
         "log every 0": (["--log-every", "0"], r"argument --log-every: 0: must be at least 1$"),
         "checkpoint every -1": (["--ckpt-every", "-1"], r"--ckpt-every: -1: must be at least 0$"),
         "unknown model": (["--model", "unet"], r"argument --model: invalid choice: 'unet'"),
+        "sprint with ddpm": (["--diffusion", "ddpm"],
+                             r"--diffusion ddpm: SPRINT trains with flow matching; .* is --model "
+                             r"dit \(or sparsedit\)"),
+        "init with a diffusion": (["--init", dit_ckpt, "--diffusion", "ddpm"],
+                                  r"argument --diffusion: not allowed with argument --init$"),
         "results dir is a file": (["--results-dir", tmp / "notes.txt"], r"notes\.txt"),
         "init another model": (["--init", dit_ckpt], r"^train\.py: error: --init .*0000001\.pt holds "
                                                      r"a dit model: train it as --model dit"),

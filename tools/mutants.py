@@ -72,6 +72,10 @@ MUTANTS = [
      "    torch.manual_seed(0)                      #",
      "    torch.manual_seed(int(100 * stage.drop))  #"),
     ("adamw weight decay", "train.py", "lr=lr, weight_decay=0,", "lr=lr, weight_decay=0.01,"),
+    ("scratch ddpm is flow", "train.py", 'paper = DIT_PAPER if args.diffusion == "ddpm" else {}',
+     "paper = {}"),
+    ("scratch ddpm keeps rope", "train.py", 'paper = DIT_PAPER if args.diffusion == "ddpm" else {}',
+     'paper = {"diffusion": "ddpm"} if args.diffusion == "ddpm" else {}'),
     # --- SPRINT (sprint.py) ---
     ("groups by column", "sprint.py", "row = (group // g) * n + pick // n",
      "row = (group % g) * n + pick // n"),
