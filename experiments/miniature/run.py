@@ -7,8 +7,9 @@ over several seeds, into one report with its tables and figures. From the reposi
     python experiments/miniature/run.py --out results/mini-64 \\
         --train-flags "--hidden-size 64 --num-heads 2"
 
-It trains quality.py's classifier on the real images, then for each seed the ARMS below (DiT;
-SPRINT; SPRINT with random drop; SparseDiT and a control DiT, both from the DiT's final checkpoint),
+It trains quality.py's classifiers on the real images (at 16 and 32 px), then for each seed the
+ARMS below (at 16 px: DiT; SPRINT; SPRINT with random drop. At 32 px, SparseDiT's token grid: the
+DiT paper's DDPM model, then SparseDiT converted from it and the same DiT, each trained 10% more),
 samples them with labels in the data's proportions (sample_like.py), scores the samples, and writes
 --out/report.md: the hardware, the wall time, the protocol, the tables (every seed, their mean and
 spread, the measure's floor and ceiling), the figures (matplotlib) and every command.
@@ -66,24 +67,41 @@ EMA_DECAY = 0.99
 EVAL_EVERY = 150           # held-out loss every N steps (and at the end of each stage)
 FINETUNE = "--ft-lr 1e-3"  # SPRINT's stage 2 (scaled_flags adds --ft-warmup, --ft-ema-decay)
 FT_WARMUP = 10
-# arm: (its train.py flags, stage-1 steps, fine-tuning steps, the arm it starts from).
-# A SPRINT step at 75% drop costs about half a DiT step here (0.168 vs 0.334 GFLOPs an image), so
-# 750 + 75 SPRINT steps take about the training seconds of 450 DiT steps.
+# (d) SparseDiT's claim at its paper's token grid: 32 px in patches of 2 is 16 x 16 tokens, as
+# 256 px is through the SD-VAE, so the sparse grid grows from 6 x 6 to 10 x 10 as the paper's does.
+# The DiT paper's own model (--diffusion ddpm: learned variance, sin-cos table), 12 blocks 64 wide
+# (0.93 M parameters; SparseDiT's 12-block layout: a Poolingformer, 2 SDTMs, a dense block)
+GRID_IMAGE_SIZE = 32
+TRAIN_GRID = (f"--size S --hidden-size 64 --num-heads 4 --image-size {GRID_IMAGE_SIZE} "
+              f"--global-batch-size 32 --lr 1e-3")
+# arm: (its train.py flags, stage-1 steps, fine-tuning steps, the arm it starts from, whether it is
+# (d)'s, at 32 px). A SPRINT step at 75% drop costs about half a DiT step here (0.168 vs 0.334
+# GFLOPs an image), so 750 + 75 SPRINT steps take about the training seconds of 450 DiT steps.
+# (d): the DiT until its held-out loss has flattened, then 10% more steps as SparseDiT (converted
+# by --init) and as the DiT itself (the control); the paper fine-tunes for about 6%, but that is
+# 400 K steps: sparsedit32-long (held-out loss only) asks whether 50% brings SparseDiT back.
 ARMS = {
-    "dit": ("--model dit", 450, 0, None),
-    "sprint": ("--model sprint --drop 0.75", 750, 75, None),
-    "sprint-random": ("--model sprint --drop 0.75 --mask-type random", 750, 75, None),
-    "sparsedit": ("--model sparsedit", 225, 0, "dit"),
-    "dit-control": ("--model dit", 225, 0, "dit"),
+    "dit": ("--model dit", 450, 0, None, False),
+    "sprint": ("--model sprint --drop 0.75", 750, 75, None, False),
+    "sprint-random": ("--model sprint --drop 0.75 --mask-type random", 750, 75, None, False),
+    "dit32": ("--model dit --diffusion ddpm", 2000, 0, None, True),
+    "sparsedit32": ("--model sparsedit", 200, 0, "dit32", True),
+    "dit32-control": ("--model dit", 200, 0, "dit32", True),
+    "sparsedit32-long": ("--model sparsedit", 1000, 0, "dit32", True),
 }
 # every sample set: one sampler, the same noise (sampling seed 0); + --steps, --num-samples
 SAMPLE = "--sampler euler --seed 0 --per-proc-batch-size 100"
+# (d)'s: the DiT paper's sampler (DDPM, its 250 steps respaced to 25) at its FID's guidance, 1.5
+GRID_SAMPLE = "--sampler ddpm --seed 0 --per-proc-batch-size 100"
+GRID_SAMPLER_STEPS = 25
+GRID_SCALE = 1.5
 SCALES = (1.5, 2, 3, 4)        # SPRINT's final checkpoint with CFG and with PDG at each
 SCALE = 2                      # every other sample set: CFG at this scale
 SEEDS = (0, 1)
 SAMPLES = 900
-# 26 sample sets of 900 images: at ~0.018 s per image and model pass on one core, Euler 8 keeps
-# them to about 50 min on two cores (every set uses the same sampler, so they compare alike)
+# 22 sample sets of 900 images at 16 px: at ~0.007 s per image and model pass on one core, Euler 8
+# keeps them to 32 min of one core (every set uses the same sampler, so they compare alike); (d)'s
+# 6 sets of DDPM 25 take 44 min
 SAMPLER_STEPS = 8
 CLASSIFIER_EPOCHS = quality.EPOCHS
 # what --out remembers: a later call may add seeds or change --jobs, not these
@@ -104,16 +122,16 @@ def scaled(n, scale, least=1):
 
 def lengths(args, arm):
     """(stage-1 steps, fine-tuning steps) of an arm at --scale."""
-    _, steps, finetune, _ = ARMS[arm]
+    _, steps, finetune, _, _ = ARMS[arm]
     return scaled(steps, args.scale), scaled(finetune, args.scale) if finetune else 0
 
 
-def scaled_flags(args):
-    """The train.py flags every arm shares and SPRINT's fine-tuning flags, at --scale: the
-    evaluation interval and the warm-up scale with it, and so does the EMA's horizon
+def scaled_flags(args, grid=False):
+    """The train.py flags every arm (of (d) if grid) shares and SPRINT's fine-tuning flags, at
+    --scale: the evaluation interval and the warm-up scale with it, and so does the EMA's horizon
     1 / (1 - decay), as decay^(1/scale): a short run's EMA forgets its start as a long one's."""
     ema = f"{EMA_DECAY ** (1 / args.scale):.4g}"
-    shared = [*TRAIN.split(), "--ema-decay", ema,
+    shared = [*(TRAIN_GRID if grid else TRAIN).split(), "--ema-decay", ema,
               "--eval-every", str(scaled(EVAL_EVERY, args.scale))]
     finetune = [*FINETUNE.split(), "--ft-warmup", str(scaled(FT_WARMUP, args.scale, least=0)),
                 "--ft-ema-decay", ema]
@@ -147,6 +165,11 @@ class Job:
         return os.path.join(out, "logs", self.name.replace("/", "-") + ".log")
 
 
+def classifier_path(args, size):
+    """quality.py's classifier for samples of `size` px (the 16 px one keeps its earlier name)."""
+    return os.path.join(args.out, "classifier.pt" if size == IMAGE_SIZE else f"classifier{size}.pt")
+
+
 def final_checkpoint(args, seed, arm):
     """The glob of an arm's final checkpoint, in a numbered run folder (000-dit-S-2, ...)."""
     step = sum(lengths(args, arm))
@@ -171,9 +194,9 @@ def checkpoint(args, seed, arm, step=None):
 
 def train_argv(args, seed, arm):
     """train.py's arguments for one arm and seed; --train-flags come last, so they win."""
-    flags, _, _, init = ARMS[arm]
+    flags, _, _, init, grid = ARMS[arm]
     steps, finetune = lengths(args, arm)
-    shared, finetune_flags = scaled_flags(args)
+    shared, finetune_flags = scaled_flags(args, grid)
     argv = [*flags.split(), *shared, "--data", args.data, "--steps", str(steps),
             "--finetune-steps", str(finetune)]
     if finetune:
@@ -199,18 +222,22 @@ def sample_argv(args, seed, arm, scale, pdg=False, stage1=False):
     proportions, the protocol's sampler and noise, CFG or PDG at this scale."""
     step = lengths(args, arm)[0] if stage1 else None
     name = sample_name(arm, scale, pdg, stage1)
+    grid = ARMS[arm][4]
+    sampler = [*GRID_SAMPLE.split(), "--steps", str(GRID_SAMPLER_STEPS)] if grid else [
+        *SAMPLE.split(), "--steps", str(args.sampler_steps)]
     return ["--ckpt", checkpoint(args, seed, arm, step), "--labels-from", args.data,
-            "--num-samples", str(args.samples), *SAMPLE.split(), "--steps", str(args.sampler_steps),
+            "--num-samples", str(args.samples), *sampler,
             "--cfg-scale", f"{scale:g}", *(["--pdg"] if pdg else []),
             "--out", samples_path(args, seed, name)]
 
 
 def plan(args):
     """Every job of the protocol, in groups whose jobs start together, in the order they start."""
-    classifier_path = os.path.join(args.out, "classifier.pt")
-    classifier = Job("classifier", QUALITY, lambda: [
-        "train", "--data", args.data, "--image-size", str(IMAGE_SIZE), "--out", classifier_path,
-        "--epochs", str(scaled(CLASSIFIER_EPOCHS, args.scale))], classifier_path)
+    classifiers = {grid: Job("classifier" + f"{size}" * grid, QUALITY, lambda size=size: [
+        "train", "--data", args.data, "--image-size", str(size),
+        "--out", classifier_path(args, size),
+        "--epochs", str(scaled(CLASSIFIER_EPOCHS, args.scale))], classifier_path(args, size))
+        for grid, size in ((False, IMAGE_SIZE), (True, GRID_IMAGE_SIZE))}
     trained = {(seed, arm): Job(f"seed{seed}/train/{arm}", "train.py",
                                 lambda seed=seed, arm=arm: train_argv(args, seed, arm),
                                 final_checkpoint(args, seed, arm))
@@ -226,24 +253,28 @@ def plan(args):
         job = Job(f"seed{seed}/sample/{name}", SAMPLE_LIKE,
                   lambda: sample_argv(args, seed, arm, scale, pdg, stage1), path,
                   [trained[seed, arm]])
+        classifier = classifiers[ARMS[arm][4]]
         scored = Job(f"seed{seed}/score/{name}", QUALITY, lambda: [
-            "score", path, "--classifier", classifier_path, "--out", path[:-4] + ".json"],
+            "score", path, "--classifier", classifier.output, "--out", path[:-4] + ".json"],
             path[:-4] + ".json", [job, classifier])
         return job, scored
 
     seeds = args.seeds
-    groups = [[classifier]]
+    groups = [[classifiers[False]]]
     # training runs whose seconds are compared start together, each on its own core: (a), (d)
     groups += [[trained[s, "dit"], trained[s, "sprint"]] for s in seeds]
     groups += [[trained[s, "sprint-random"] for s in seeds]]                        # (e)
-    groups += [[trained[s, "sparsedit"], trained[s, "dit-control"]] for s in seeds]
+    # (d): the two seeds' DiTs side by side, then each seed's two continuations together
+    groups += [[classifiers[True]], [trained[s, "dit32"] for s in seeds]]
+    groups += [[trained[s, "sparsedit32"], trained[s, "dit32-control"]] for s in seeds]
+    groups += [[trained[s, "sparsedit32-long"] for s in seeds]]
     # sampling jobs one at a time, whichever core is free: every one of them runs beside another
     # job, so their seconds per image are measured alike without waiting for a partner
     for s in seeds:
         sets = [sampled(s, "sprint", w, pdg) for w in SCALES for pdg in (False, True)]   # (c)
-        sets += [sampled(s, "dit", SCALE), sampled(s, "sparsedit", SCALE),              # (d)
-                 sampled(s, "dit-control", SCALE), sampled(s, "sprint", SCALE, stage1=True),
+        sets += [sampled(s, "dit", SCALE), sampled(s, "sprint", SCALE, stage1=True),
                  sampled(s, "sprint-random", SCALE)]
+        sets += [sampled(s, arm, GRID_SCALE) for arm in ("dit32", "dit32-control", "sparsedit32")]
         for job, scored in sets:
             groups += [[job], [scored]]
     return groups
@@ -349,6 +380,7 @@ def run_jobs(groups, args):
 BLUE = "tab:blue"
 ORANGE = "tab:orange"
 GREY = "grey"
+RED = "tab:red"
 
 
 def save_plots(panels, path):
@@ -404,7 +436,8 @@ class Results:
                         self.seconds[record["job"]] = record["seconds"]   # its latest run
                     else:
                         self.calls.append((record["seconds"], record["ran"]))
-        self.info = quality.load_classifier(os.path.join(args.out, "classifier.pt")).info
+        self.info = {size: quality.load_classifier(classifier_path(args, size)).info
+                     for size in (IMAGE_SIZE, GRID_IMAGE_SIZE)}
         self.logs = {}
         for s in args.seeds:
             for arm in ARMS:
@@ -447,10 +480,11 @@ def table(header, rows):
             + ["| " + " | ".join(row) + " |" for row in rows] + [""])
 
 
-def seed_table(r, header, specs, settings):
+def seed_table(r, header, specs, settings, size=IMAGE_SIZE):
     """A table with a row per setting and seed, then (with several seeds) the mean and, in
     brackets, the spread (largest minus smallest) of every number; then, if it has a distance
-    column, the measure's floor and ceiling. settings: [(label, seed -> [a value per column])]."""
+    column, the floor and ceiling of the measure at `size` px. settings: [(label, seed -> [a value
+    per column])]."""
     rows = []
     for label, values_of in settings:
         by_seed = {s: values_of(s) for s in r.args.seeds}
@@ -467,7 +501,8 @@ def seed_table(r, header, specs, settings):
             rows.append([label, "mean (spread)"] + cells)
     for label, key in (("real held-out images (floor)", "floor"),
                        ("uniform noise (ceiling)", "ceiling")):
-        bound = {"distance": r.info[key]["distance"], "class accuracy": r.info[key]["accuracy"]}
+        info = r.info[size][key]
+        bound = {"distance": info["distance"], "class accuracy": info["accuracy"]}
         if "distance" in header:
             rows.append([label, "–"] + [fmt(bound.get(name), ".3f") for name in header[2:]])
     return table(header, rows)
@@ -609,33 +644,126 @@ def guidance_section(r, figures):
                    ORANGE if pdg else BLUE, k % 2 == 1)
                   for k, s in enumerate(r.args.seeds) for pdg in (False, True)]
         series.append(("real held-out images", (SCALES[0], SCALES[-1]),
-                       (r.info["floor"][key],) * 2, GREY, True))
+                       (r.info[IMAGE_SIZE]["floor"][key],) * 2, GREY, True))
         panels.append((title, "guidance scale", key, series))
     save_plots(panels, os.path.join(figures, "guidance.png"))
     return lines + ["", "![distance and accuracy, guidance scale](figures/guidance.png)", ""]
 
 
-def sparsedit_section(r):
-    """(d) SparseDiT vs the DiT it came from vs that DiT given the same extra steps."""
-    extra = lengths(r.args, "sparsedit")[0]
-    arms = (("dit", "DiT"), ("dit-control", f"DiT + {extra} steps (control)"),
-            ("sparsedit", f"SparseDiT from it, + {extra} steps"))
-    settings = [(label, lambda s, arm=arm: [r.train_s(s, arm), r.at_step(s, arm)["eval_loss"],
-                                            *r.quality(s, sample_name(arm, SCALE))])
-                for arm, label in arms]
-    lines = ["## (d) SparseDiT vs the DiT it came from vs that DiT given the same extra steps", "",
-             f"SparseDiT and the control both start from the DiT's final checkpoint (`--init`) "
-             f"and train {extra} more steps; their training seconds are those steps'. Samples "
-             f"with CFG {SCALE:g}.", ""]
+def sampling_gflops(args, arm):
+    """Forward GFLOPs per image of one whole sample set's sampling run of an arm (sample.py's count:
+    every model pass the sampler makes, CFG's two at every step), from seed 0's final checkpoint."""
+    model = sample.load_model(checkpoint(args, args.seeds[0], arm), input_size=GRID_IMAGE_SIZE)
+    return sample.trajectory_flops(model, "ddpm", GRID_SAMPLER_STEPS, cfg_scale=GRID_SCALE) / 1e9
+
+
+def quarters(r, arm):
+    """The run's evaluations nearest 0, 1/4, 1/2, 3/4 and all of its steps (the first seed's)."""
+    evals = sorted(r.evals(r.args.seeds[0], arm))
+    steps = lengths(r.args, arm)[0]
+    return sorted({min(evals, key=lambda k: abs(k - steps * q / 4)) for q in range(5)})
+
+
+def sparsedit_section(r, figures):
+    """(d) SparseDiT's claim at its paper's token grid: the DiT's held-out loss flattening, then
+    SparseDiT against the DiT given the same steps: quality, sampling FLOPs and measured speed."""
+    steps = lengths(r.args, "dit32")[0]
+    extra = lengths(r.args, "sparsedit32")[0]
+    arms = (("dit32", f"DiT, step {steps}"), ("dit32-control", f"DiT + {extra} steps (control)"),
+            ("sparsedit32", f"SparseDiT from it, + {extra} steps"))
+    gflops = {arm: sampling_gflops(r.args, arm) for arm, _ in arms}
+    shown = quarters(r, "dit32")[1:]
+    lines = ["## (d) SparseDiT at its paper's token grid: 16 × 16 tokens, sparse sides 6 → 10", "",
+             f"The DiT paper's own model (DDPM with learned variance, the sin-cos table: "
+             f"`--diffusion ddpm`) trained from scratch for {steps} steps on the same images at "
+             f"{GRID_IMAGE_SIZE} px, in patches of 2: 16 × 16 tokens, SparseDiT's sparse grid "
+             f"growing from 6 × 6 to 10 × 10 over the trajectory as at the paper's 256 px. Then "
+             f"{extra} more steps ({extra / steps:.0%} of the DiT's; the paper's fine-tune is "
+             f"about 6% of DiT's training) as SparseDiT (converted by `--init`) and, as the "
+             f"control, as the DiT itself. Its held-out loss, to show where it stands when "
+             f"converted:", ""]
+    lines += seed_table(r, ["DiT", "seed", "training s", "held-out loss"], [".0f", ".4f"],
+                        [(f"step {k}", lambda s, k=k: [r.evals(s, "dit32")[k]["train_s"],
+                                                       r.evals(s, "dit32")[k]["eval_loss"]])
+                         for k in shown])
+    half = shown[-2]
+    lines.append(differences(r, f"DiT held-out loss, step {steps} − step {half}",
+                             lambda s: r.evals(s, "dit32")[half]["eval_loss"],
+                             lambda s: r.at_step(s, "dit32")["eval_loss"], ".4f", paired=True))
+    lines += ["", f"Samples with the DiT paper's sampler, `{GRID_SAMPLE} --steps "
+              f"{GRID_SAMPLER_STEPS}`, CFG {GRID_SCALE:g} (its FID's), scored by the "
+              f"{GRID_IMAGE_SIZE} px classifier. GFLOPs per image: the whole sampling run's, both "
+              f"CFG passes at every step (sample.py's count); seconds per image: the sampling "
+              f"job's, every job of this call on one core beside another job; training s: the "
+              f"run's own steps.", ""]
+
+    def values(s, arm):
+        """An arm's training seconds, held-out loss, quality, sampling cost and speed."""
+        distance, accuracy, s_per_image = r.quality(s, sample_name(arm, GRID_SCALE))
+        return [r.train_s(s, arm), r.at_step(s, arm)["eval_loss"], distance, accuracy,
+                gflops[arm], s_per_image, 1 / s_per_image if s_per_image else None]
+
     lines += seed_table(r, ["model", "seed", "training s", "held-out loss", "distance",
-                            "class accuracy", "s per image"],
-                        [".0f", ".4f", ".3f", ".3f", ".3f"], settings)
-    lines += quality_differences(r, "SparseDiT − control", sample_name("dit-control", SCALE),
-                                 sample_name("sparsedit", SCALE))
+                            "class accuracy", "sampling GFLOPs per image", "s per image",
+                            "images/s"], [".0f", ".4f", ".3f", ".3f", ".1f", ".3f", ".2f"],
+                        [(label, lambda s, arm=arm: values(s, arm)) for arm, label in arms],
+                        GRID_IMAGE_SIZE)
+    control = sample_name("dit32-control", GRID_SCALE)
+    sparse = sample_name("sparsedit32", GRID_SCALE)
+    lines += quality_differences(r, "SparseDiT − control", control, sparse)
     lines.append(differences(r, "SparseDiT − control, held-out loss",
-                             lambda s: r.at_step(s, "dit-control")["eval_loss"],
-                             lambda s: r.at_step(s, "sparsedit")["eval_loss"], ".4f"))
-    return lines + [""]
+                             lambda s: r.at_step(s, "dit32-control")["eval_loss"],
+                             lambda s: r.at_step(s, "sparsedit32")["eval_loss"], ".4f"))
+    speed = [r.score(s, control)["s_per_image"] / r.score(s, sparse)["s_per_image"]
+             for s in r.args.seeds if r.score(s, sparse)["s_per_image"]]
+    train_speed = [r.train_s(s, "dit32-control") / r.train_s(s, "sparsedit32")
+                   for s in r.args.seeds]
+    lines += [f"- Sampling FLOPs per image: SparseDiT {gflops['sparsedit32']:.1f} against the "
+              f"DiT's {gflops['dit32-control']:.1f} GFLOPs, "
+              f"{gflops['sparsedit32'] / gflops['dit32-control'] - 1:+.0%} (the paper, DiT-XL/2 "
+              f"at 256 px: 68.1 against 118.6, −43%).",
+              f"- Measured images/s, SparseDiT ÷ control, per seed: "
+              f"{', '.join(f'{x:.2f}' for x in speed)} (the paper, on a GPU: 2.95 ÷ 1.58 = 1.87); "
+              f"training seconds for the same steps, control ÷ SparseDiT: "
+              f"{', '.join(f'{x:.2f}' for x in train_speed)}.",
+              "- The paper's quality at those costs: FID 2.38 for SparseDiT against 2.27 for "
+              "DiT-XL/2 (50 K samples, DDPM 250 steps, CFG 1.5).", ""]
+    long_steps = lengths(r.args, "sparsedit32-long")[0]
+    lines += [f"Whether more steps bring SparseDiT back: the same conversion fine-tuned for "
+              f"{long_steps} steps ({long_steps / steps:.0%} of the DiT's; held-out loss only), "
+              f"against the DiT's weights it started from (the control's step 0).", ""]
+    lines += seed_table(r, ["SparseDiT, longer", "seed", "training s", "held-out loss"],
+                        [".0f", ".4f"],
+                        [(f"step {k}", lambda s, k=k: [
+                            r.evals(s, "sparsedit32-long")[k]["train_s"],
+                            r.evals(s, "sparsedit32-long")[k]["eval_loss"]])
+                         for k in quarters(r, "sparsedit32-long")])
+    lines.append(differences(r, f"SparseDiT after {long_steps} steps − the DiT it came from, "
+                             f"held-out loss",
+                             lambda s: r.evals(s, "dit32-control")[0]["eval_loss"],
+                             lambda s: r.at_step(s, "sparsedit32-long")["eval_loss"], ".4f"))
+    lines.append("")
+    series = []
+    for k, s in enumerate(r.args.seeds):
+        for arm, label, colour in (("dit32", "DiT", GREY), ("dit32-control", "control", BLUE),
+                                   ("sparsedit32", "SparseDiT", ORANGE),
+                                   ("sparsedit32-long", "SparseDiT, longer", RED)):
+            offset = steps if ARMS[arm][3] else 0                # a continuation's step 0 is N
+            points = sorted((step, e["eval_loss"]) for step, e in r.evals(s, arm).items()
+                            if step > 0 or offset)               # the DiT's step 0 is ~1
+            series.append((f"{label}, seed {s}", [offset + x for x, _ in points],
+                           [y for _, y in points], colour, k % 2 == 1))
+    cost = []
+    for key in ("distance", "accuracy"):
+        cost.append((f"Sample {key} against sampling cost", "sampling GFLOPs per image", key,
+                     [(f"seed {s}: control → SparseDiT",
+                       [gflops["dit32-control"], gflops["sparsedit32"]],
+                       [r.score(s, control)[key], r.score(s, sparse)[key]], ORANGE, k % 2 == 1)
+                      for k, s in enumerate(r.args.seeds)]))
+    save_plots([("Held-out loss (DDPM: MSE + VB) after the DiT's step 0", "step", "held-out loss",
+                 series)] + cost, os.path.join(figures, "sparsedit.png"))
+    return lines + ["![held-out loss by step; quality against sampling GFLOPs](figures/"
+                    "sparsedit.png)", ""]
 
 
 def drop_section(r):
@@ -669,37 +797,47 @@ def grids_section(r, figures):
                         ("SPRINT", sample_name("sprint", SCALE)),
                         ("SPRINT, PDG", sample_name("sprint", SCALE, pdg=True)),
                         ("SPRINT, end of stage 1", sample_name("sprint", SCALE, stage1=True)),
-                        ("SPRINT, random drop", sample_name("sprint-random", SCALE)),
-                        ("SparseDiT", sample_name("sparsedit", SCALE)),
-                        ("DiT control", sample_name("dit-control", SCALE))):
+                        ("SPRINT, random drop", sample_name("sprint-random", SCALE))):
         with np.load(samples_path(r.args, s, name)) as f:
             save_class_grid(f["arr_0"], f["arr_1"], num_classes,
                             os.path.join(figures, f"grid-seed{s}-{name}.png"))
         shown.append((f"{label} ({name})", f"grid-seed{s}-{name}.png"))
+    images, labels = quality.real_images(r.args.data, GRID_IMAGE_SIZE)
+    save_class_grid(images[held], labels[held], num_classes,
+                    os.path.join(figures, "grid-real32.png"), zoom=2)
+    shown32 = [("real held-out images, 32 px", "grid-real32.png")]
+    for label, arm in (("DiT (d)", "dit32"), ("DiT control (d)", "dit32-control"),
+                       ("SparseDiT (d)", "sparsedit32")):
+        name = sample_name(arm, GRID_SCALE)
+        with np.load(samples_path(r.args, s, name)) as f:
+            save_class_grid(f["arr_0"], f["arr_1"], num_classes,
+                            os.path.join(figures, f"grid-seed{s}-{name}.png"), zoom=2)
+        shown32.append((f"{label} ({name})", f"grid-seed{s}-{name}.png"))
     lines = ["## Samples", "",
              f"Seed {s}: the first 4 samples of every class, a column per class (0 to "
-             f"{num_classes - 1}), enlarged 4×; every arm from the same noise.", ""]
+             f"{num_classes - 1}), every arm from the same noise; 16 px enlarged 4×, then (d)'s "
+             f"32 px enlarged 2×.", ""]
     for k in range(0, len(shown), 4):
         lines += table([label for label, _ in shown[k: k + 4]],
                        [[f"![{label}](figures/{png})" for label, png in shown[k: k + 4]]])
+    lines += table([label for label, _ in shown32],
+                   [[f"![{label}](figures/{png})" for label, png in shown32]])
     return lines
 
 
 def header_section(r, groups, ran):
     """The title, the call, the hardware and time, the rule, the protocol, the instrument."""
     args = r.args
-    info = r.info
     jobs = [job for group in groups for job in group]
     core_s = sum(r.seconds.get(job.name, 0.0) for job in jobs)
     rows = [[arm, f"`{flags}`",
              f"{lengths(args, arm)[0]}" + (f" + {lengths(args, arm)[1]} fine-tuning"
                                            if finetune else ""),
              f"the {init}'s final checkpoint" if init else "scratch"]
-            for arm, (flags, _, finetune, init) in ARMS.items()]
+            for arm, (flags, _, finetune, init, _) in ARMS.items()]
     extra = f", then `{shlex.join(args.train_flags)}`" if args.train_flags else ""
-    floor = info["floor"]
-    ceiling = info["ceiling"]
     shared, finetune = map(shlex.join, scaled_flags(args))
+    shared_grid = shlex.join(scaled_flags(args, grid=True)[0])
     walls = ", ".join(f"{duration(wall)} for {n} jobs" for wall, n in r.calls)
     lines = ["# The CPU miniature: sample quality and cost, measured", "",
              f"Written by `{invocation(args)}`.", "",
@@ -709,25 +847,30 @@ def header_section(r, groups, ran):
              f"of one core. This call ran {ran} jobs and skipped {len(jobs) - ran} done earlier.",
              "", "## How a difference is read", "", RULE,
              "", "## Protocol", "",
-             f"Data `{args.data}` at {IMAGE_SIZE} px; seeds {', '.join(map(str, args.seeds))}; "
-             f"training lengths × {args.scale:g}. Every training run: `{shared}` (SPRINT's "
-             f"fine-tune: `{finetune}`){extra}.", ""]
+             f"Data `{args.data}` at {IMAGE_SIZE} px, (d) at {GRID_IMAGE_SIZE} px; seeds "
+             f"{', '.join(map(str, args.seeds))}; training lengths × {args.scale:g}. Every "
+             f"training run of (a), (b), (c), (e): `{shared}` (SPRINT's fine-tune: `{finetune}`)"
+             f"{extra}; of (d): `{shared_grid}`{extra}.", ""]
     lines += table(["arm", "flags", "steps", "starts from"], rows)
     return lines + [
         f"Every sample set: {args.samples} images with labels in the data's proportions "
         f"(`sample_like.py --labels-from`), `{SAMPLE} --steps {args.sampler_steps}`, CFG "
         f"{SCALE:g} unless it says otherwise; SPRINT's final checkpoint also at scales "
-        f"{', '.join(f'{w:g}' for w in SCALES)}, with CFG and with PDG.", "",
+        f"{', '.join(f'{w:g}' for w in SCALES)}, with CFG and with PDG. (d)'s: `{GRID_SAMPLE} "
+        f"--steps {GRID_SAMPLER_STEPS}`, CFG {GRID_SCALE:g}.", "",
         "## The instrument", "",
-        f"`quality.py`'s classifier (not the papers' FID, which is `fid.py`), trained on "
-        f"{info['data']} at {info['image_size']} px, epochs: {info['epochs']}, in "
-        f"{info['train_seconds']:.0f} s on one thread: held-out accuracy "
-        f"**{info['held_out_accuracy']:.3f}**. Distance: the Fréchet distance of its penultimate "
-        f"features to those of the images it trained on (lower is better). Class accuracy: the "
-        f"share of samples it assigns to their intended class. Floor: the {floor['n']} held-out "
-        f"real images, distance {floor['distance']:.3f}; ceiling: as many uniform-noise images, "
-        f"distance {ceiling['distance']:.3f}. Tables give every seed, then the mean and, in "
-        f"brackets, the spread (largest minus smallest).", ""]
+        "`quality.py`'s classifier (not the papers' FID, which is `fid.py`), one for each image "
+        "size. Distance: the Fréchet distance of its penultimate features to those of the images "
+        "it trained on (lower is better). Class accuracy: the share of samples it assigns to "
+        "their intended class. Floor: the held-out real images; ceiling: as many uniform-noise "
+        "images. Tables give every seed, then the mean and, in brackets, the spread (largest "
+        "minus smallest).", ""] + table(
+        ["classifier", "trained on", "epochs", "seconds (one thread)", "held-out accuracy",
+         "floor: distance (images)", "ceiling: distance"],
+        [[f"{size} px", info["data"], str(info["epochs"]), f"{info['train_seconds']:.0f}",
+          f"**{info['held_out_accuracy']:.3f}**",
+          f"{info['floor']['distance']:.3f} ({info['floor']['n']})",
+          f"{info['ceiling']['distance']:.3f}"] for size, info in r.info.items()])
 
 
 def commands_section(groups, seconds):
@@ -746,7 +889,7 @@ def write_report(args, groups, ran):
     os.makedirs(figures, exist_ok=True)
     r = Results(args)
     lines = (header_section(r, groups, ran) + cost_section(r, figures)
-             + finetune_section(r) + guidance_section(r, figures) + sparsedit_section(r)
+             + finetune_section(r) + guidance_section(r, figures) + sparsedit_section(r, figures)
              + drop_section(r) + grids_section(r, figures) + commands_section(groups, r.seconds))
     path = os.path.join(args.out, "report.md")
     with open(path, "w") as f:

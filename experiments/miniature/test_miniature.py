@@ -32,7 +32,7 @@ PARSERS = {"train.py": lambda argv: train.parse_args(argv)[0],
 def test_every_planned_line_runs_a_script_that_takes_it(tmp_path):
     args = run.parse_args(["--out", str(tmp_path / "out")])
     jobs = [job for group in run.plan(args) for job in group]
-    assert len(jobs) == 63                      # classifier; 2 seeds x (5 runs + 13 sets, scored)
+    assert len(jobs) == 72                      # 2 classifiers; 2 seeds x (7 runs, 14 sets scored)
     for job in jobs:
         env, python, script, *argv = shlex.split(job.command())
         assert (env, python) == ("OMP_NUM_THREADS=1", "python") and (ROOT / script).is_file()
@@ -44,7 +44,9 @@ def test_the_arms_train_the_miniature_model_and_sample_their_own_checkpoints(tmp
     args = run.parse_args(["--out", str(tmp_path / "out")])
     jobs = [job for group in run.plan(args) for job in group]
     made = {}
-    for job in jobs[1:]:                                        # after the classifier
+    for job in jobs:
+        if job.script == run.QUALITY and job.name.startswith("classifier"):   # 16 px, 32 px
+            continue
         seed, kind, arm = job.name.split("/")
         if kind == "train":
             flags = PARSERS["train.py"](job.argv())
@@ -54,11 +56,15 @@ def test_the_arms_train_the_miniature_model_and_sample_their_own_checkpoints(tmp
             with meta:
                 cfg = train.build_model(flags, 3, 8, 9, meta)[0].cfg   # as train.py builds it
             flags.init = start
-            assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (128, 4, (2, 8, 2))
+            grid = "32" in arm                                  # (d): the paper's token grid
+            width = 64 if grid else 128
+            assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (width, 4, (2, 8, 2))
+            assert flags.image_size // flags.patch_size == (16 if grid else 8)
+            assert (flags.diffusion == "ddpm") == (arm == "dit32")  # the others: flow, or --init's
             made[seed, arm] = train.run_folder(flags)          # NNN-model-size-patch, as train.py
             assert made[seed, arm].endswith(f"-{flags.model}-S-2")
             if flags.init:                                      # from the DiT's final checkpoint
-                assert flags.init == os.path.join(made[seed, "dit"], "checkpoints", "0000450.pt")
+                assert flags.init == os.path.join(made[seed, "dit32"], "checkpoints", "0002000.pt")
         if kind == "sample":
             ckpt = PARSERS[run.SAMPLE_LIKE](job.argv()).ckpt
             trained = job.inputs[0]
