@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sparsedit import DDPM, MODELS, space_timesteps
-from sprint import DDPM_STEPS, SIZES, ModelConfig
+from sprint import DDPM_STEPS, DIT_PAPER, SIZES, ModelConfig
 
 
 #################################################################################
@@ -250,8 +250,7 @@ def from_released(sd, input_size=32):
         raise ValueError(f"cannot tell the attention heads of a released width-{D} model")
     cfg = ModelConfig("dit" if table else "sprint", size, p, input_size, 4,
                       len(sd["y_embedder.embedding_table.weight"]) - 1, D, heads,
-                      (0, depths[3], 0) if table else depths[:3], diffusion="ddpm" if table
-                      else "flow", positions="table" if table else "rope", qk_norm=not table)
+                      (0, depths[3], 0) if table else depths[:3], **(DIT_PAPER if table else {}))
     return cfg, sd
 
 

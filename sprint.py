@@ -38,7 +38,8 @@ SIZES = {
     "XL": (1152, 16, (2, 24, 2)),
 }
 DDPM_STEPS = 1000          # the DiT paper's diffusion: integer timesteps 0..999
-DIT_PAPER = {"diffusion": "ddpm", "positions": "table", "qk_norm": False}    # its model's fields
+# the DiT paper's model: DDPM with learned variance (2C outputs), fixed 2D sin-cos table, no q/k norm
+DIT_PAPER = {"diffusion": "ddpm", "positions": "table", "qk_norm": False}
 
 
 @dataclass
@@ -56,9 +57,7 @@ class ModelConfig:
     depths: tuple = ()               # (encoder, middle, decoder); a DiT runs sum(depths) blocks
     mlp_ratio: float = 4.0
     extra: dict = field(default_factory=dict)   # SparseDiT's layout and density (sparsedit.py)
-    # SPRINT's SiT: "flow", "rope", True. The DiT paper's: "ddpm" (noise prediction with learned
-    # variance: 2C output channels; the integer timestep 0..999), "table" (a fixed 2D sin-cos
-    # table added after the patch embedding), False (no q/k norm)
+    # SPRINT's SiT: "flow", "rope", True; the DiT paper's: DIT_PAPER
     diffusion: str = "flow"
     positions: str = "rope"
     qk_norm: bool = True
@@ -93,8 +92,7 @@ class ModelConfig:
     @property
     def paper_recipe(self):
         """(precision on CUDA, max gradient norm or 0) of the official code that trains this model:
-        SparseDiT's fp16, no clipping; DiT's (DDPM) fp32 with TF32, none; SPRINT's (and its SiT's)
-        bf16, a norm of 1."""
+        SparseDiT's fp16, no clip; DiT's (DDPM) fp32 (TF32), none; SPRINT's (its SiT's) bf16, 1."""
         if self.model == "sparsedit":
             return "fp16", 0.0
         return ("fp32", 0.0) if self.diffusion == "ddpm" else ("bf16", 1.0)

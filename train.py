@@ -85,8 +85,7 @@ def parser():
     p.add_argument("--grad-clip", type=number(0, kind=float), help="max gradient norm, 0: none "
                    "(default: the paper's; SPRINT 1.0, DiT and SparseDiT none)")
     start = p.add_mutually_exclusive_group()      # a new model, --init's weights, or a run's
-    start.add_argument("--diffusion", choices=["flow", "ddpm"], help="a new model's: flow (SiT's, "
-                       "the default) or the DiT paper's (DDPM, learned variance, sin-cos table)")
+    start.add_argument("--diffusion", choices=["flow", "ddpm"], help="ddpm: the DiT paper's model")
     start.add_argument("--init", help="a checkpoint's EMA weights (a DiT's: SparseDiT's start)")
     start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
     p.add_argument("--compile", action="store_true")

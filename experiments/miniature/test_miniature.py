@@ -56,7 +56,7 @@ def test_the_arms_train_the_miniature_model_and_sample_their_own_checkpoints(tmp
             with meta:
                 cfg = train.build_model(flags, 3, 8, 9, meta)[0].cfg   # as train.py builds it
             flags.init = start
-            grid = "32" in arm                                  # (d): the paper's token grid
+            grid = run.ARMS[arm][4]                             # (d): the paper's token grid
             width = 64 if grid else 128
             assert (cfg.hidden_size, cfg.num_heads, cfg.depths) == (width, 4, (2, 8, 2))
             assert flags.image_size // flags.patch_size == (16 if grid else 8)
