@@ -38,7 +38,7 @@ SIZES = {
     "XL": (1152, 16, (2, 24, 2)),
 }
 DDPM_STEPS = 1000          # the DiT paper's diffusion: integer timesteps 0..999
-# the DiT paper's model: DDPM with learned variance (2C outputs), fixed 2D sin-cos table, no q/k norm
+# the DiT paper's model: DDPM with learned variance (2C outputs), 2D sin-cos table, no q/k norm
 DIT_PAPER = {"diffusion": "ddpm", "positions": "table", "qk_norm": False}
 
 
