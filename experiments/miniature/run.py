@@ -16,26 +16,19 @@ spread, the measure's floor and ceiling), the figures (matplotlib) and every com
 
 Each job is one command line of train.py, sample_like.py or quality.py: printed, logged to
 --out/logs and listed in the report exactly as a user types it, from the repository root, to rerun
-that job alone. --jobs persistent workers, one thread each (what the line's OMP_NUM_THREADS=1 does),
-split that very line and call its script's entry point, which is what running it does, without the
-~3 s a new process spends importing torch. The jobs of a group (the two arms of a comparison: DiT
-beside SPRINT, whose cost is compared in training seconds) start together, each on its own core. A
-job whose output exists is skipped, so an interrupted run continues where it stopped; --out
-remembers its settings and refuses others.
+that job alone; jobs.py runs them in --jobs persistent workers, one thread each. The jobs of a
+group (the two arms of a comparison: DiT beside SPRINT, whose cost is compared in training
+seconds) start together, each on its own core. A job whose output exists is skipped, so an
+interrupted run continues where it stopped; --out remembers its settings and refuses others.
 """
 import argparse
 import glob
 import json
-import multiprocessing
 import os
 import shlex
 import sys
 import time
-import traceback
-import zipfile
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass, field
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +38,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import quality
 import sample
-import sample_like
 import train
+from jobs import HERE, QUALITY, SAMPLE_LIKE, Job, run_jobs
 
 #################################################################################
 #                                  The protocol                                 #
 #################################################################################
 
-# the scripts as the printed command lines name them, from the repository root
-HERE = "experiments/miniature"
-SAMPLE_LIKE = f"{HERE}/sample_like.py"
-QUALITY = f"{HERE}/quality.py"
 IMAGE_SIZE = 16
 # what every training run shares (scaled_flags adds --ema-decay, --eval-every): SiT-S's 2/8/2
-# blocks narrowed to 128 wide, 4 heads (3.7 M parameters), on 8 x 8 tokens of 16 px images
+# blocks narrowed to 128 wide, 4 heads (3.7 M parameters), on 8 x 8 tokens of 16 px images, half
+# of them mirrored each step in every arm (as measured), no sample grids
 TRAIN = (f"--size S --hidden-size 128 --num-heads 4 --image-size {IMAGE_SIZE} "
-         f"--global-batch-size 64 --lr 1e-3")
+         f"--global-batch-size 64 --lr 1e-3 --flip step --sample-every 0")
 # --ema-decay, and SPRINT's --ft-ema-decay: a horizon of 100 steps, so that after the shortest
 # stage (225 steps) the EMA holds 10% of where it started and after 450 steps 1%
 EMA_DECAY = 0.99
@@ -73,7 +63,7 @@ FT_WARMUP = 10
 # (0.93 M parameters; SparseDiT's 12-block layout: a Poolingformer, 2 SDTMs, a dense block)
 GRID_IMAGE_SIZE = 32
 TRAIN_GRID = (f"--size S --hidden-size 64 --num-heads 4 --image-size {GRID_IMAGE_SIZE} "
-              f"--global-batch-size 32 --lr 1e-3")
+              f"--global-batch-size 32 --lr 1e-3 --flip step --sample-every 0")
 # arm: (its train.py flags, stage-1 steps, fine-tuning steps, the arm it starts from, whether it is
 # (d)'s, at 32 px). A SPRINT step at 75% drop costs about half a DiT step here (0.168 vs 0.334
 # GFLOPs an image), so 750 + 75 SPRINT steps take about the training seconds of 450 DiT steps.
@@ -103,7 +93,6 @@ SAMPLES = 900
 # keeps them to 32 min of one core (every set uses the same sampler, so they compare alike); (d)'s
 # 6 sets of DDPM 25 take 44 min
 SAMPLER_STEPS = 8
-CLASSIFIER_EPOCHS = quality.EPOCHS
 # what --out remembers: a later call may add seeds or change --jobs, not these
 SETTINGS = ("data", "samples", "scale", "sampler_steps", "train_flags")
 # how the report reads a difference: stated once at its top, applied by `differences`
@@ -141,29 +130,6 @@ def scaled_flags(args, grid=False):
 #################################################################################
 #             Jobs: the commands, their inputs and outputs, the groups          #
 #################################################################################
-
-@dataclass
-class Job:
-    """One command of the protocol: its name, script and arguments (built when it starts, once its
-    inputs exist and a checkpoint's path is known), what it writes, and the jobs it reads."""
-    name: str
-    script: str
-    argv: object                          # () -> [str]
-    output: str                           # a path, or a glob: train.py numbers its run folders
-    inputs: list = field(default_factory=list)
-
-    def done(self):
-        """Whether its output exists, whole (an .npz cut short is no zip: its index comes last)."""
-        return any(not p.endswith(".npz") or zipfile.is_zipfile(p) for p in glob.glob(self.output))
-
-    def command(self):
-        """The line a user types to run it alone; the workers run this very line."""
-        return f"OMP_NUM_THREADS=1 python {self.script} {shlex.join(self.argv())}"
-
-    def log_path(self, out):
-        """Where its console output goes."""
-        return os.path.join(out, "logs", self.name.replace("/", "-") + ".log")
-
 
 def classifier_path(args, size):
     """quality.py's classifier for samples of `size` px (the 16 px one keeps its earlier name)."""
@@ -236,7 +202,7 @@ def plan(args):
     classifiers = {grid: Job("classifier" + f"{size}" * grid, QUALITY, lambda size=size: [
         "train", "--data", args.data, "--image-size", str(size),
         "--out", classifier_path(args, size),
-        "--epochs", str(scaled(CLASSIFIER_EPOCHS, args.scale))], classifier_path(args, size))
+        "--epochs", str(scaled(quality.EPOCHS, args.scale))], classifier_path(args, size))
         for grid, size in ((False, IMAGE_SIZE), (True, GRID_IMAGE_SIZE))}
     trained = {(seed, arm): Job(f"seed{seed}/train/{arm}", "train.py",
                                 lambda seed=seed, arm=arm: train_argv(args, seed, arm),
@@ -281,107 +247,8 @@ def plan(args):
 
 
 #################################################################################
-#            Running the jobs: persistent workers, one thread each              #
-#################################################################################
-
-# a printed line's script -> what running it calls (train.cli: bad input is one line, as there)
-ENTRY_POINTS = {"train.py": train.cli, SAMPLE_LIKE: sample_like.main, QUALITY: quality.main}
-
-
-def one_thread():
-    """A worker's set-up: what OMP_NUM_THREADS=1 does for a new process (torch is imported)."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-
-
-def execute(line, log_path):
-    """In a worker: run a printed command line through its script's entry point, its output to
-    log_path -> (succeeded, seconds, the error's last line)."""
-    _, _, script, *argv = shlex.split(line)               # OMP_NUM_THREADS=1 python SCRIPT ARGS
-    start = time.perf_counter()
-    with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
-        print(f"$ {line}", flush=True)
-        try:
-            ENTRY_POINTS[script](argv)
-            return True, time.perf_counter() - start, ""
-        except SystemExit as e:                           # the scripts' one-line errors
-            message = e.code if isinstance(e.code, str) else f"exit status {e.code}"
-        except Exception as e:                            # a bug
-            traceback.print_exc()
-            message = f"{type(e).__name__}: {e}"
-        print(message, flush=True)
-        return False, time.perf_counter() - start, message.strip().splitlines()[-1]
-
-
-def clock():
-    """The time of day, for the console."""
-    return time.strftime("%H:%M:%S")
-
-
-def run_jobs(groups, args):
-    """Run every job not done yet. A group starts once its inputs exist and it has a core per job
-    (with fewer --jobs, they queue), never before an earlier group that only waits for cores;
-    jobs.jsonl records every finished job. -> the number of jobs run."""
-    todo = [group for group in ([job for job in g if not job.done()] for g in groups) if group]
-    total = sum(map(len, groups))
-    left = sum(map(len, todo))
-    print(f"{total - left} of {total} jobs done earlier (their outputs exist): skipped; "
-          f"{left} to run")
-    if not todo:
-        return 0
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    running = {}
-    failed = None
-    spawn = multiprocessing.get_context("spawn")           # fresh interpreters: no forked threads
-    pool = ProcessPoolExecutor(min(args.jobs, left), mp_context=spawn, initializer=one_thread)
-    try:
-        while (todo and not failed) or running:
-            for group in [] if failed else list(todo):
-                if not all(inp.done() for job in group for inp in job.inputs):
-                    continue                               # later groups may start meanwhile
-                if args.jobs - len(running) < min(len(group), args.jobs):
-                    break                                  # none overtakes it: pairs stay pairs
-                for job in group:
-                    line = job.command()
-                    print(f"[{clock()}] start {job.name}: {line}", flush=True)
-                    running[pool.submit(execute, line, job.log_path(args.out))] = (job, line)
-                todo.remove(group)
-            if not running:            # cannot happen in the protocol: every input is a job's
-                raise SystemExit(f"run.py: error: {todo[0][0].name} waits for an input that no "
-                                 f"job makes")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job, line = running.pop(future)
-                ok, seconds, message = future.result()
-                if ok and not job.done():
-                    ok = False
-                    message = f"it ended without writing {job.output}"
-                if not ok:
-                    print(f"[{clock()}] failed {job.name}: {message}", flush=True)
-                    failed = failed or (job, message)
-                    continue
-                print(f"[{clock()}] done {job.name} in {seconds:.0f} s", flush=True)
-                record = {"job": job.name, "command": line, "seconds": seconds}
-                with open(os.path.join(args.out, "jobs.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-    finally:
-        pool.shutdown(cancel_futures=True)
-    if failed:
-        job, message = failed
-        raise SystemExit(f"run.py: error: {job.name} failed: {message} (log: "
-                         f"{job.log_path(args.out)}); fix it and rerun: finished jobs are skipped")
-    return left
-
-
-#################################################################################
 #          Figures: line plots with matplotlib, sample grids with sample.py      #
 #################################################################################
-
-BLUE = "tab:blue"
-ORANGE = "tab:orange"
-GREY = "grey"
-RED = "tab:red"
-
 
 def save_plots(panels, path):
     """Line plots side by side in one PNG. panels: [(title, x label, y label, series)], series:
@@ -452,6 +319,10 @@ class Results:
         """The evaluation at `step` (default: the run's last step)."""
         return self.evals(seed, arm)[sum(lengths(self.args, arm)) if step is None else step]
 
+    def loss(self, arm, step=None):
+        """seed -> the run's held-out loss at `step` (default: its last), as `differences` reads."""
+        return lambda seed: self.at_step(seed, arm, step)["eval_loss"]
+
     def train_s(self, seed, arm):
         """The run's training seconds (train.py's train_s: training steps, not evaluations)."""
         return max(r.get("train_s", 0.0) for r in self.logs[seed, arm])
@@ -481,10 +352,9 @@ def table(header, rows):
 
 
 def seed_table(r, header, specs, settings, size=IMAGE_SIZE):
-    """A table with a row per setting and seed, then (with several seeds) the mean and, in
-    brackets, the spread (largest minus smallest) of every number; then, if it has a distance
-    column, the floor and ceiling of the measure at `size` px. settings: [(label, seed -> [a value
-    per column])]."""
+    """A row per setting and seed, then (with several seeds) the mean and spread of every number;
+    under a distance column, the measure's floor and ceiling at `size` px.
+    settings: [(label, seed -> [a value per column])]."""
     rows = []
     for label, values_of in settings:
         by_seed = {s: values_of(s) for s in r.args.seeds}
@@ -509,10 +379,8 @@ def seed_table(r, header, specs, settings, size=IMAGE_SIZE):
 
 
 def differences(r, label, before, after, spec=".3f", paired=False):
-    """One line: after(seed) - before(seed) in every seed, their mean, and what RULE makes of it:
-    paired, an effect where the seeds agree on its sign; unpaired (different runs), where they
-    agree and every seed's difference is larger than either arm's seed spread. A value not
-    measured (seconds from before jobs.jsonl) says so."""
+    """One line: after(seed) - before(seed) in every seed, their mean, and what RULE makes of it
+    (paired or not); "not measured" where a value is None (seconds from before jobs.jsonl)."""
     a = {s: before(s) for s in r.args.seeds}
     b = {s: after(s) for s in r.args.seeds}
     if None in (*a.values(), *b.values()):
@@ -535,19 +403,37 @@ def differences(r, label, before, after, spec=".3f", paired=False):
 
 
 def quality_differences(r, label, before, after, paired=False):
-    """The per-seed differences of two sample sets' scores, distance then class accuracy: two
-    lines "LABEL, distance: ..." and "LABEL, accuracy: ..." (after minus before)."""
+    """`differences` of two sample sets' distance, then class accuracy: two lines."""
     return [differences(r, f"{label}, {key}", lambda s: r.score(s, before)[key],
                         lambda s: r.score(s, after)[key], paired=paired)
             for key in ("distance", "accuracy")]
 
 
+def loss_table(r, name, arm, steps):
+    """A seed_table of a run's training seconds and held-out loss at these steps."""
+    return seed_table(r, [name, "seed", "training s", "held-out loss"], [".0f", ".4f"],
+                      [(f"step {k}", lambda s, k=k: [r.evals(s, arm)[k]["train_s"],
+                                                     r.evals(s, arm)[k]["eval_loss"]])
+                       for k in steps])
+
+
+def loss_curves(r, arms, x):
+    """save_plots' series: a run's held-out loss, a line per arm and seed (the odd seeds dashed),
+    without a new run's step 0 (~1). arms: [(arm, label, colour)]; x: (arm, evaluation) -> x."""
+    series = []
+    for k, s in enumerate(r.args.seeds):
+        for arm, label, colour in arms:
+            points = sorted((x(arm, e), e["eval_loss"]) for step, e in r.evals(s, arm).items()
+                            if step > 0 or ARMS[arm][3])
+            series.append((f"{label}, seed {s}", *zip(*points), colour, k % 2 == 1))
+    return series
+
+
 def cost_section(r, figures):
     """(a) DiT vs SPRINT: held-out loss at equal training seconds; the final checkpoints."""
-    seeds = r.args.seeds
     notes = []
     settings = []
-    for step in sorted(k for k in r.evals(seeds[0], "dit") if k > 0):
+    for step in sorted(k for k in r.evals(r.args.seeds[0], "dit") if k > 0):
         def values(s, step=step):
             """The DiT's evaluation at this step; SPRINT's held-out loss at its training second."""
             dit = r.evals(s, "dit")[step]
@@ -576,15 +462,10 @@ def cost_section(r, figures):
                         ["", ".0f", ".4f", ".3f", ".3f", ".3f"], settings)
     lines += quality_differences(r, "SPRINT − DiT", sample_name("dit", SCALE),
                                  sample_name("sprint", SCALE))
-    lines.append(differences(r, "SPRINT − DiT, final held-out loss",
-                             lambda s: r.at_step(s, "dit")["eval_loss"],
-                             lambda s: r.at_step(s, "sprint")["eval_loss"], ".4f"))
-    series = []
-    for k, s in enumerate(seeds):
-        for arm, label, colour in (("dit", "DiT", BLUE), ("sprint", "SPRINT", ORANGE)):
-            points = sorted((e["train_s"], e["eval_loss"])
-                            for step, e in r.evals(s, arm).items() if step > 0)
-            series.append((f"{label}, seed {s}", *zip(*points), colour, k % 2 == 1))
+    lines.append(differences(r, "SPRINT − DiT, final held-out loss", r.loss("dit"),
+                             r.loss("sprint"), ".4f"))
+    series = loss_curves(r, (("dit", "DiT", "tab:blue"), ("sprint", "SPRINT", "tab:orange")),
+                         lambda arm, e: e["train_s"])
     save_plots([("Held-out loss against training seconds (after step 0)",
                  "training seconds (one core)", "held-out loss", series)],
                os.path.join(figures, "loss_vs_seconds.png"))
@@ -627,11 +508,10 @@ def guidance_section(r, figures):
              "seconds per image are the whole sampling job's (one core) over its images.", ""]
     lines += seed_table(r, ["guidance", "seed", "distance", "class accuracy", "s per image"],
                         [".3f", ".3f", ".3f"], settings)
+    speed = []
     for w in SCALES:
         lines += quality_differences(r, f"PDG − CFG at {w:g}", sample_name("sprint", w),
                                      sample_name("sprint", w, True), paired=True)
-    speed = []
-    for w in SCALES:
         cfg = [r.score(s, sample_name("sprint", w))["s_per_image"] for s in r.args.seeds]
         pdg = [r.score(s, sample_name("sprint", w, True))["s_per_image"] for s in r.args.seeds]
         speed.append(f"{w:g}: " + ", ".join(f"{c / p:.2f}" for c, p in zip(cfg, pdg) if c and p))
@@ -641,18 +521,18 @@ def guidance_section(r, figures):
                        ("accuracy", "Class accuracy of the samples")):
         series = [(f"{'PDG' if pdg else 'CFG'}, seed {s}", SCALES,
                    [r.score(s, sample_name("sprint", w, pdg))[key] for w in SCALES],
-                   ORANGE if pdg else BLUE, k % 2 == 1)
+                   "tab:orange" if pdg else "tab:blue", k % 2 == 1)
                   for k, s in enumerate(r.args.seeds) for pdg in (False, True)]
         series.append(("real held-out images", (SCALES[0], SCALES[-1]),
-                       (r.info[IMAGE_SIZE]["floor"][key],) * 2, GREY, True))
+                       (r.info[IMAGE_SIZE]["floor"][key],) * 2, "grey", True))
         panels.append((title, "guidance scale", key, series))
     save_plots(panels, os.path.join(figures, "guidance.png"))
     return lines + ["", "![distance and accuracy, guidance scale](figures/guidance.png)", ""]
 
 
 def sampling_gflops(args, arm):
-    """Forward GFLOPs per image of one whole sample set's sampling run of an arm (sample.py's count:
-    every model pass the sampler makes, CFG's two at every step), from seed 0's final checkpoint."""
+    """Forward GFLOPs per image of an arm's whole sampling run (sample.py's count: every model pass
+    the sampler makes, CFG's two at every step), from the first seed's final checkpoint."""
     model = sample.load_model(checkpoint(args, args.seeds[0], arm), input_size=GRID_IMAGE_SIZE)
     return sample.trajectory_flops(model, "ddpm", GRID_SAMPLER_STEPS, cfg_scale=GRID_SCALE) / 1e9
 
@@ -682,14 +562,9 @@ def sparsedit_section(r, figures):
              f"about 6% of DiT's training) as SparseDiT (converted by `--init`) and, as the "
              f"control, as the DiT itself. Its held-out loss, to show where it stands when "
              f"converted:", ""]
-    lines += seed_table(r, ["DiT", "seed", "training s", "held-out loss"], [".0f", ".4f"],
-                        [(f"step {k}", lambda s, k=k: [r.evals(s, "dit32")[k]["train_s"],
-                                                       r.evals(s, "dit32")[k]["eval_loss"]])
-                         for k in shown])
-    half = shown[-2]
-    lines.append(differences(r, f"DiT held-out loss, step {steps} − step {half}",
-                             lambda s: r.evals(s, "dit32")[half]["eval_loss"],
-                             lambda s: r.at_step(s, "dit32")["eval_loss"], ".4f", paired=True))
+    lines += loss_table(r, "DiT", "dit32", shown)
+    lines.append(differences(r, f"DiT held-out loss, step {steps} − step {shown[-2]}",
+                             r.loss("dit32", shown[-2]), r.loss("dit32"), ".4f", paired=True))
     lines += ["", f"Samples with the DiT paper's sampler, `{GRID_SAMPLE} --steps "
               f"{GRID_SAMPLER_STEPS}`, CFG {GRID_SCALE:g} (its FID's), scored by the "
               f"{GRID_IMAGE_SIZE} px classifier. GFLOPs per image: the whole sampling run's, both "
@@ -711,9 +586,8 @@ def sparsedit_section(r, figures):
     control = sample_name("dit32-control", GRID_SCALE)
     sparse = sample_name("sparsedit32", GRID_SCALE)
     lines += quality_differences(r, "SparseDiT − control", control, sparse)
-    lines.append(differences(r, "SparseDiT − control, held-out loss",
-                             lambda s: r.at_step(s, "dit32-control")["eval_loss"],
-                             lambda s: r.at_step(s, "sparsedit32")["eval_loss"], ".4f"))
+    lines.append(differences(r, "SparseDiT − control, held-out loss", r.loss("dit32-control"),
+                             r.loss("sparsedit32"), ".4f"))
     speed = [r.score(s, control)["s_per_image"] / r.score(s, sparse)["s_per_image"]
              for s in r.args.seeds if r.score(s, sparse)["s_per_image"]]
     train_speed = [r.train_s(s, "dit32-control") / r.train_s(s, "sparsedit32")
@@ -732,34 +606,21 @@ def sparsedit_section(r, figures):
     lines += [f"Whether more steps bring SparseDiT back: the same conversion fine-tuned for "
               f"{long_steps} steps ({long_steps / steps:.0%} of the DiT's; held-out loss only), "
               f"against the DiT's weights it started from (the control's step 0).", ""]
-    lines += seed_table(r, ["SparseDiT, longer", "seed", "training s", "held-out loss"],
-                        [".0f", ".4f"],
-                        [(f"step {k}", lambda s, k=k: [
-                            r.evals(s, "sparsedit32-long")[k]["train_s"],
-                            r.evals(s, "sparsedit32-long")[k]["eval_loss"]])
-                         for k in quarters(r, "sparsedit32-long")])
-    lines.append(differences(r, f"SparseDiT after {long_steps} steps − the DiT it came from, "
-                             f"held-out loss",
-                             lambda s: r.evals(s, "dit32-control")[0]["eval_loss"],
-                             lambda s: r.at_step(s, "sparsedit32-long")["eval_loss"], ".4f"))
-    lines.append("")
-    series = []
-    for k, s in enumerate(r.args.seeds):
-        for arm, label, colour in (("dit32", "DiT", GREY), ("dit32-control", "control", BLUE),
-                                   ("sparsedit32", "SparseDiT", ORANGE),
-                                   ("sparsedit32-long", "SparseDiT, longer", RED)):
-            offset = steps if ARMS[arm][3] else 0                # a continuation's step 0 is N
-            points = sorted((step, e["eval_loss"]) for step, e in r.evals(s, arm).items()
-                            if step > 0 or offset)               # the DiT's step 0 is ~1
-            series.append((f"{label}, seed {s}", [offset + x for x, _ in points],
-                           [y for _, y in points], colour, k % 2 == 1))
-    cost = []
-    for key in ("distance", "accuracy"):
-        cost.append((f"Sample {key} against sampling cost", "sampling GFLOPs per image", key,
-                     [(f"seed {s}: control → SparseDiT",
-                       [gflops["dit32-control"], gflops["sparsedit32"]],
-                       [r.score(s, control)[key], r.score(s, sparse)[key]], ORANGE, k % 2 == 1)
-                      for k, s in enumerate(r.args.seeds)]))
+    lines += loss_table(r, "SparseDiT, longer", "sparsedit32-long",
+                        quarters(r, "sparsedit32-long"))
+    lines += [differences(r, f"SparseDiT after {long_steps} steps − the DiT it came from, "
+                          f"held-out loss", r.loss("dit32-control", 0),
+                          r.loss("sparsedit32-long"), ".4f"), ""]
+    # a continuation's step 0 is the DiT's last
+    series = loss_curves(r, (("dit32", "DiT", "grey"), ("dit32-control", "control", "tab:blue"),
+                             ("sparsedit32", "SparseDiT", "tab:orange"),
+                             ("sparsedit32-long", "SparseDiT, longer", "tab:red")),
+                         lambda arm, e: e["step"] + (steps if ARMS[arm][3] else 0))
+    cost = [(f"Sample {key} against sampling cost", "sampling GFLOPs per image", key,
+             [(f"seed {s}: control → SparseDiT", [gflops["dit32-control"], gflops["sparsedit32"]],
+               [r.score(s, control)[key], r.score(s, sparse)[key]], "tab:orange", k % 2 == 1)
+              for k, s in enumerate(r.args.seeds)])
+            for key in ("distance", "accuracy")]
     save_plots([("Held-out loss (DDPM: MSE + VB) after the DiT's step 0", "step", "held-out loss",
                  series)] + cost, os.path.join(figures, "sparsedit.png"))
     return lines + ["![held-out loss by step; quality against sampling GFLOPs](figures/"
@@ -788,41 +649,36 @@ def drop_section(r):
 def grids_section(r, figures):
     """Sample grids of the first seed, every arm beside the real held-out images."""
     s = r.args.seeds[0]
-    images, labels = quality.real_images(r.args.data, IMAGE_SIZE)
-    held = quality.split(labels)[1]
-    num_classes = int(labels.max()) + 1
-    save_class_grid(images[held], labels[held], num_classes, os.path.join(figures, "grid-real.png"))
-    shown = [("real held-out images", "grid-real.png")]
-    for label, name in (("DiT", sample_name("dit", SCALE)),
-                        ("SPRINT", sample_name("sprint", SCALE)),
-                        ("SPRINT, PDG", sample_name("sprint", SCALE, pdg=True)),
-                        ("SPRINT, end of stage 1", sample_name("sprint", SCALE, stage1=True)),
-                        ("SPRINT, random drop", sample_name("sprint-random", SCALE))):
-        with np.load(samples_path(r.args, s, name)) as f:
-            save_class_grid(f["arr_0"], f["arr_1"], num_classes,
-                            os.path.join(figures, f"grid-seed{s}-{name}.png"))
-        shown.append((f"{label} ({name})", f"grid-seed{s}-{name}.png"))
-    images, labels = quality.real_images(r.args.data, GRID_IMAGE_SIZE)
-    save_class_grid(images[held], labels[held], num_classes,
-                    os.path.join(figures, "grid-real32.png"), zoom=2)
-    shown32 = [("real held-out images, 32 px", "grid-real32.png")]
-    for label, arm in (("DiT (d)", "dit32"), ("DiT control (d)", "dit32-control"),
-                       ("SparseDiT (d)", "sparsedit32")):
-        name = sample_name(arm, GRID_SCALE)
-        with np.load(samples_path(r.args, s, name)) as f:
-            save_class_grid(f["arr_0"], f["arr_1"], num_classes,
-                            os.path.join(figures, f"grid-seed{s}-{name}.png"), zoom=2)
-        shown32.append((f"{label} ({name})", f"grid-seed{s}-{name}.png"))
-    lines = ["## Samples", "",
-             f"Seed {s}: the first 4 samples of every class, a column per class (0 to "
-             f"{num_classes - 1}), every arm from the same noise; 16 px enlarged 4×, then (d)'s "
-             f"32 px enlarged 2×.", ""]
-    for k in range(0, len(shown), 4):
-        lines += table([label for label, _ in shown[k: k + 4]],
-                       [[f"![{label}](figures/{png})" for label, png in shown[k: k + 4]]])
-    lines += table([label for label, _ in shown32],
-                   [[f"![{label}](figures/{png})" for label, png in shown32]])
-    return lines
+    grids = ((IMAGE_SIZE, 4, "real held-out images", "grid-real.png",
+              [("DiT", sample_name("dit", SCALE)), ("SPRINT", sample_name("sprint", SCALE)),
+               ("SPRINT, PDG", sample_name("sprint", SCALE, pdg=True)),
+               ("SPRINT, end of stage 1", sample_name("sprint", SCALE, stage1=True)),
+               ("SPRINT, random drop", sample_name("sprint-random", SCALE))]),
+             (GRID_IMAGE_SIZE, 2, "real held-out images, 32 px", "grid-real32.png",
+              [("DiT (d)", sample_name("dit32", GRID_SCALE)),
+               ("DiT control (d)", sample_name("dit32-control", GRID_SCALE)),
+               ("SparseDiT (d)", sample_name("sparsedit32", GRID_SCALE))]))
+    rows = []
+    for size, zoom, real, real_png, sets in grids:
+        images, labels = quality.real_images(r.args.data, size)
+        held = quality.split(labels)[1]
+        num_classes = int(labels.max()) + 1
+        save_class_grid(images[held], labels[held], num_classes, os.path.join(figures, real_png),
+                        zoom=zoom)
+        shown = [(real, real_png)]
+        for label, name in sets:
+            png = f"grid-seed{s}-{name}.png"
+            with np.load(samples_path(r.args, s, name)) as f:
+                save_class_grid(f["arr_0"], f["arr_1"], num_classes, os.path.join(figures, png),
+                                zoom=zoom)
+            shown.append((f"{label} ({name})", png))
+        for k in range(0, len(shown), 4):                           # at most 4 grids a row
+            rows += table([label for label, _ in shown[k: k + 4]],
+                          [[f"![{label}](figures/{png})" for label, png in shown[k: k + 4]]])
+    return ["## Samples", "",
+            f"Seed {s}: the first 4 samples of every class, a column per class (0 to "
+            f"{num_classes - 1}), every arm from the same noise; 16 px enlarged 4×, then (d)'s "
+            f"32 px enlarged 2×.", ""] + rows
 
 
 def header_section(r, groups, ran):

@@ -16,6 +16,7 @@ import run
 import sample
 import sample_like
 import train
+from jobs import ENTRY_POINTS
 from sprint import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ def test_every_planned_line_runs_a_script_that_takes_it(tmp_path):
     for job in jobs:
         env, python, script, *argv = shlex.split(job.command())
         assert (env, python) == ("OMP_NUM_THREADS=1", "python") and (ROOT / script).is_file()
-        assert script in run.ENTRY_POINTS
+        assert script in ENTRY_POINTS
         PARSERS[script](argv)                   # argparse refuses a flag it lacks: SystemExit
 
 
