@@ -10,10 +10,10 @@ papers' scorer) and dgm-eval's FDD (the Fréchet distance in DINOv2 ViT-L/14 spa
 
 SAMPLES and REF: a folder of images, an .npz of images (arr_0: uint8 N×H×W×3, as sample.py writes
 it), an ADM reference batch (arr_0, mu, sigma, mu_s, sigma_s) or a --save-stats file; statistics a
-file holds are used instead of its images, as the evaluator does. Images are read batch by batch;
-the released networks download once into torch's hub cache. References: Heusel et al. 2017 (FID),
-Nash et al. 2021 (sFID), Salimans et al. 2016 (IS), Kynkäänniemi et al. 2019 (precision, recall),
-Dhariwal & Nichol 2021 (the evaluator), Oquab et al. 2023 (DINOv2), Stein et al. 2023 (FDD).
+file holds are used instead of its images, as the evaluator does; the networks download once into
+torch's hub cache. References: Heusel et al. 2017 (FID), Nash et al. 2021 (sFID), Salimans et al.
+2016 (IS), Kynkäänniemi et al. 2019 (precision, recall), Dhariwal & Nichol 2021 (the evaluator),
+Oquab et al. 2023 (DINOv2), Stein et al. 2023 (FDD).
 """
 import argparse
 import contextlib
@@ -385,7 +385,7 @@ class Images:
         """uint8 (n, H, W, 3) arrays of `size` images in order (the last may hold fewer)."""
         if self.files:
             for start in range(0, self.count, size):
-                images = [self.read(f) for f in self.files[start:start + size]]
+                images = [read_image(f, self.name) for f in self.files[start:start + size]]
                 if len({image.shape for image in images}) > 1:
                     raise ValueError(f"{self.name} {self.path}: images of mixed sizes; resize "
                                      f"them to one size first")
@@ -400,12 +400,13 @@ class Images:
                                          f"{self.count} images its header promises")
                 yield batch
 
-    def read(self, path):
-        """An image file as uint8 (H, W, 3) RGB, or an error naming it."""
-        try:
-            return np.asarray(Image.open(path).convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:        # PIL's ways of saying "not an image"
-            raise ValueError(f"{self.name}: cannot decode {path} ({e})") from None
+
+def read_image(path, name):
+    """An image file as uint8 (H, W, 3) RGB, or an error naming it and the argument `name`."""
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:            # PIL's ways of saying "not an image"
+        raise ValueError(f"{name}: cannot decode {path} ({e})") from None
 
 
 @torch.inference_mode()
@@ -437,8 +438,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """Fréchet distance of Gaussians, |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64."""
     mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    if not mu1.shape == mu2.shape == sigma1.shape[:1] == sigma2.shape[:1]:
-        raise ValueError(f"statistics of other features: mu {mu1.shape} and {mu2.shape}")
+    if not sigma1.shape == sigma2.shape == (len(mu1), len(mu1)) or mu1.shape != mu2.shape:
+        raise ValueError(f"statistics that do not fit each other: mu {mu1.shape} and {mu2.shape}, "
+                         f"sigma {sigma1.shape} and {sigma2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():          # near-singular (fewer samples than dimensions)
@@ -450,7 +452,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise ValueError(f"the square root of sigma1 @ sigma2 has an imaginary part up to "
                              f"{imag:.3g}: the statistics are not valid covariances")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not math.isfinite(distance):
+        raise ValueError("the Fréchet distance is not finite: the statistics are not covariances")
+    return distance
+
+
+def fid_of(batches, network, ref, world=1):
+    """FID against statistics ref (mu, sigma) of the uint8 image batches, all ranks' if world > 1."""
+    pool3 = extract(batches, network)[:1]                        # []: a rank without images
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, pool3)
+        pool3 = sum(shares, [])
+    return frechet_distance(*feature_statistics(np.concatenate(pool3)), ref["mu"], ref["sigma"])
 
 
 def inception_score(logits, split_size=IS_SPLIT):
@@ -554,6 +569,9 @@ def statistics(path, name, keys, network, batch_size):
         except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as e:
             raise ValueError(f"{name} {path}: not a readable .npz ({' '.join(str(e).split())})"
                              ) from None
+    bad = [k for k, v in held.items() if v.dtype.kind not in "fiu" or not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{name} {path}: its {', '.join(bad)} must hold finite numbers")
     missing = [k for k in keys if k not in held]
     if not missing:
         return held, f"{', '.join(keys)} from the file"

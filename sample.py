@@ -108,8 +108,7 @@ def sample(model, z, y, sampler="sde", steps=250, generators=None, **guidance):
             x = x + (v - t * score) * dt                          # w/2 * score with w = 2t
             if t_next > 0:                                        # no noise on the last step, to 0
                 x = x + math.sqrt(2 * t * -dt) * noise_like(x, generators)
-        elif sampler == "heun":
-            # the mean of v here and at the Euler step's end
+        elif sampler == "heun":                                   # v's mean here and at the end
             x = x + 0.5 * (v + velocity(x + v * dt, t_next)) * dt
         else:
             x = x + v * dt
@@ -136,11 +135,15 @@ def ddpm_sample(model, z, y, steps=250, generators=None, **guidance):
 def trajectory_passes(sampler="sde", steps=250, cfg_scale=1.0, pdg=False, interval=(0.0, 1.0)):
     """Every forward pass one image costs in a whole sampling run: [(t, skip_middle), ...]."""
     ts = time_grid(sampler, steps)
-    # Heun also evaluates each step's end; DDPM every timestep it keeps
-    evals = ts if sampler == "ddpm" else ts[:-1] + (ts[1:] if sampler == "heun" else [])
-    scale = DDPM_STEPS if sampler == "ddpm" else 1                # the times' noise levels
-    return [(t, skip) for t in evals
-            for skip in ((False, pdg) if guided(t / scale, cfg_scale, interval) else (False,))]
+    # each step's start (Heun also its end); DDPM every timestep it keeps
+    evaluated = ts if sampler == "ddpm" else ts[:-1] + (ts[1:] if sampler == "heun" else [])
+    passes = []
+    for t in evaluated:
+        passes.append((t, False))                        # the conditional (or only) pass
+        level = t / DDPM_STEPS if sampler == "ddpm" else t
+        if guided(level, cfg_scale, interval):
+            passes.append((t, pdg))                      # the unconditional: PDG skips the middle
+    return passes
 
 
 def trajectory_flops(model, sampler="sde", steps=250, **guidance):
@@ -159,6 +162,7 @@ OFFICIAL_NAMES = {"encoder_blocks.": "encoder.", "middle_blocks.": "middle.",
 TRAINING_ONLY = "projectors."          # sprint_XL_REPA_imagenet256's REPA head (D -> 2048 -> 768)
 # SD-VAE latents are multiplied by this for training (LDM); undone to decode
 LATENT_SCALE = 0.18215
+SD_VAE = "stabilityai/sd-vae-ft-ema"                  # the papers' VAE (diffusers' AutoencoderKL)
 # the papers' released checkpoints, fetched by name from their official links
 RELEASED = {**{f"sprint_XL_{name}.safetensors": "https://huggingface.co/snap-research/SPRINT/"
                "resolve/main/" for name in ("imagenet256", "REPA_imagenet256", "imagenet512")},
@@ -198,8 +202,7 @@ def read_safetensors(path):
             if len(data) != end - begin:                                # the file ends early
                 raise EOFError(name)
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-            tensor = torch.frombuffer(data, dtype=dtype[info["dtype"]])
-            tensors[name] = tensor.reshape(info["shape"])
+            tensors[name] = torch.frombuffer(data, dtype=dtype[info["dtype"]]).reshape(info["shape"])
     return tensors
 
 
@@ -222,36 +225,45 @@ def read_checkpoint(path):
 
 
 def from_released(sd, input_size=32):
-    """A released checkpoint's (config, weights under our names), read off its tensors (SD-VAE
-    latents: 4 channels). DiT's has a position table (giving the latent side), a Conv2d patch
-    embedding (flattened: (c, p1, p2)) and a final Linear in (p1, p2, c) order (reordered); SPRINT's
-    has RoPE: the side is `input_size`. Heads: from the q/k norm's width, else SIZES by width."""
-    if any(name.startswith(TRAINING_ONLY) for name in sd):
-        print(f"ignored {TRAINING_ONLY}* of the checkpoint: REPA's projector head, for training "
-              f"only")
-        sd = {name: tensor for name, tensor in sd.items() if not name.startswith(TRAINING_ONLY)}
-    for official, ours in OFFICIAL_NAMES.items():
-        sd = {name.replace(official, ours): tensor for name, tensor in sd.items()}
+    """A released checkpoint's (config, weights under our names), read off its tensors: DiT's (it
+    has a position table) or SPRINT's. SD-VAE latents: 4 channels."""
+    sd = dict(sd)
     D = sd["x_embedder.proj.weight"].shape[0]
     p = math.isqrt(sd["x_embedder.proj.weight"][0].numel() // 4)
-    sd["x_embedder.proj.weight"] = sd["x_embedder.proj.weight"].flatten(1)
-    table = "pos_embed" in sd
-    if table:
-        for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
-            sd[key] = sd[key].unflatten(0, (p, p, -1)).movedim(2, 0).flatten(0, 2)
-        input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
+    sd["x_embedder.proj.weight"] = sd["x_embedder.proj.weight"].flatten(1)   # Conv2d's: (c, p1, p2)
+    classes = len(sd["y_embedder.embedding_table.weight"]) - 1
+    if "pos_embed" in sd:
+        return released_dit(sd, D, p, classes)
+    return released_sprint(sd, D, p, classes, input_size)
 
-    depths = [len({name.split(".")[1] for name in sd if name.startswith(part + ".")})
-              for part in ("encoder", "middle", "decoder", "blocks")]         # blocks: a DiT's
+
+def released_dit(sd, D, p, num_classes):
+    """facebookresearch/DiT's file: the DiT paper's model, the latent side from its position table,
+    the final Linear's outputs reordered from (p1, p2, c) to ours, (c, p1, p2), heads by width."""
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        sd[key] = sd[key].unflatten(0, (p, p, -1)).movedim(2, 0).flatten(0, 2)
+    depth = len({name.split(".")[1] for name in sd if name.startswith("blocks.")})
     size, heads = next(((name, h) for name, (w, h, _) in SIZES.items() if w == D), (D, 0))
-    if "encoder.0.attn.q_norm.weight" in sd:
-        heads = D // len(sd["encoder.0.attn.q_norm.weight"])
     if not heads:
         raise ValueError(f"cannot tell the attention heads of a released width-{D} model")
-    cfg = ModelConfig("dit" if table else "sprint", size, p, input_size, 4,
-                      len(sd["y_embedder.embedding_table.weight"]) - 1, D, heads,
-                      (0, depths[3], 0) if table else depths[:3], **(DIT_PAPER if table else {}))
+    side = math.isqrt(sd["pos_embed"].shape[1]) * p
+    cfg = ModelConfig("dit", size, p, side, 4, num_classes, D, heads, (0, depth, 0), **DIT_PAPER)
     return cfg, sd
+
+
+def released_sprint(sd, D, p, num_classes, input_size):
+    """snap-research/Sprint's .safetensors: names made ours (OFFICIAL_NAMES), REPA's head set aside,
+    heads from the q/k norm's width; the side is input_size (RoPE: the file does not say)."""
+    if any(name.startswith(TRAINING_ONLY) for name in sd):
+        print("ignored projectors.* of the checkpoint: REPA's projector head, for training only")
+    sd = {name: tensor for name, tensor in sd.items() if not name.startswith(TRAINING_ONLY)}
+    for official, ours in OFFICIAL_NAMES.items():
+        sd = {name.replace(official, ours): tensor for name, tensor in sd.items()}
+    depths = [len({name.split(".")[1] for name in sd if name.startswith(f"{part}.")})
+              for part in ("encoder", "middle", "decoder")]
+    heads = D // len(sd["encoder.0.attn.q_norm.weight"])
+    size = next((name for name, (w, h, _) in SIZES.items() if (w, h) == (D, heads)), D)
+    return ModelConfig("sprint", size, p, input_size, 4, num_classes, D, heads, depths), sd
 
 
 def checkpoint_weights(ckpt, path, ema=True, input_size=32):
@@ -263,6 +275,9 @@ def checkpoint_weights(ckpt, path, ema=True, input_size=32):
     except KeyError as e:
         raise ValueError(f"{path}: neither train.py's checkpoint nor a released SPRINT or DiT "
                          f"file (no {e})") from None
+    except (IndexError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: cannot read a released SPRINT or DiT model off its tensors "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def load_weights(model, sd, path):
@@ -285,32 +300,36 @@ def load_model(path, ema=True, input_size=32):
 #                       Flags, processes, precision                             #
 #################################################################################
 
+def number(low, high=math.inf, kind=int):
+    """An argparse type for numbers in [low, high]: argparse names the flag in its error."""
+    def parse(text):
+        if not low <= kind(text) <= high:
+            bounds = f"lie in [{low}, {high}]" if high < math.inf else f"be at least {low}"
+            raise argparse.ArgumentTypeError(f"{text}: must {bounds}")
+        return kind(text)
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--ckpt", help="default: the newest in --results-dir (with --pdg: SPRINT's)")
     p.add_argument("--results-dir", default="results", help="where train.py's runs are")
     p.add_argument("--image-size", type=int, default=256, help="released SPRINT files: 256 or 512")
-    p.add_argument("--sampler", choices=["sde", "euler", "heun", "ddpm"], help="default: the "
-                   "model's (sde, the official, for flow; ddpm for the DiT paper's)")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--sampler", choices=["sde", "euler", "heun", "ddpm"], help="default: sde, ddpm")
+    p.add_argument("--steps", type=number(1), default=250)
     p.add_argument("--cfg-scale", type=float, default=4.0, help="1: no guidance")
     p.add_argument("--pdg", action="store_true", help="path-drop guidance (SPRINT)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0],
                    metavar=("LOW", "HIGH"), help="noise levels to guide at (1 is noise)")
     p.add_argument("--classes", type=int, nargs="+", help="labels, cycled (default: random)")
-    p.add_argument("--num-samples", type=int, help="default: 16 (or --classes) or 50000 (.npz)")
+    p.add_argument("--num-samples", type=number(1), help="default: 16 (or --classes), 50000 .npz")
     p.add_argument("--seed", type=int, default=0, help="sample i is seeded seed + i")
-    p.add_argument("--per-proc-batch-size", type=int, default=64)
+    p.add_argument("--per-proc-batch-size", type=number(1), default=64)
     p.add_argument("--out", help="a grid (.png, .jpg) or an .npz (default: a new samples/*.png)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="a latent model's decoder, "
-                   "diffusers AutoencoderKL (default: the papers'); none: keep the latents")
-    p.add_argument("--precision", choices=list(PRECISIONS), help="default: the model's official "
-                   "sampling code's on CUDA (SAMPLING), fp32 on a CPU")
+    p.add_argument("--vae", default=SD_VAE, help="a latent model's decoder; none: the latents")
+    p.add_argument("--precision", choices=list(PRECISIONS), help="the paper's on CUDA (SAMPLING)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
-    for name in ("steps", "per_proc_batch_size", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
         p.error(f"--guidance-interval {args.guidance_interval}: need 0 <= LOW <= HIGH <= 1")
     if args.out and not args.out.lower().endswith((".npz", ".png", ".jpg")):
@@ -334,7 +353,7 @@ def setup_distributed():
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # how each paper's official code samples (README's recipes), by the model's diffusion: the model's
 # and VAE's precision on CUDA, and an image in [-1, 1] to pixels (clamped to 0..255, truncated)
-SAMPLING = {"flow": ("bf16", lambda x: 255 * (x + 1) / 2),      # SPRINT's sample_ddp.py
+SAMPLING = {"flow": ("bf16", lambda x: 255 * ((x + 1) / 2)),    # SPRINT's sample_ddp.py
             "ddpm": ("fp32", lambda x: 127.5 * x + 128)}         # DiT's and SparseDiT's (TF32)
 
 
@@ -395,8 +414,8 @@ def load_vae(path, device, precision="fp32"):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ValueError(f"--vae {path} needs the optional package diffusers: pip install "
-                         f"diffusers (or --vae none: keep the latents)") from None
+        raise ValueError(f"the SD-VAE {path} needs the optional package diffusers: pip install "
+                         f"diffusers") from None
     try:
         return AutoencoderKL.from_pretrained(path).to(device, PRECISIONS[precision]).eval()
     except (OSError, ValueError) as e:                   # no such folder, no network, not a VAE
@@ -405,9 +424,8 @@ def load_vae(path, device, precision="fp32"):
 
 
 def sample_inputs(indices, seed, classes, num_classes, shape, device):
-    """Noise (B, *shape), labels (B,) and generators of the samples with these global indices:
-    sample i draws its label, its initial noise, then its sampler's noise from a generator seeded
-    seed + i, the same in any batch on any rank (and the noise whatever the label)."""
+    """Noise (B, *shape), labels (B,), generators of the samples with these global indices: sample
+    i's label, noise (whatever the label), sampler's noise from a generator seeded seed + i."""
     gens = [torch.Generator().manual_seed(seed + i) for i in indices]
     labels = [int(torch.randint(num_classes, (1,), generator=g)) for g in gens]
     if classes:
@@ -417,9 +435,34 @@ def sample_inputs(indices, seed, classes, num_classes, shape, device):
 
 
 def to_uint8(x, diffusion="flow"):
-    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the papers' code does (SAMPLING)."""
-    pixels = SAMPLING[diffusion][1](x.float()).clamp(0, 255).byte()      # byte() truncates
+    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the papers' code does (SAMPLING),
+    in the images' own dtype (the VAE's: SPRINT's bf16 rounds each operation)."""
+    pixels = SAMPLING[diffusion][1](x).clamp(0, 255).byte()              # byte() truncates
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(model, indices, seed, classes, sampler, steps, precision, vae, latent_scale,
+             **guidance):
+    """(what is stored of them (finish), labels) of the samples with these global indices."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    z, y, gens = sample_inputs(indices, seed, classes, cfg.num_classes, shape, device)
+    with autocast(device, precision):
+        x = sample(model, z, y, sampler, steps, gens, **guidance)
+    return finish(x, vae, latent_scale, cfg.diffusion), y
+
+
+def sample_grid(model, path, seed, sampler, steps, precision, vae, latent_scale):
+    """train.py's samples/STEP.png: ten classes spread over the model's, the same noise each time,
+    a row each unguided, with CFG 4 and (SPRINT) with PDG 4."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    n = min(10, model.cfg.num_classes)
+    classes = [k * model.cfg.num_classes // n for k in range(n)]
+    rows = [{}, {"cfg_scale": 4.0}] + [{"cfg_scale": 4.0, "pdg": True}] * model.has_sparse_path
+    images = [generate(model, range(n), seed, classes, sampler, steps, precision, vae,
+                       latent_scale, **guidance)[0]["arr_0"] for guidance in rows]
+    save_grid(np.concatenate(images), path, nrow=n)
 
 
 @torch.no_grad()
@@ -491,8 +534,8 @@ def main(argv=None):
         flops = trajectory_flops(model, sampler, args.steps, **guidance)    # DDPM: --steps <= 1000
         cfg_flops = trajectory_flops(model, sampler, args.steps, **{**guidance, "pdg": False})
         cfg = model.cfg
-        precision = args.precision or (SAMPLING[cfg.diffusion][0] if device.type == "cuda" else
-                                       "fp32")
+        cuda = device.type == "cuda"
+        precision = args.precision or (SAMPLING[cfg.diffusion][0] if cuda else "fp32")
         decodes = cfg.in_channels == 4 and args.vae != "none"
         vae = load_vae(args.vae, device, precision) if decodes else None
     except ValueError as e:
@@ -511,13 +554,9 @@ def main(argv=None):
     os.makedirs(parts, exist_ok=True)
     start = time.perf_counter()
     todo = [k for k in range(rank, len(shards), world) if not os.path.exists(shards[k])]
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     for k in tqdm(todo, desc=f"rank 0 of {world}, batches of {B}", disable=rank != 0):
-        z, y, gens = sample_inputs(range(k * B, min(k * B + B, N)), args.seed, args.classes,
-                                   cfg.num_classes, shape, device)
-        with autocast(device, precision):
-            x = sample(net, z, y, sampler, args.steps, gens, **guidance)
-        stored = finish(x, vae, latent_scale, cfg.diffusion)
+        stored, y = generate(net, range(k * B, min(k * B + B, N)), args.seed, args.classes,
+                             sampler, args.steps, precision, vae, latent_scale, **guidance)
         np.savez(shards[k] + ".tmp.npz", **stored, arr_1=y.cpu().numpy())
         os.replace(shards[k] + ".tmp.npz", shards[k])
     if world > 1:

@@ -11,9 +11,8 @@ arXiv 2412.06028) cuts a DiT's depth into three segments:
 
 and grows the sparse grid as denoising proceeds: 6 x 6 on the noisiest quarter of the trajectory,
 then linearly to 10 x 10 at the data (16 x 16 tokens). As the paper runs it, the released DiT-XL/2
-is converted (`from_dit`) and fine-tuned with DiT's loss (`DDPM.losses`); on SPRINT's SiT backbone
-it converts a DiT that train.py trained. README.md's SparseDiT chapter says where this differs from
-the paper. References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), changsn/SparseDiT.
+is converted (`from_dit`) and fine-tuned with DiT's loss (`DDPM.losses`); on SPRINT's backbone, a
+DiT train.py trained. References: DiT (Peebles & Xie, 2023), SiT (Ma et al.), changsn/SparseDiT.
 """
 import itertools
 import math

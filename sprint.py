@@ -11,17 +11,19 @@ dense decoder h:
 
 Training keeps one token of each 2x2 group in g and drops g for 10% of the samples (path drop),
 so that path-drop guidance's unconditional pass may skip g. The shared backbone (`--model dit`)
-runs as SPRINT's SiT (flow matching, 2D RoPE, q/k RMSNorm: the official SPRINT code's outputs) or
-as the DiT paper's model (DDPM, a sin-cos table, no q/k norm: facebookresearch/DiT's outputs).
-References: DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), snap-research/Sprint.
+runs as SPRINT's SiT (flow matching, 2D RoPE, q/k RMSNorm) or as the DiT paper's model (DDPM, a
+sin-cos table, no q/k norm). After DiT (Peebles & Xie, 2023), SiT (Ma et al., 2024), SPRINT's code.
 """
+import functools
 import math
+from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 #################################################################################
@@ -40,6 +42,8 @@ SIZES = {
 DDPM_STEPS = 1000          # the DiT paper's diffusion: integer timesteps 0..999
 # the DiT paper's model: DDPM with learned variance (2C outputs), 2D sin-cos table, no q/k norm
 DIT_PAPER = {"diffusion": "ddpm", "positions": "table", "qk_norm": False}
+# how a paper's official code trains (ModelConfig.paper_recipe); flip: "none" or "step"
+Recipe = namedtuple("Recipe", "precision grad_clip flip")
 
 
 @dataclass
@@ -91,11 +95,14 @@ class ModelConfig:
 
     @property
     def paper_recipe(self):
-        """(precision on CUDA, max gradient norm or 0) of the official code that trains this model:
-        SparseDiT's fp16, no clip; DiT's (DDPM) fp32 (TF32), none; SPRINT's (its SiT's) bf16, 1."""
+        """How the official code trains this model: precision on CUDA, max gradient norm (0: none),
+        flip. SPRINT's: bf16, clip 1.0, no flip; DiT's (DDPM): fp32 (TF32), half the images flipped
+        each step; SparseDiT's: fp16, no flip (fast-DiT's features flip each image at extraction)."""
         if self.model == "sparsedit":
-            return "fp16", 0.0
-        return ("fp32", 0.0) if self.diffusion == "ddpm" else ("bf16", 1.0)
+            return Recipe("fp16", 0.0, "none")
+        if self.diffusion == "ddpm":
+            return Recipe("fp32", 0.0, "step")
+        return Recipe("bf16", 1.0, "none")
 
 
 #################################################################################
@@ -323,6 +330,13 @@ class Backbone(nn.Module):
         cfg = self.cfg
         return kind(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm)
 
+    def checkpoint_blocks(self):
+        """Activation checkpointing (train.py's flag, the official use_checkpoint): a block keeps
+        only its inputs for the backward pass, which runs it again for the rest."""
+        for block in self.modules():
+            if isinstance(block, Block):          # SparseDiT's Poolingformers and SDTMs' too
+                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
     def rope(self, pos):
         """RoPE angles of token positions pos (..., n, 2); None with a position table."""
         return rope(pos, self.head_dim) if self.cfg.positions == "rope" else None
@@ -433,9 +447,8 @@ def num_kept(drop, num_tokens):
 
 
 def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None):
-    """Kept token indices (B, M), row-major over the grid, drawn per sample on `device`. structured:
-    k uniformly random tokens in each n x n group (the paper's: kept tokens spread over the image);
-    random: M anywhere (the ablation). Shapes follow the arguments alone: no host sync."""
+    """Kept token indices (B, M), row-major, drawn per sample on `device`. structured: k random
+    tokens in each n x n group (the paper's); random: M anywhere (the ablation). No host sync."""
     M = num_kept(drop, grid * grid)
     if mask_type == "random":
         return torch.rand(batch_size, grid * grid, device=device).argsort(dim=1)[:, :M]

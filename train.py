@@ -3,18 +3,18 @@ Train DiT, SPRINT or SparseDiT: one plain DDP loop for both stages of SPRINT, wi
 model's diffusion (flow matching as SiT; DiT's DDPM loss for a model converted from a released DiT).
 
     python train.py --model sprint --drop 0.75        # the toy SPRINT, both stages, CPU or GPU
-    torchrun --nproc_per_node=8 train.py --model sprint --size XL --data imagenet256_sdvae \
-        --global-batch-size 256 --lr 1e-4 --ema-decay 0.9999 --steps 400000
-    torchrun --nproc_per_node=8 train.py --model sparsedit --size XL --init DiT-XL-2-256x256.pt ...
+    torchrun --nproc_per_node=8 train.py --model sprint --size XL --data imagenet256_sdvae ...
 
 The defaults are the toy run; README.md's recipes give the papers'. The file reads in the order of
 a run: flags, data, model, the loss and its draws, the step, then the loop: each step trains, then
-logs, evaluates and saves a checkpoint when each is due. Exact resume from the step alone: epoch e's
-data order comes from (seed, e), every other draw of step s from (seed, s), for the global batch.
+logs, evaluates, checkpoints and samples the EMA when due. Exact resume from the step alone: epoch
+e's data order comes from (seed, e), every other draw of step s from (seed, s).
 """
 import argparse
+import contextlib
 import copy
 import glob
+import inspect
 import json
 import math
 import os
@@ -34,25 +34,17 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sample import (LATENT_SCALE, autocast, checkpoint_weights, find_checkpoint, load_weights,
-                    read_checkpoint, setup_distributed)
+import fid
+from sample import (LATENT_SCALE, SAMPLING, SD_VAE, autocast, checkpoint_weights, find_checkpoint,
+                    generate, load_vae, load_weights, number, read_checkpoint, sample_grid,
+                    setup_distributed)
 from sparsedit import DDPM, MODELS, SparseDiT
-from sprint import DDPM_STEPS, DIT_PAPER, SIZES, ModelConfig, num_kept, sample_ids_keep
+from sprint import DDPM_STEPS, DIT_PAPER, SIZES, ModelConfig, sample_ids_keep
 
 
 #################################################################################
 #                 Flags: literal defaults, the embedded toy run                 #
 #################################################################################
-
-def number(low, high=math.inf, kind=int):
-    """An argparse type for numbers in [low, high]: argparse names the flag in its error."""
-    def parse(text):
-        if not low <= kind(text) <= high:
-            bounds = f"lie in [{low}, {high}]" if high < math.inf else f"be at least {low}"
-            raise argparse.ArgumentTypeError(f"{text}: must {bounds}")
-        return kind(text)
-    return parse
-
 
 def parser():
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0].strip(),
@@ -68,11 +60,14 @@ def parser():
     p.add_argument("--data", help="an image folder, x.npy and y.npy's folder, or an .npz")
     p.add_argument("--image-size", type=number(1), help="default: the data's, 16 toy, 64 folders")
     p.add_argument("--latent-scale", type=float, default=LATENT_SCALE, help="times float latents")
+    p.add_argument("--flip", choices=["none", "step"], help="mirror half the images each step "
+                   "(default: the paper's, DiT's; never SPRINT's, SparseDiT's)")
     p.add_argument("--num-workers", type=number(0), help="default: 8 images, 4 x.npy, 0 in memory")
     p.add_argument("--drop", type=number(0, 1, float), default=0.75, help="SPRINT's token drop")
     p.add_argument("--mask-type", choices=["structured", "random"], default="structured")
     p.add_argument("--path-drop", type=number(0, 1, float), default=0.1, help="SPRINT's")
     p.add_argument("--global-batch-size", type=number(1), default=32)
+    p.add_argument("--grad-accum", type=number(1), default=1, help="micro-batches a step")
     p.add_argument("--lr", type=float, default=1e-3, help="stage 1 (SPRINT, SiT: 1e-4)")
     p.add_argument("--ema-decay", type=float, default=0.995, help="stage 1 (the papers: 0.9999)")
     p.add_argument("--steps", type=number(0), default=2000, help="stage-1 steps")
@@ -80,21 +75,33 @@ def parser():
     p.add_argument("--ft-lr", type=float, default=1e-3, help="stage 2 (official: 2e-4)")
     p.add_argument("--ft-warmup", type=number(0), default=100, help="stage 2 (official: 5000)")
     p.add_argument("--ft-ema-decay", type=float, default=0.995, help="(official: 0.9999)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: the paper's "
-                   "on CUDA (ModelConfig.paper_recipe), fp32 on a CPU")
-    p.add_argument("--grad-clip", type=number(0, kind=float), help="max gradient norm, 0: none "
-                   "(default: the paper's; SPRINT 1.0, DiT and SparseDiT none)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="the paper's on CUDA")
+    p.add_argument("--grad-clip", type=number(0, kind=float), help="0: none (the paper's)")
     start = p.add_mutually_exclusive_group()      # a new model, --init's weights, or a run's
     start.add_argument("--diffusion", choices=["flow", "ddpm"], help="ddpm: the DiT paper's model")
     start.add_argument("--init", help="a checkpoint's EMA weights (a DiT's: SparseDiT's start)")
     start.add_argument("--resume", help="a run folder or checkpoint, continued with its flags")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="blocks recomputed")
     p.add_argument("--seed", type=int, default=0, help="weights, data order, every random draw")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--log-every", type=number(1), default=25, help="loss, img/s, TFLOP/s")
-    p.add_argument("--ckpt-every", type=number(0), default=500, help="0: at stage ends only")
     p.add_argument("--eval-every", type=number(0), default=250, help="held-out loss; 0: never")
+    p.add_argument("--ckpt-every", type=number(0), default=500, help="0: at stage ends only")
+    p.add_argument("--keep-last", type=number(0), default=0, help="checkpoints kept; 0: all")
+    p.add_argument("--keep-every", type=number(0), default=0, help="milestones kept besides")
+    p.add_argument("--sample-every", type=number(0), default=500, help="EMA grids; 0: never")
+    p.add_argument("--fid-every", type=number(0), default=0, help="the EMA's FID; 0: never")
+    p.add_argument("--fid-ref", help="fid.py's REF, e.g. ADM's reference batch")
+    p.add_argument("--fid-samples", type=number(2), default=10_000, help="samples per FID")
     return p
+
+
+# what a resumed run may change: its length (only longer), how it runs, is watched and kept
+RESUMABLE = {"--steps", "--finetune-steps", "--grad-accum", "--compile", "--num-workers",
+             "--activation-checkpointing", "--log-every", "--eval-every", "--ckpt-every",
+             "--keep-last", "--keep-every", "--sample-every", "--fid-every", "--fid-ref",
+             "--fid-samples"}
 
 
 def parse_args(argv):
@@ -111,14 +118,15 @@ def parse_args(argv):
         raise ValueError(f"--resume {e}") from None
     if "args" not in ckpt:
         raise ValueError(f"--resume {path}: not a checkpoint of train.py (give it as --init)")
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    if given - {"--resume", "--steps", "--finetune-steps"}:
-        raise ValueError(f"--resume {path} takes the run's flags, and only --steps and "
-                         f"--finetune-steps may grow: leave out the others")
+    given = {a.split("=")[0] for a in argv if a.startswith("--")} - {"--resume"}
+    if given - RESUMABLE:
+        raise ValueError(f"--resume {path} takes the run's flags: leave out "
+                         f"{' '.join(sorted(given - RESUMABLE))} (it may change only "
+                         f"{' '.join(sorted(RESUMABLE))})")
     stored = ckpt["args"]
     run = argparse.Namespace(**{**vars(parser().parse_args([])), **stored, "resume": path})
-    run.steps = args.steps if "--steps" in given else run.steps
-    run.finetune_steps = args.finetune_steps if "--finetune-steps" in given else run.finetune_steps
+    for name in (flag[2:].replace("-", "_") for flag in given):
+        setattr(run, name, getattr(args, name))
     shrinks = run.steps < stored["steps"] or run.finetune_steps < stored["finetune_steps"]
     if shrinks or (ckpt["step"] > stored["steps"] and run.steps != stored["steps"]):
         raise ValueError(f"--steps {run.steps} --finetune-steps {run.finetune_steps}: a resumed "
@@ -171,9 +179,9 @@ def center_crop_arr(img, size):
 
 
 class Arrays:
-    """x: an image folder's files, uint8 images (N, H, W, 3) or float latents (N, [V views, [2: the
-    VAE posterior's mean and std,]] C, H, W); y: N labels. In memory, or x.npy and y.npy memory-
-    mapped, opened per batch as nanoGPT opens its tokens. data[idx]: those rows, images cropped."""
+    """x: an image folder's files, uint8 images (N, H, W, 3) or float latents (N, [V views, [M = 2:
+    the posterior's mean and std,]] C, H, W), y: N labels, in memory or x.npy and y.npy memory-
+    mapped and opened per batch (nanoGPT's way). data[idx]: (B, 3, H, W) or (B, V, M, C, H, W)."""
     def __init__(self, source, size, x=None, y=None):
         self.source, self.size, self.x, self.y = source, size, x, y
 
@@ -187,19 +195,15 @@ class Arrays:
 
     def __getitem__(self, idx):
         x, y = self.arrays()
-        x = [self.decode(path) for path in x[idx]] if x.dtype.kind == "U" else np.asarray(x[idx])
+        x = [fid.read_image(f, "--data") for f in x[idx]] if x.dtype.kind == "U" else x[idx]
         y = torch.from_numpy(y[idx].astype(np.int64))
         if isinstance(x, list) or (x.dtype == np.uint8 and x.shape[1:3] != (self.size,) * 2):
             x = np.stack([center_crop_arr(img, self.size) for img in x])
-        x = torch.from_numpy(x)
-        return (x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x), y   # (B, 3, H, W) pixels
-
-    def decode(self, path):
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "not an image"
-            raise ValueError(f"--data: cannot decode {path} ({e})") from None
+        x = torch.from_numpy(np.asarray(x))
+        if x.dtype == torch.uint8:
+            return x.permute(0, 3, 1, 2), y                                   # (B, 3, H, W)
+        views = x.shape[1] if x.ndim > 4 else 1
+        return x.reshape(len(x), views, -1, *x.shape[-3:]), y                # (B, V, M, C, H, W)
 
 
 def image_folder(root, size):
@@ -207,7 +211,7 @@ def image_folder(root, size):
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     files = [(os.path.join(root, c, name), k) for k, c in enumerate(classes)
              for name in sorted(os.listdir(os.path.join(root, c)))
-             if name.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))]
+             if name.lower().endswith(fid.IMAGE_EXTS)]
     if not files:
         raise ValueError(f"--data {root}: no images (.png/.jpg/.webp/.bmp) in sub-folders")
     x, y = map(np.array, zip(*files))
@@ -246,8 +250,7 @@ def load_data(args):
 
 
 def split(n):
-    """The rows to train on and a fixed held-out subset (min(256, n/10), the same for every run),
-    a row an image with all its views: no held-out image is trained on mirrored."""
+    """Rows to train on, and min(256, n/10) held out (the same every run), each image whole."""
     perm = np.random.default_rng(0).permutation(n)
     k = min(256, n // 10)
     return perm[k:], np.sort(perm[:k])
@@ -264,57 +267,73 @@ def epoch_batches(indices, global_batch, rank, world, seed, step):
         epoch, batch = epoch + 1, 0
 
 
-def model_inputs(x, pixels, latent_scale, G=None, rows=None):
-    """A batch as the model sees it: pixels in [-1, 1], latents times the latent scale. Training (G
-    given: draws for the global batch) flips half the images left-right (SiT, DiT; stored views: the
-    mirror's) and samples posteriors mean + std * n (SPRINT); held out: the images, the means."""
-    mirrored = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    if G is not None:
+def model_inputs(x, latent_scale, noise=None):
+    """A batch as the model sees it: pixels (B, 3, H, W) in [-1, 1]; latents (B, V, M, C, H, W) by
+    their first view, the posterior's mean or a draw mean + std * noise, times the latent scale."""
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1
+    if noise is None:
+        return x[:, 0, 0].float() * latent_scale
+    return (x[:, 0, 0].float() + x[:, 0, 1].float() * noise) * latent_scale
+
+
+def step_inputs(x, flip, latent_scale, G, rows):
+    """A training batch as the model sees it, drawn for the global batch of G (this rank's rows):
+    --flip step mirrors half (latents: the mirror's view), a posterior gives a fresh latent."""
+    if flip == "step":
         mirrored = (torch.rand(G, device=x.device) < 0.5)[rows]
-    x = x.float()
-    if pixels:                                                      # (B, 3, H, W)
-        return torch.where(mirrored[:, None, None, None], x.flip(3), x) / 127.5 - 1
-    if x.ndim >= 5:              # (B, V, ...): view 0 is the image, 1 its mirror (if V = 2)
-        x = x[torch.arange(len(x), device=x.device), mirrored.long() % x.shape[1]]
-    if x.ndim == 5:                              # (B, 2, C, H, W): the posterior's mean and std
-        n = 0.0 if G is None else torch.randn(G, *x.shape[2:], device=x.device)[rows]
-        x = x[:, 0] + x[:, 1] * n
-    return x * latent_scale
+        views = x.flip(3 if x.dtype == torch.uint8 else 1)       # latents (B, 2, ...): swapped
+        x = torch.where(mirrored.view(-1, *[1] * (x.ndim - 1)), views, x)
+    posterior = x.dtype != torch.uint8 and x.shape[2] == 2
+    noise = torch.randn(G, *x.shape[-3:], device=x.device)[rows] if posterior else None
+    return model_inputs(x, latent_scale, noise)
 
 
 #################################################################################
-#                      The model, its EMA and the optimizer                     #
+#     The model, its EMA and optimizer; the losses, their draws, the step       #
 #################################################################################
+
+def new_model(args, channels, side, num_classes):
+    """The flags' model; with --init, its checkpoint's EMA weights (a DiT's converted to SparseDiT),
+    diffusion, positions and q/k norm (a released DiT's: the DiT paper's, DIT_PAPER)."""
+    init_cfg, weights = None, None
+    if args.init:
+        path = find_checkpoint(args.init)
+        init_cfg, weights = checkpoint_weights(read_checkpoint(path), path, input_size=side)
+    paper = DIT_PAPER if args.diffusion == "ddpm" else {}          # the DiT paper's model, or SiT
+    if init_cfg:                                                  # the model --init's file holds
+        paper = {k: getattr(init_cfg, k) for k in DIT_PAPER}
+    sparsedit = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k)}
+    cfg = ModelConfig(model=args.model, size=args.size, patch_size=args.patch_size,
+                      input_size=side, in_channels=channels, num_classes=num_classes,
+                      hidden_size=args.hidden_size or 0, num_heads=args.num_heads or 0,
+                      depths=tuple(args.depths or ()), extra=sparsedit, **paper)
+    model = MODELS[cfg.model](cfg)
+    if init_cfg and init_cfg.model != cfg.model:
+        if not (init_cfg.model == "dit" and isinstance(model, SparseDiT)):
+            raise ValueError(f"{args.init} holds a {init_cfg.model} model: train it as "
+                             f"--model {init_cfg.model} (a dit also as --model sparsedit)")
+        weights = model.from_dit(weights)
+    if weights:
+        load_weights(model, weights, args.init)
+    return model
+
 
 def build_model(args, channels, side, num_classes, device, resumed=None):
-    """(model, EMA, AdamW): a resumed run's, or the flags' with --init's weights (a released DiT's:
-    its diffusion, table and q/k norm), a SparseDiT converted from a DiT's."""
-    try:
-        init_cfg, weights = None, None
-        if args.init and not resumed:
-            path = find_checkpoint(args.init)
-            init_cfg, weights = checkpoint_weights(read_checkpoint(path), path, input_size=side)
-        paper = DIT_PAPER if args.diffusion == "ddpm" else {}
-        paper = {k: getattr(init_cfg, k) for k in DIT_PAPER} if init_cfg else paper
-        extra = {k: getattr(args, k) for k in ("layout", "density") if getattr(args, k)}
-        cfg = ModelConfig(**resumed["config"]) if resumed else ModelConfig(
-            args.model, args.size, args.patch_size, side, channels, num_classes,
-            args.hidden_size or 0, args.num_heads or 0, tuple(args.depths or ()), extra=extra,
-            **paper)
-        raw = MODELS[cfg.model](cfg)
-        if init_cfg and init_cfg.model != cfg.model:
-            if not (init_cfg.model == "dit" and isinstance(raw, SparseDiT)):
-                raise ValueError(f"{args.init} holds a {init_cfg.model} model: train it as "
-                                 f"--model {init_cfg.model} (a dit also as --model sparsedit)")
-            weights = raw.from_dit(weights)
-        if weights:
-            load_weights(raw, weights, args.init)
-    except ValueError as e:
-        raise ValueError(f"--init {e}" if args.init and not resumed else str(e)) from None
+    """(model, EMA, AdamW): a resumed run's, or the flags' new model and a copy of it as the EMA."""
+    if resumed:
+        raw = MODELS[resumed["config"]["model"]](ModelConfig(**resumed["config"]))
+        raw.load_state_dict(resumed["model"])
+    else:
+        try:
+            raw = new_model(args, channels, side, num_classes)
+        except ValueError as e:
+            raise ValueError(f"--init {e}" if args.init else str(e)) from None
     ema = copy.deepcopy(raw.to(device)).requires_grad_(False)
     opt = make_optimizer(raw, args.lr, device)
-    for module, key in ((raw, "model"), (ema, "ema"), (opt, "opt")) if resumed else ():
-        module.load_state_dict(resumed[key])
+    if resumed:
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(resumed["opt"])
     return raw, ema, opt
 
 
@@ -322,10 +341,6 @@ def make_optimizer(model, lr, device):
     """AdamW with weight decay 0 (SiT, DiT); the fused kernel on CUDA."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda")
 
-
-#################################################################################
-#   The losses (flow matching; the DiT paper's DDPM), their draws, the step     #
-#################################################################################
 
 LABEL_DROP = 0.1               # labels -> the null label, for classifier-free guidance
 
@@ -347,8 +362,8 @@ Stage = namedtuple("Stage", "drop mask_type path_drop lr ema_decay")
 def stage_at(args, step, sparse_path):
     """This step's stage (SPRINT Sec. 3.3). Stage 1: --drop, --lr, --ema-decay. Stage 2 from step
     --steps on: every token, from the stage-1 EMA weights with a fresh AdamW, --ft-lr warmed up from
-    1% over --ft-warmup steps (the official LinearLR) with the EMA decay at most 0.999, then
-    --ft-ema-decay. Path drop in both stages; neither drop without a sparse path."""
+    1% over --ft-warmup steps (the official LinearLR), EMA decay at most 0.999 meanwhile. Path drop
+    in both stages; neither drop without a sparse path."""
     path_drop = args.path_drop if sparse_path else 0.0
     if step < args.steps:
         drop = args.drop if sparse_path else 0.0
@@ -381,12 +396,20 @@ def draw(y, shape, G, rows, stage, cfg):
     return Draws(t[rows], torch.where(null[rows], cfg.num_classes, y), eps[rows], sparse)
 
 
-def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, grad_clip, scaler):
-    """One AdamW step on this rank's batch, then ema <- decay ema + (1 - decay) raw -> (loss, grad
-    norm) on the device: no host sync. model: raw as it runs (compiled, DDP); scaler: fp16's."""
-    with autocast(x.device, precision):
-        loss = loss_at(model, x, draws, ddpm).mean()
-    scaler.scale(loss).backward()
+def train_step(model, raw, ema, opt, x, draws, *, accum, ema_decay, ddpm, precision, grad_clip,
+               scaler):
+    """One AdamW step on this rank's batch in `accum` micro-batches (DDP averages the ranks' summed
+    gradients after the last), the EMA update -> (loss, grad norm) on the device: no host sync."""
+    loss = 0.0
+    fields = [x, draws.t, draws.y, draws.eps, *draws.sparse.values()]     # each cut in `accum`
+    for k, (x_k, t, y, eps, *sparse) in enumerate(zip(*(f.chunk(accum) for f in fields))):
+        last = k == accum - 1
+        with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            with autocast(x.device, precision):
+                draws_k = Draws(t, y, eps, dict(zip(draws.sparse, sparse)))
+                loss_k = loss_at(model, x_k, draws_k, ddpm).mean() / accum
+            scaler.scale(loss_k).backward()
+        loss = loss + loss_k.detach()
     scaler.unscale_(opt)                               # the true gradient, to clip and to log
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     scaler.step(opt)
@@ -394,17 +417,17 @@ def train_step(model, raw, ema, opt, x, draws, *, ema_decay, ddpm, precision, gr
     opt.zero_grad(set_to_none=True)
     ema_update = get_ema_multi_avg_fn(ema_decay)      # fused over all parameters
     ema_update(list(ema.parameters()), list(raw.parameters()), None)
-    return loss.detach(), grad_norm
+    return loss, grad_norm
 
 
 #################################################################################
-#        Measuring a run: held-out loss, the log, run folders, checkpoints      #
+#   The run: held-out loss, the log, its folder and checkpoints; the loop       #
 #################################################################################
 
 @torch.no_grad()
 def held_out_loss(model, x, y, rows, n, stage, ddpm, precision):
-    """This rank's share of the mean training loss of the n held-out images (its rows x, y), drawn
-    as a step draws from seed 0: the same t, labels and noise every time, with and without drop."""
+    """This rank's share (rows x, y) of the n held-out images' mean loss, drawn as a step draws
+    from seed 0: the same t, labels and noise every time, with and without drop."""
     torch.manual_seed(0)                      # the next training step reseeds from its own step
     draws = draw(y, x.shape[1:], n, rows, stage, model.cfg)
     with autocast(x.device, precision):
@@ -437,39 +460,98 @@ def run_folder(args):
 
 
 def save_checkpoint(run_dir, step, raw, ema, opt, scaler, args, train_s):
-    """checkpoints/<step>.pt, written atomically: a kill at any moment leaves every file whole."""
+    """checkpoints/<step>.pt, written atomically (a kill leaves every file whole); then --keep-last
+    deletes older ones but the stages' ends and --keep-every's (the official total limit, list)."""
     path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
     torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                     scaler=scaler.state_dict(), config=asdict(raw.cfg), args=vars(args), step=step,
                     train_s=train_s), path + ".tmp")
     os.replace(path + ".tmp", path)
     log(run_dir, step=step, train_s=train_s, checkpoint=path)
+    older = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))[:-args.keep_last]
+    for old in older if args.keep_last else []:
+        at = int(os.path.basename(old)[:-3])
+        if not (at in (args.steps, args.steps + args.finetune_steps) or due(at, args.keep_every)):
+            os.remove(old)
     return path
 
 
-#################################################################################
-#                                 The training loop                             #
-#################################################################################
+def ema_fid(ema, inception, ref, args, B, rank, world, sampling):
+    """fid.py's FID of --fid-samples unguided EMA images (the official eval_fid's) against
+    --fid-ref's statistics ref; batch k (samples kB..kB+B-1) on rank k % world, as sample.py's."""
+    N = args.fid_samples
+    stored = (generate(ema, range(k * B, min(k * B + B, N)), args.seed, None, *sampling)[0]
+              for k in range(rank, math.ceil(N / B), world))
+    return fid.fid_of((images["arr_0"] for images in stored), inception, ref, world)
+
+
+def due(step, every):
+    """Whether what is done every `every` steps (0: never) is due after `step` steps."""
+    return every > 0 and step % every == 0
+
 
 def main(argv=None):
     """Train as the flags say -> the run folder (rank 0; None on the other ranks)."""
     args, ckpt = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, device = setup_distributed()
-    G, total = args.global_batch_size, args.steps + args.finetune_steps
+    G, total, accum = args.global_batch_size, args.steps + args.finetune_steps, args.grad_accum
     if total < 1:
         raise ValueError(f"--steps {args.steps} --finetune-steps 0: nothing to train")
-    if G % world:
-        raise ValueError(f"--global-batch-size {G} does not split over {world} processes")
+    if G % (world * accum):
+        raise ValueError(f"--global-batch-size {G} does not split over {world} processes x "
+                         f"--grad-accum {accum}")
     L = G // world
     rows = slice(rank * L, (rank + 1) * L)                 # this rank's rows of a global batch
 
-    # Data: the images to train on, from the step on; a held-out subset, each rank its share
     dataset, num_classes = load_data(args)
     train_idx, eval_idx = split(len(dataset))
     if len(train_idx) < G:
         raise ValueError(f"--global-batch-size {G}: the data holds {len(train_idx)} to train on")
-    first = dataset[[0]][0]                                 # (1, [V, [2,]] C, H, W)
+    first = dataset[[0]][0]                 # pixels (1, 3, H, W) or latents (1, V, M, C, H, W)
     pixels = first.dtype == torch.uint8
+
+    # Model: the same initial weights on every rank, then --init's or a resumed run's state
+    torch.manual_seed(args.seed)
+    raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
+    if args.activation_checkpointing:
+        raw.checkpoint_blocks()
+    ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
+    recipe = raw.cfg.paper_recipe                       # where no flag says; kept in args
+    precision = args.precision = args.precision or (
+        recipe.precision if device.type == "cuda" else "fp32")
+    grad_clip = args.grad_clip = recipe.grad_clip if args.grad_clip is None else args.grad_clip
+    mirrors = pixels or first.shape[1] == 2                 # latents: both views stored
+    args.flip = args.flip or (recipe.flip if mirrors else "none")
+    if args.flip == "step" and not mirrors:
+        raise ValueError(f"--flip step: {args.data} stores no mirror of its images: train --flip "
+                         f"none, or encode both views (tools/encode_latents.py --views both)")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if ckpt and ckpt.get("scaler"):                     # a disabled scaler's state is empty
+        scaler.load_state_dict(ckpt["scaler"])
+    held_out = stage_at(args, 0, raw.has_sparse_path)._replace(path_drop=0.0)   # stage 1's drop
+    middle = ""
+    if held_out.drop:                # a drop the token grid cannot keep: refused before any write
+        M = sample_ids_keep(1, raw.cfg.grid, held_out.drop, args.mask_type).shape[1]
+        middle = f" (the middle on {M})"
+
+    # The EMA's samples: the official loop's Euler (DDPM) 50 steps, as sample.py samples them
+    precision_s = SAMPLING[raw.cfg.diffusion][0] if device.type == "cuda" else "fp32"
+    vae, no_grids = None, None
+    if not pixels and (args.sample_every or args.fid_every):
+        try:
+            vae = load_vae(SD_VAE, device, precision_s)
+        except ValueError as e:                         # without diffusers: no grids, no FID
+            if args.fid_every:
+                raise ValueError(f"--fid-every: {e}") from None
+            no_grids = f"no sample grids: {e}"
+    sampling = ("ddpm" if ddpm else "euler", 50, precision_s, vae, args.latent_scale)
+    if args.fid_every:                   # fid.py's Inception (torch's hub cache), REF's statistics
+        if not args.fid_ref:
+            raise ValueError(f"--fid-every {args.fid_every}: give fid.py's --fid-ref REF")
+        inception = fid.released(fid.FIDInceptionV3, fid.INCEPTION_URL, device)
+        ref, _ = fid.statistics(args.fid_ref, "--fid-ref", ("mu", "sigma"), lambda _: inception, 50)
+
+    # The run: the data in order from its step, this rank's share of the held-out images
     start, train_s = (ckpt["step"], ckpt["train_s"]) if ckpt else (0, 0.0)
     order = epoch_batches(train_idx, G, rank, world, args.seed, start)
     decodes = dataset.x is not None and dataset.x.dtype.kind == "U"     # an image folder's files
@@ -477,47 +559,39 @@ def main(argv=None):
     workers = workers if args.num_workers is None else args.num_workers
     loader = iter(DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                              pin_memory=device.type == "cuda", generator=torch.Generator()))
-    eval_rows = slice(rank, None, world)           # this rank's share of the held-out images
+    eval_rows = slice(rank, None, world)
     mine = eval_idx[eval_rows]
     eval_x, eval_y = dataset[mine] if len(mine) else (first[:0], torch.zeros(0, dtype=torch.long))
-    eval_x, eval_y = model_inputs(eval_x.to(device), pixels, args.latent_scale), eval_y.to(device)
-
-    # Model: the same initial weights on every rank, then --init's or a resumed run's state
-    torch.manual_seed(args.seed)
-    raw, ema, opt = build_model(args, first.shape[-3], first.shape[-1], num_classes, device, ckpt)
-    ddpm = DDPM(device=device) if raw.cfg.diffusion == "ddpm" else None
-    precision, grad_clip = raw.cfg.paper_recipe     # where no flag says; in args: resumes keep it
-    args.precision = precision = args.precision or (precision if device.type == "cuda" else "fp32")
-    args.grad_clip = grad_clip = grad_clip if args.grad_clip is None else args.grad_clip
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if ckpt and ckpt.get("scaler"):                     # a disabled scaler's state is empty
-        scaler.load_state_dict(ckpt["scaler"])
-    held_out = stage_at(args, 0, raw.has_sparse_path)._replace(path_drop=0.0)   # stage 1's drop
-    # a drop the token grid cannot keep is an error here, before anything is written
-    kept = f" (the middle on {num_kept(held_out.drop, raw.num_tokens)})" if held_out.drop else ""
+    eval_x, eval_y = model_inputs(eval_x.to(device), args.latent_scale), eval_y.to(device)
     model = torch.compile(raw) if args.compile else raw
-    if world > 1:              # buffers (RoPE grid, mask token, table) are equal by construction
-        model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
+    if world > 1:      # buffers (RoPE grid, mask token, table) are equal by construction: not sent
+        sync = "forward_sync_buffers"                   # torch 2.13's name; earlier ones':
+        sync = sync if sync in inspect.signature(DDP).parameters else "broadcast_buffers"
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None, **{sync: False})
     last_ckpt = args.resume                       # the checkpoint a resumed run continues, or None
     run_dir = None
     if rank == 0:
         run_dir = os.path.dirname(os.path.dirname(last_ckpt)) if ckpt else run_folder(args)
     log(run_dir, f"{args.model}-{args.size}/{args.patch_size}: {raw.num_params() / 1e6:.2f}M "
         f"parameters, {raw.num_tokens} tokens, {raw.training_flops(held_out.drop) / 1e9:.3g} "
-        f"GFLOPs/image as trained{kept}; {precision}, grad clip {grad_clip or 0}; "
-        f"{len(train_idx)} + {len(eval_idx)} held-out images; batch {G} = {world} x {L}; {run_dir}")
+        f"GFLOPs/image as trained{middle}; {precision}, grad clip {grad_clip or 0}, flip "
+        f"{args.flip}; {len(train_idx)} + {len(eval_idx)} held-out images; batch {G} = {world} x "
+        f"{accum} x {L // accum}; {run_dir}")
+    log(run_dir, no_grids)
 
     def evaluate(step):
-        """Held-out loss with all tokens (as sampled), at stage 1's drop (the gap stage 2 closes)"""
-        stages = {"eval_loss": held_out._replace(drop=0.0)}
-        if held_out.drop:
-            stages["eval_loss_drop"] = held_out
-        values = torch.stack([held_out_loss(raw, eval_x, eval_y, eval_rows, len(eval_idx), stage,
-                                            ddpm, precision) for stage in stages.values()])
+        """Held-out losses: the raw weights' with all tokens (as sampled) and at stage 1's drop (the
+        gap stage 2 closes), the EMA's with all tokens (what sampling uses)."""
+        measured = {"eval_loss": (raw, 0.0), "eval_loss_drop": (raw, held_out.drop),
+                    "eval_loss_ema": (ema, 0.0)}
+        if not held_out.drop:
+            del measured["eval_loss_drop"]
+        values = torch.stack([held_out_loss(weights, eval_x, eval_y, eval_rows, len(eval_idx),
+                                            held_out._replace(drop=drop), ddpm, precision)
+                              for weights, drop in measured.values()])
         if world > 1:
             dist.all_reduce(values)
-        losses = dict(zip(stages, values.tolist()))
+        losses = dict(zip(measured, values.tolist()))
         text = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
         log(run_dir, f"step {step}: held-out {text}", step=step, train_s=train_s, **losses)
 
@@ -538,21 +612,22 @@ def main(argv=None):
                 group["lr"] = stage.lr
             torch.manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
             x, y = next(loader)
-            x = model_inputs(x.to(device, non_blocking=True), pixels, args.latent_scale, G, rows)
+            x = step_inputs(x.to(device, non_blocking=True), args.flip, args.latent_scale, G, rows)
             draws = draw(y.to(device, non_blocking=True), x.shape[1:], G, rows, stage, raw.cfg)
-            loss, grad_norm = train_step(model, raw, ema, opt, x, draws, ema_decay=stage.ema_decay,
-                                         ddpm=ddpm, precision=precision, grad_clip=grad_clip,
-                                         scaler=scaler)
+            loss, grad_norm = train_step(model, raw, ema, opt, x, draws, accum=accum,
+                                         ema_decay=stage.ema_decay, ddpm=ddpm, precision=precision,
+                                         grad_clip=grad_clip, scaler=scaler)
             pending.append(torch.stack([loss, grad_norm]))
             pbar.update()
 
-            # Then what is due after `done` steps: the log, which reads the device once (also just
-            # before an evaluation, which is not training time), the held-out loss, a checkpoint
+            # Then what is due after `done` steps (not training time): log, evaluations, samples
             done = step + 1
             stage_end = done in (args.steps, total)
-            eval_now = evaluating and (stage_end or done % args.eval_every == 0)
-            ckpt_now = stage_end or (args.ckpt_every > 0 and done % args.ckpt_every == 0)
-            if not (done % args.log_every == 0 or stage_end or eval_now or ckpt_now):
+            eval_now = evaluating and (stage_end or due(done, args.eval_every))
+            ckpt_now = stage_end or due(done, args.ckpt_every)
+            grid_now = due(done, args.sample_every) and not no_grids
+            if not (due(done, args.log_every) or eval_now or ckpt_now or grid_now
+                    or due(done, args.fid_every)):
                 continue
             values = torch.stack(pending)
             if world > 1:
@@ -574,6 +649,12 @@ def main(argv=None):
                 evaluate(done)
             if ckpt_now and run_dir:
                 last_ckpt = save_checkpoint(run_dir, done, raw, ema, opt, scaler, args, train_s)
+            if grid_now and run_dir:
+                sample_grid(ema, f"{run_dir}/samples/{done:07d}.png", args.seed, *sampling)
+            if due(done, args.fid_every):
+                value = ema_fid(ema, inception, ref, args, L // accum, rank, world, sampling)
+                log(run_dir, f"step {done}: FID {value:.3f} of {args.fid_samples} EMA samples",
+                    step=done, train_s=train_s, fid=value)
             clock = time.perf_counter()
     finally:                     # also on an error: its message then starts on a line of its own
         pbar.close()

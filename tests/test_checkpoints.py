@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sample import load_model
-from sprint import SPRINT
+from sprint import SIZES, SPRINT
 from tiny import damaged_files, randomize, tiny_model, write_safetensors
 
 OFFICIAL = {"encoder.": "encoder_blocks.", "middle.": "middle_blocks.", "decoder.": "decoder_blocks.",
@@ -100,3 +100,33 @@ def test_a_damaged_or_foreign_file_is_one_message_naming_it(tmp_path):
                                              rf"\(cut short, damaged, or not one: \w+\)|neither "
                                              rf"train\.py's checkpoint nor a released)"):
             load_model(tmp_path / name, input_size=8)
+
+
+def misshapen(tensor, k):
+    """The k-th of three wrong shapes for a tensor: a scalar, flat and one value short, one axis
+    more."""
+    return [tensor.flatten()[0], tensor.flatten()[:-1], tensor[None]][k % 3]
+
+
+def test_a_released_file_whose_tensors_do_not_fit_their_names_is_one_message_naming_it(
+        tmp_path, monkeypatch):
+    """Every tensor of a released SPRINT file and of a released DiT file, each replaced in turn by
+    one of three wrong shapes: the architecture read off the tensors or the strict load refuses it
+    in one line that names the file (sample.py --ckpt and train.py --init read files this way)."""
+    from test_recipes import released_dit
+    monkeypatch.setitem(SIZES, "T", (32, 2, (1, 2, 1)))       # a DiT's heads: by its width
+    released = {"sprint.safetensors": official_layout(randomize(tiny_model())),
+                "dit.pt": released_dit(tiny_model("dit", diffusion="ddpm", positions="table",
+                                                  qk_norm=False).cfg)}
+    for name, sd in released.items():
+        for k, key in enumerate(sd):
+            path = tmp_path / f"{k}-{name}"
+            bad = {**sd, key: misshapen(sd[key], k)}
+            if name.endswith(".pt"):
+                torch.save(bad, path)
+            else:
+                write_safetensors(path, bad, "F32")
+            with pytest.raises(ValueError) as e:
+                load_model(path, input_size=8)
+            message = str(e.value)
+            assert message.startswith(str(path)) and "\n" not in message, (key, message)

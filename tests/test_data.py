@@ -126,7 +126,7 @@ def test_a_folder_of_arrays_is_read_batch_by_batch_not_whole(tmp_path):
     train_idx, held_out = train.split(len(dataset))
     batches = [dataset[np.random.default_rng(i).choice(train_idx, 64)] for i in range(5)]
     grown = resident_bytes() - before
-    assert num_classes == 10 and batches[0][0].shape == (64, 4, 32, 32)
+    assert num_classes == 10 and batches[0][0].shape == (64, 1, 1, 4, 32, 32)   # 1 view, 1 moment
     assert grown < 100e6, f"resident memory grew by {grown / 1e6:.0f} MB"
 
 
@@ -240,22 +240,51 @@ def test_encoding_writes_every_image_and_its_mirror_and_train_py_reads_them(tmp_
     assert torch.load(run_dir / "checkpoints" / "0000002.pt")["config"]["input_size"] == 2
 
 
+def test_views_image_and_random_store_one_view_each_as_sprint_and_fast_dit_train_on(tmp_path,
+                                                                                 fake_vae):
+    """--views image: the image alone (SPRINT's code never flips; half the size); random: the image
+    or its mirror, the same ones every time, some of each (fast-DiT's features, SparseDiT's data).
+    Either way train.py finds no mirror to draw, so its recipes train them unflipped."""
+    folder = image_folder(tmp_path / "images", classes=2, per_class=6, size=(40, 32))
+    encoded = {}
+    for views in ("both", "image", "random", "random"):
+        out = tmp_path / f"{views}{len(encoded)}"
+        tool("encode_latents").main([str(folder), str(out), "--size", "16", "--device", "cpu",
+                                     "--batch-size", "4", "--num-workers", "0", "--views", views])
+        encoded[out.name] = np.load(out / "x.npy")
+    both, image, random, again = encoded.values()
+    assert image.shape == random.shape == (12, 1, 2, 4, 2, 2)
+    assert np.array_equal(image[:, 0], both[:, 0]) and np.array_equal(random, again)
+    mirrored = [np.array_equal(random[i, 0], both[i, 1]) for i in range(12)]
+    assert all(m or np.array_equal(random[i, 0], both[i, 0]) for i, m in enumerate(mirrored))
+    assert 0 < sum(mirrored) < 12
+    run_dir = run(tmp_path, "--data", str(tmp_path / "random2"), "--patch-size", "1",
+                  "--global-batch-size", "4", "--steps", "1", "--model", "dit", "--diffusion",
+                  "ddpm")                                    # a recipe that flips, without mirrors
+    assert "flip none;" in (run_dir / "log.txt").read_text()
+    with pytest.raises(ValueError, match=r"--flip step: .*random2 stores no mirror of its images"):
+        run(tmp_path, "--data", str(tmp_path / "random2"), "--patch-size", "1",
+            "--global-batch-size", "4", "--steps", "1", "--flip", "step")
+
+
 def test_each_step_draws_a_fresh_latent_from_the_stored_posterior_of_a_view():
     """SPRINT's sample_posterior: z = mean + std * n with a new n each step, then times the latent
-    scale; a view (the image or its mirror) with probability 1/2 each. Held out: the mean."""
+    scale; with --flip step a view (the image or its mirror) with probability 1/2 each, else the
+    image's. Held out: the mean."""
     G = 4000
     posterior = [(-10.0, 0.5), (10.0, 2.0)]               # (mean, std) of view 0 and of view 1
     x = torch.tensor(posterior).reshape(1, 2, 2, 1, 1, 1).expand(G, -1, -1, -1, -1, -1)
     torch.manual_seed(0)
-    z = train.model_inputs(x, False, 0.5, G, slice(None)).flatten() / 0.5    # (G, V, 2, 1, 1, 1)
+    z = train.step_inputs(x, "step", 0.5, G, slice(None)).flatten() / 0.5   # (G, V, 2, 1, 1, 1)
     view_1 = z > 0                                        # the views' samples lie apart
     assert abs(view_1.float().mean() - 0.5) < 0.03
     for view, (m, s) in enumerate(posterior):
         samples = z[view_1 == bool(view)]
         assert abs(samples.mean() - m) < 0.1 and abs(samples.std() / s - 1) < 0.06
-    again = train.model_inputs(x, False, 0.5, G, slice(None)).flatten() / 0.5
+    again = train.step_inputs(x, "step", 0.5, G, slice(None)).flatten() / 0.5
     assert not torch.equal(z, again)                      # fresh each step
-    assert torch.equal(train.model_inputs(x[:3], False, 0.5), torch.full((3, 1, 1, 1), -5.0))
+    assert (train.step_inputs(x, "none", 0.5, G, slice(None)) < 0).all()    # the image's view
+    assert torch.equal(train.model_inputs(x[:3], 0.5), torch.full((3, 1, 1, 1), -5.0))
 
 
 def test_the_held_out_images_are_never_trained_on_mirrored(tmp_path, fake_vae):

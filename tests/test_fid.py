@@ -285,7 +285,7 @@ def test_fid_between_gaussians_matches_the_closed_form():
 def test_fid_fails_loudly_on_invalid_covariances():
     with pytest.raises(ValueError, match='imaginary part'):
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
-    with pytest.raises(ValueError, match='statistics of other features'):
+    with pytest.raises(ValueError, match='statistics that do not fit each other'):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 

@@ -176,6 +176,11 @@ def test_every_bad_input_is_one_line_and_nothing_is_written(tmp_path, cli, capsy
                                                  "shape": (5, 8, 8, 3)})
         f.write(np.zeros((3, 8, 8, 3), np.uint8).tobytes())
     (tmp_path / "earlier.npz").write_bytes(b"earlier statistics")
+    np.savez(tmp_path / "nan.npz", mu=np.full(8, np.nan), sigma=np.eye(8))
+    np.savez(tmp_path / "inf.npz", mu=np.zeros(8), sigma=np.full((8, 8), np.inf))
+    np.savez(tmp_path / "text.npz", mu=np.array(["a"] * 8), sigma=np.eye(8))
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(8), sigma=np.ones((8, 9)))
+    np.savez(tmp_path / "huge.npz", mu=np.zeros(8), sigma=np.eye(8) * 1e308)   # finite, overflows
     t = tmp_path
     cases = {
         "no reference": ([folder], "give REF to score SAMPLES against, or --save-stats"),
@@ -200,6 +205,14 @@ def test_every_bad_input_is_one_line_and_nothing_is_written(tmp_path, cli, capsy
         "an image that does not decode": ([broken, folder], f"SAMPLES: cannot decode "
                                                             f"{broken / 'bad.png'} ("),
         "batch size 0": ([folder, folder, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        **{f"statistics of {name}": ([t / "stats8.npz", t / f"{name}.npz", "--fid-only"],
+                                     f"REF {t / f'{name}.npz'}: its {key} must hold finite numbers")
+           for name, key in (("nan", "mu"), ("inf", "sigma"), ("text", "mu"))},
+        "a covariance that is not square": ([t / "stats8.npz", t / "wide.npz", "--fid-only"],
+                                            "statistics that do not fit each other: mu (8,) and "
+                                            "(8,), sigma (8, 8) and (8, 9)"),
+        "a distance that overflows": ([t / "stats8.npz", t / "huge.npz", "--fid-only"],
+                                      "the Fréchet distance is not finite"),
         "an existing statistics file": ([folder, "--save-stats", t / "earlier.npz"],
                                         f"--save-stats {t / 'earlier.npz'} exists: choose another"),
     }

@@ -181,13 +181,24 @@ def test_images_become_pixels_as_each_papers_sampling_code_converts_them():
     DiT's, and SparseDiT's after it: clamp(127.5 x + 128, 0, 255) truncated (in fp32 with TF32)."""
     x = torch.linspace(-1.2, 1.2, 10001).reshape(1, 1, 1, -1).expand(1, 3, 1, -1)
     values = x[0, 0].numpy()
-    sprint_pixels = np.clip(255 * (values + 1) / 2, 0, 255).astype(np.uint8)
+    sprint_pixels = np.clip(255 * ((values + 1) / 2), 0, 255).astype(np.uint8)
     dit_pixels = np.clip(127.5 * values + 128, 0, 255).astype(np.uint8)
     assert np.array_equal(sample.to_uint8(x, "flow")[0, ..., 0], sprint_pixels)
     assert np.array_equal(sample.to_uint8(x, "ddpm")[0, ..., 0], dit_pixels)
     assert not np.array_equal(sprint_pixels, dit_pixels)           # half a level apart
     assert {k: precision for k, (precision, _) in sample.SAMPLING.items()} == {"flow": "bf16",
                                                                                "ddpm": "fp32"}
+
+
+def test_sprints_pixels_are_computed_in_the_vaes_bf16_as_its_sample_ddp_computes_them():
+    """SPRINT's sample_ddp.py decodes in bf16 and computes (x + 1) / 2 and 255 x in bf16, each
+    rounded, before clamping and truncating: the same pixels from the same bf16 images, where
+    float32 arithmetic puts about one in ten a level apart."""
+    x = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1)
+    x = x.bfloat16()                                                # the VAE's output
+    official = torch.clamp(255.0 * ((x + 1) / 2.0), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+    assert np.array_equal(sample.to_uint8(x, "flow"), official.numpy())
+    assert (sample.to_uint8(x.float(), "flow") != official.numpy()).mean() > 0.05
 
 
 @pytest.mark.parametrize("sampler, steps", [("sde", 250), ("euler", 250), ("heun", 50)])

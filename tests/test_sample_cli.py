@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import sample
-from tiny import ROOT, damaged_files, npz, run_sample, sampling_model, save_ckpt, tiny_model
+from test_checkpoints import official_layout
+from tiny import (ROOT, damaged_files, npz, run_sample, sampling_model, save_ckpt, tiny_model,
+                  write_safetensors)
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -89,7 +91,13 @@ def test_every_bad_flag_is_one_line_and_nothing_is_written(ckpts, tmp_path, monk
     dit = ["--ckpt", ckpts["dit"]]
     ddpm = save_ckpt(tmp_path.parent / f"{tmp_path.name}-ddpm.pt",
                      tiny_model("dit", diffusion="ddpm", positions="table", qk_norm=False))
+    misshapen = damaged / "misshapen.safetensors"            # a 1-D patch embedding
+    write_safetensors(misshapen, {**official_layout(tiny_model()),
+                                  "x_embedder.proj.weight": torch.zeros(32)}, "F32")
     cases = {
+        "tensors that do not fit their names": (["--ckpt", misshapen], f"{misshapen}: cannot read "
+                                                "a released SPRINT or DiT model off its tensors "
+                                                "(IndexError"),
         "pdg without a sparse path": ([*dit, "--pdg"], "--pdg needs a model with a sparse path to "
                                                        "drop (SPRINT), not this dit"),
         "a class past the model's": ([*dit, "--classes", 1, 4], "--classes: class ids must lie in "
@@ -97,9 +105,11 @@ def test_every_bad_flag_is_one_line_and_nothing_is_written(ckpts, tmp_path, monk
         "interval upside down": ([*dit, "--guidance-interval", 0.8, 0.2], "--guidance-interval "
                                  "[0.8, 0.2]: need 0 <= LOW <= HIGH <= 1"),
         "not an output kind": ([*dit, "--out", "x.gif"], "--out x.gif: give an .npz"),
-        "no steps": ([*dit, "--steps", 0], "--steps 0: must be at least 1"),
-        "an empty batch": ([*dit, "--per-proc-batch-size", 0], "--per-proc-batch-size 0: must be "
-                                                               "at least 1"),
+        "no steps": ([*dit, "--steps", 0], "argument --steps: 0: must be at least 1"),
+        "an empty batch": ([*dit, "--per-proc-batch-size", 0], "argument --per-proc-batch-size: 0: "
+                                                               "must be at least 1"),
+        "no samples": ([*dit, "--num-samples", -3], "argument --num-samples: -3: must be at least "
+                                                    "1"),
         "a flow model with DDPM": ([*dit, "--sampler", "ddpm"], "--sampler ddpm: this flow model "
                                                                 "samples with sde, euler or heun"),
         "DDPM past its timesteps": (["--ckpt", ddpm, "--steps", 1001], "--steps 1001: DDPM keeps "

@@ -38,7 +38,7 @@ def tiny_size(monkeypatch):
 def test_the_training_benchmark_prints_one_row_of_consistent_figures(tiny_size, capsys):
     ms = tool("benchmark").main(["train", "--model", "sprint", "--drop", "0.75", *tiny_size])
     (row,) = table(capsys.readouterr().out)
-    assert row["model"] == "sprint-T/2" and row["drop"] == "0.75" and row["batch"] == "4"
+    assert row["model"] == "sprint-T/2" and row["drop"] == "0.75" and row["batch"] == "4 = 1 x 4"
     assert float(row["ms/step"]) == pytest.approx(ms, abs=0.05)
     assert float(row["img/s"]) == pytest.approx(4 / ms * 1e3, rel=1e-2)
     # TFLOP/s from the model's own count: a step is 3 forwards of the 75%-drop model
@@ -128,7 +128,7 @@ def test_decoding_refuses_what_it_cannot_read_before_loading_the_vae(tmp_path, m
     cases = [(tmp_path / "none.npz", r"none\.npz: not a readable \.npz \(.*No such file"),
              (tmp_path / "images.npz", r"images\.npz: holds arr_0, arr_1, not the latents and "
                                        r"labels \(latents, arr_1\) that sample\.py saves"),
-             (tmp_path / "x.latents.npz", r"--vae stabilityai/sd-vae-ft-ema needs the optional "
+             (tmp_path / "x.latents.npz", r"the SD-VAE stabilityai/sd-vae-ft-ema needs the optional "
                                           r"package diffusers: pip install diffusers")]
     for latents, message in cases:
         with pytest.raises(SystemExit, match=r"^decode_latents\.py: error: .*" + message):

@@ -58,7 +58,7 @@ def official_loss(tmp_path_factory):
 
 
 # train_step's settings for SPRINT on a CPU: fp32, clipping at 1.0, no loss scaling
-STEP = dict(ema_decay=0.9999, ddpm=None, precision="fp32", grad_clip=1.0,
+STEP = dict(accum=1, ema_decay=0.9999, ddpm=None, precision="fp32", grad_clip=1.0,
             scaler=torch.amp.GradScaler("cpu", enabled=False))
 
 
@@ -206,13 +206,14 @@ def test_fine_tuning_sees_every_token_and_path_drop_stays_on(tmp_path, monkeypat
     assert seen == [(False, True)] * 2
 
 
-@pytest.mark.parametrize("model, diffusion, recipe", [("sprint", "flow", ("bf16", 1.0)),
-                                                      ("dit", "flow", ("bf16", 1.0)),
-                                                      ("dit", "ddpm", ("fp32", 0.0)),
-                                                      ("sparsedit", "ddpm", ("fp16", 0.0))])
+@pytest.mark.parametrize("model, diffusion, recipe", [("sprint", "flow", ("bf16", 1.0, "none")),
+                                                      ("dit", "flow", ("bf16", 1.0, "none")),
+                                                      ("dit", "ddpm", ("fp32", 0.0, "step")),
+                                                      ("sparsedit", "ddpm", ("fp16", 0.0, "none"))])
 def test_each_model_trains_as_its_official_code_does(model, diffusion, recipe):
-    """SPRINT's code trains SPRINT and its SiT in bf16 and clips at 1.0; DiT's trains in fp32 (TF32)
-    and SparseDiT's in fp16, neither clips (README's table of the official recipes)."""
+    """SPRINT's code trains SPRINT and its SiT in bf16, clips at 1.0 and never flips; DiT's trains
+    in fp32 (TF32), mirroring half the images each step; SparseDiT's in fp16 on fast-DiT's features
+    (one view each, flipped or not at extraction), not flipped; neither clips (README's table)."""
     cfg = sprint.ModelConfig(model=model, diffusion=diffusion, depths=(1, 2, 1))
     assert cfg.paper_recipe == recipe
 
@@ -240,7 +241,7 @@ def test_mixed_precision_trains_and_fp16_scales_its_loss(tmp_path, precision):
     run_dir = run(tmp_path, "--steps", "3", "--precision", precision, "--eval-every", "3")
     losses = [rec["loss"] for rec in records(run_dir) if "loss" in rec]
     assert len(losses) == 3 and np.isfinite(losses).all()
-    assert f"; {precision}, grad clip 1.0;" in (run_dir / "log.txt").read_text()
+    assert f"; {precision}, grad clip 1.0, flip none;" in (run_dir / "log.txt").read_text()
     scaler = torch.load(run_dir / "checkpoints" / "0000003.pt", weights_only=True)["scaler"]
     assert (scaler.get("scale", 0) > 0) == (precision == "fp16")
 
@@ -273,10 +274,11 @@ def test_stage_2_starts_from_the_stage_1_ema_weights_with_a_fresh_optimizer(tmp_
     assert not all(torch.equal(raw_1[k], ema[k]) for k in ema)        # the EMA is not the weights
 
 
-def test_a_step_sees_its_images_in_minus_1_to_1_each_mirrored_left_right_or_not(
-        tmp_path, monkeypatch):
-    """SiT's and DiT's augmentation: a random horizontal flip of each image (or, for latents, the
-    stored mirror's latents), the pixels mapped to [-1, 1]."""
+@pytest.mark.parametrize("flip", ["none", "step"])
+def test_a_step_sees_its_images_in_minus_1_to_1_mirrored_as_flip_says(tmp_path, monkeypatch, flip):
+    """The pixels mapped to [-1, 1]; --flip none (SPRINT's and SparseDiT's code): every image as it
+    is; step (DiT's): each mirrored at random each time, so an image seen twice is seen both ways
+    (stored latents: their mirror's view, test_data.py)."""
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", x=images, y=np.arange(40) % 10)
     seen, step = [], train.train_step
@@ -285,14 +287,20 @@ def test_a_step_sees_its_images_in_minus_1_to_1_each_mirrored_left_right_or_not(
         seen.append(x.clone())
         return step(model, raw, ema, opt, x, *args, **kwargs)
     monkeypatch.setattr(train, "train_step", spy)
-    run(tmp_path, "--data", str(tmp_path / "images.npz"), "--steps", "3")
-    x = torch.cat(seen)[:, None]                                      # (24, 1, 3, 16, 16)
+    # 10 steps of 8 from 36 images to train on: each seen about twice
+    run(tmp_path, "--data", str(tmp_path / "images.npz"), "--steps", "10", "--flip", flip)
+    x = torch.cat(seen)[:, None]                                      # (80, 1, 3, 16, 16)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()[None] / 127.5 - 1
-
-    def found(candidates):
-        return (x == candidates).flatten(2).all(-1).any(-1)           # (24,)
-    as_is, mirrored = found(pixels), found(pixels.flip(-1))
-    assert (as_is | mirrored).all() and as_is.any() and mirrored.any()
+    as_is = (x == pixels).flatten(2).all(-1)                          # (80, 40): which image
+    mirrored = (x == pixels.flip(-1)).flatten(2).all(-1)
+    assert (as_is | mirrored).any(1).all()
+    ways = {(image, True) for image in mirrored.nonzero()[:, 1].tolist()}
+    ways |= {(image, False) for image in as_is.nonzero()[:, 1].tolist()}
+    both = {image for image, _ in ways if (image, not _) in ways}     # seen mirrored and not
+    if flip == "none":
+        assert not mirrored.any()
+    else:
+        assert as_is.any() and mirrored.any() and len(both) > 0
 
 
 def test_the_warm_up_is_the_official_linear_lr_from_one_percent_with_ema_0999():
@@ -395,13 +403,15 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
 
 def test_two_gloo_processes_train_and_evaluate_as_one_process_does_and_only_rank_0_writes(tmp_path):
     """Every random draw covers the global batch and each rank takes its rows, the data order
-    too: two processes of 4 see what one process of 8 sees, and DDP averages their gradients. The
-    held-out loss is each rank's share of the held-out images, summed: what one process gets."""
+    too: two processes of 2 micro-batches of 2 see what one process of 8 sees, and DDP averages
+    their gradients (once a step: no_sync before the last micro-batch). The held-out loss is each
+    rank's share of the held-out images, summed: what one process gets. No warning is printed."""
     flags = [*TINY, "--data", tiny.TOY_DATA, "--steps", "2", "--ckpt-every", "1", "--eval-every",
              "1"]
     (tmp_path / "two").mkdir()
-    for code, stderr in two_ranks("train.py", *flags, cwd=tmp_path / "two"):
+    for code, stderr in two_ranks("train.py", *flags, "--grad-accum", "2", cwd=tmp_path / "two"):
         assert code == 0, stderr
+        assert "Warning" not in stderr, stderr
     assert os.listdir(tmp_path / "two") == ["results"]
     two = tmp_path / "two" / "results" / "000-sprint-toy-4"
     assert os.listdir(tmp_path / "two" / "results") == [two.name]

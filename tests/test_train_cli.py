@@ -17,7 +17,9 @@ from PIL import Image
 import sample
 import sprint
 import train
-from tiny import ENV, TINY, TRAIN, damaged_files, image_folder, records, run
+from test_checkpoints import official_layout
+from tiny import (ENV, TINY, TRAIN, damaged_files, image_folder, records, run, tiny_model,
+                  write_safetensors)
 
 
 def offline(url, dst, *args, **kwargs):
@@ -136,6 +138,8 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
     (tmp / "damaged").mkdir()
     damaged = damaged_files(tmp / "damaged", {"x_embedder.proj.weight": torch.zeros(4, 16)})
     torch.save(torch.load(ckpt, weights_only=True)["ema"], tmp / "released.pt")  # a state dict
+    write_safetensors(tmp / "misshapen.safetensors", {**official_layout(tiny_model()),
+                      "x_embedder.proj.weight": torch.zeros(32)}, "F32")   # a 1-D patch embedding
     not_arrays = r"not an image folder, a folder with x\.npy and y\.npy, nor an \.npz with arrays"
     shapes = (r"x must hold N uint8 images \(N, H, W, 3\) or float latents \(N, \[views, \[2 "
               r"\(mean, std\),\]\] C, H, H\)")
@@ -178,6 +182,10 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
         "init another depth": (["--init", ckpt, "--depths", "1", "2", "1"],
                                r"--init .*0000001\.pt does not fit this sprint model: Error\(s\) in "
                                r"loading state_dict for SPRINT: Missing key\(s\) .*middle\.1\."),
+        "init from tensors that do not fit their names": (["--init", tmp / "misshapen.safetensors"],
+                                                          r"--init .*misshapen\.safetensors: cannot "
+                                                          r"read a released SPRINT or DiT model off "
+                                                          r"its tensors \(IndexError"),
         "truncated init": (["--init", tmp / "cut.pt"], r"--init .*cut\.pt: not a readable "
                                                        r"checkpoint \(cut short, damaged, or not "
                                                        r"one: RuntimeError\)$"),
@@ -198,7 +206,8 @@ def bad_inputs(tmp, ckpt, dit_ckpt):
         "truncated resume": (["--resume", tmp / "cut.pt"], r"--resume .*cut\.pt: not a readable "
                                                            r"checkpoint"),
         "resume another drop": (["--resume", ckpt, "--drop", "0.5"], r"--resume .*0000001\.pt takes "
-                                r"the run's flags, and only --steps and --finetune-steps may grow"),
+                                r"the run's flags: leave out --drop \(it may change only "
+                                r"--activation-checkpointing --ckpt-every --compile"),
         "resume shortens stage 1": (["--resume", ckpt, "--steps", "0"], r"--steps 0 --finetune-steps "
                                     r"0: a resumed run may only grow"),
     }

@@ -138,7 +138,7 @@ def write_safetensors(path, tensors, dtype="BF16"):
     blobs = []
     offset = 0
     for name, t in tensors.items():
-        raw = t.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
+        raw = t.to(torch_dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": dtype, "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)

@@ -4,14 +4,17 @@ training step, or of sample.py's guided sampling step with CFG and with PDG, as 
 
     python tools/benchmark.py train --model sprint --size XL --drop 0.75 --batch 64 --compile
     python tools/benchmark.py train --model dit --size XL --batch 64 --compile
+    python tools/benchmark.py train --model sprint --size XL --batch 64 --activation-checkpointing
     python tools/benchmark.py sample --model sprint --size XL --batch 64 --compile
 
 Times are the median of --reps calls after 3 warm-up calls (compilation happens there), timed with
 CUDA events on a GPU, in the precision the scripts use there (the model's paper's: training as
 ModelConfig.paper_recipe, sampling as sample.SAMPLING; fp32 on a CPU). FLOPs come from
 the models' own counts (a training step is about three forwards); MFU is against a matmul peak
-measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU), not a datasheet figure. A model whose
-cost follows t (SparseDiT's density schedule) is timed at 8 evenly spread t and averaged.
+measured here (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU), not a datasheet figure. Peak memory:
+CUDA's allocator's high-water mark; on a CPU (Linux) the process's resident high-water mark above
+its size before the steps (one setting per process: the allocator keeps what it has freed). A
+model whose cost follows t (SparseDiT's density schedule) is timed at 8 spread t and averaged.
 """
 import argparse
 import copy
@@ -79,30 +82,46 @@ def benchmark_train(args, device):
     B = args.batch
     x = torch.randn(B, 4, raw.cfg.input_size, raw.cfg.input_size, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
+    if args.activation_checkpointing:
+        raw.checkpoint_blocks()
     model = torch.compile(raw) if args.compile else raw
-    precision, grad_clip = raw.cfg.paper_recipe
-    precision = precision if device.type == "cuda" else "fp32"
+    recipe = raw.cfg.paper_recipe
+    precision = recipe.precision if device.type == "cuda" else "fp32"
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step():
         draws = train.draw(y, x.shape[1:], B, slice(None), stage, raw.cfg)
-        train.train_step(model, raw, ema, opt, x, draws, ema_decay=stage.ema_decay, ddpm=None,
-                         precision=precision, grad_clip=grad_clip, scaler=scaler)
+        train.train_step(model, raw, ema, opt, x, draws, accum=args.grad_accum,
+                         ema_decay=stage.ema_decay, ddpm=None, precision=precision,
+                         grad_clip=recipe.grad_clip, scaler=scaler)
 
+    before = resident_bytes()
     ms = time_ms(step, device, args.reps)
     flops_per_s = 3 * raw.training_flops(drop) * B / ms * 1e3
-    memory = "n/a"
     if device.type == "cuda":                                # before the peak's own matrices
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    else:                          # the process's high-water mark above its size before the steps
+        import resource                                      # Unix only
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
+        memory = f"{(peak_rss - before) / 2**30:.2f} GiB (RSS)"
     peak = matmul_peak(device)
     kind = "bf16" if device.type == "cuda" else "fp32"
-    print(f"| model | drop | batch | compile | ms/step | img/s | TFLOP/s | MFU (of a measured "
-          f"{kind} matmul peak) | peak memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.model}-{args.size}/{args.patch_size} | {drop} | {B} | {args.compile} | "
+    print(f"| model | drop | batch | checkpointing | compile | ms/step | img/s | TFLOP/s | MFU (of a "
+          f"measured {kind} matmul peak) | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.model}-{args.size}/{args.patch_size} | {drop} | {B} = {args.grad_accum} x "
+          f"{B // args.grad_accum} | {args.activation_checkpointing} | {args.compile} | "
           f"{ms:.1f} | {B / ms * 1e3:.1f} | {flops_per_s / 1e12:.3g} | "
           f"{flops_per_s / peak:.1%} of {peak / 1e12:.3g} TFLOP/s | {memory} |")
     return ms
+
+
+def resident_bytes():
+    """This process's resident memory now (Linux: /proc/self/statm; elsewhere 0)."""
+    if not os.path.exists("/proc/self/statm"):
+        return 0
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @torch.no_grad()
@@ -152,6 +171,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="images per step")
     p.add_argument("--drop", type=float, help="train: the token drop (default: 0.75 for sprint)")
     p.add_argument("--mask-type", choices=["structured", "random"], default="structured")
+    p.add_argument("--grad-accum", type=int, default=1, help="train: micro-batches per step")
+    p.add_argument("--activation-checkpointing", action="store_true", help="train: recompute "
+                   "each block in the backward pass")
     p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde",
                    help="sample: the run that img/s is for")
     p.add_argument("--steps", type=int, default=250, help="sample: its steps")

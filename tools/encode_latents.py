@@ -2,11 +2,14 @@
 An image folder -> SD-VAE latents in the memory-mapped layout that `train.py --data DIR` reads:
 
     python tools/encode_latents.py /path/to/imagenet/train imagenet256_sdvae --size 256
+    python tools/encode_latents.py /path/to/imagenet/train imagenet512_sdvae --size 512 --views image
 
-DIR/x.npy holds float16 VAE posteriors (N, 2, 2, 4, size/8, size/8): for each image and its mirror
-image (SiT's flip augmentation: train.py draws one of the two each step, and its held-out images are
-whole images, both views) the posterior's mean and standard deviation, from which train.py draws a
-fresh latent each step, as SPRINT does (its sample_posterior); DIR/y.npy their int64 labels (N,).
+DIR/x.npy holds float16 VAE posteriors (N, V, 2, 4, size/8, size/8): for each view of each image
+the posterior's mean and standard deviation, from which train.py draws a fresh latent each step,
+as SPRINT does (its sample_posterior); DIR/y.npy their int64 labels (N,). --views both (V = 2): the
+image and its mirror, for train.py --flip step (DiT's recipe); image (V = 1): the image alone, half
+the size (SPRINT's code never flips); random (V = 1): the image or its mirror, one at random for good
+(seeded), as fast-DiT extracts the features that SparseDiT fine-tunes on.
 Images are read as train.py reads an image folder (ADM's centre crop; a file PIL cannot decode is
 named). train.py scales the latents by SD-VAE's 0.18215 (--latent-scale). Needs diffusers.
 
@@ -41,7 +44,7 @@ def preallocate(path, shape, dtype):
 
 @torch.no_grad()
 def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda", batch=256,
-           workers=16):
+           workers=16, views="both"):
     """Encode `folder` (ImageNet layout) into out/x.npy and out/y.npy, as the module says."""
     if os.path.exists(out):
         raise ValueError(f"{out} exists: choose another output folder (nothing is overwritten)")
@@ -54,7 +57,7 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
     shutil.rmtree(partial, ignore_errors=True)                 # a killed run's leftovers
     os.makedirs(partial)
     try:
-        write_latents(images, encoder, partial, size, device, batch, workers)
+        write_latents(images, encoder, partial, size, device, batch, workers, views)
     except BaseException:                                      # an error or Ctrl-C: no leftovers
         shutil.rmtree(partial)
         raise
@@ -62,9 +65,10 @@ def encode(folder, out, vae="stabilityai/sd-vae-ft-ema", size=256, device="cuda"
     return out
 
 
-def write_latents(images, encoder, folder, size, device, batch, workers):
-    """Every image and its mirror image through the VAE, into folder/x.npy and folder/y.npy."""
-    shape = (len(images), 2, 2, 4, size // 8, size // 8)
+def write_latents(images, encoder, folder, size, device, batch, workers, views):
+    """Each image's views (--views) through the VAE, into folder/x.npy and folder/y.npy."""
+    shape = (len(images), 2 if views == "both" else 1, 2, 4, size // 8, size // 8)
+    mirrored = np.random.default_rng(0).random(len(images)) < 0.5     # --views random's choice
     x_start = preallocate(os.path.join(folder, "x.npy"), shape, np.float16)
     y_start = preallocate(os.path.join(folder, "y.npy"), shape[:1], np.int64)
     row_bytes = int(np.prod(shape[1:])) * 2                    # float16
@@ -74,10 +78,14 @@ def write_latents(images, encoder, folder, size, device, batch, workers):
     with open(os.path.join(folder, "x.npy"), "r+b") as x, \
             open(os.path.join(folder, "y.npy"), "r+b") as y:
         for pixels, labels in tqdm(batches, "encoding", total=len(order)):
-            views = [encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist
-                     for view in (pixels, pixels.flip(3))]     # the image, its mirror
-            moments = [torch.stack([p.mean, p.std], dim=1) for p in views]   # (B, 2, 4, h, w)
-            z = torch.stack(moments, dim=1).half().cpu().numpy()   # (B, 2, 2, 4, h, w)
+            shown = [pixels, pixels.flip(3)] if views == "both" else [pixels]   # the image, mirror
+            if views == "random":
+                flip = torch.from_numpy(mirrored[first:first + len(pixels)])[:, None, None, None]
+                shown = [torch.where(flip, pixels.flip(3), pixels)]
+            posteriors = [encoder.encode(view.to(device).float() / 127.5 - 1).latent_dist
+                          for view in shown]
+            moments = [torch.stack([p.mean, p.std], dim=1) for p in posteriors]  # (B, 2, 4, h, w)
+            z = torch.stack(moments, dim=1).half().cpu().numpy()   # (B, V, 2, 4, h, w)
             bad = np.flatnonzero(~np.isfinite(z.reshape(len(z), -1)).all(axis=1))
             if len(bad):
                 raise ValueError(f"{images.x[first + bad[0]]}: its latent holds NaN or infinite "
@@ -100,10 +108,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256, help="images per VAE pass")
     p.add_argument("--num-workers", type=int, default=16, help="DataLoader workers decoding images")
+    p.add_argument("--views", choices=["both", "image", "random"], default="both", help="each "
+                   "image and its mirror; the image; one of them at random (default %(default)s)")
     args = p.parse_args(argv)
     try:
         out = encode(args.folder, args.out, args.vae, args.size, args.device, args.batch_size,
-                     args.num_workers)
+                     args.num_workers, args.views)
     except ValueError as e:
         raise SystemExit(f"encode_latents.py: error: {e}")
     print(f"wrote {out}/x.npy and {out}/y.npy")
