@@ -112,6 +112,9 @@ def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
     with torch.device("meta"):
         models = {k: sparsedit.MODELS[k](sprint.ModelConfig(model=k, size="XL", input_size=32))
                   for k in sparsedit.MODELS}
+        released = sparsedit.SparseDiT(sprint.ModelConfig(
+            model="sparsedit", size="XL", input_size=32, extra={"layout": [1, 4, 3, 3],
+                                                               "density": [8, 8]}))
         inception, dinov2 = fid.FIDInceptionV3(), fid.DINOv2()
     dit, spr, sparse = models["dit"], models["sprint"], models["sparsedit"]
     g = 1e9
@@ -123,7 +126,10 @@ def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
         " / ".join(text(spr.flops(**kw) / 2 / g, 1) for kw in ({}, {"drop": 0.75},
                                                                {"skip_middle": True})),
         f"{sparse.flops() / g:.1f} / {sparse.training_flops() / g:.1f}",
-        f"{sparse.flops() / 2 / g:.1f} (the paper: 68.1) / {sparse.training_flops() / 2 / g:.1f}",
+        f"{sparse.flops() / 2 / g:.1f} (the paper: 68.05) / {sparse.training_flops() / 2 / g:.1f}",
+        f"| 6 → 10 along $t$ | {sparse.flops() / 2 / g:.1f} G (the schedule's mean) |",
+        f"| 8, fixed | {released.flops() / 2 / g:.1f} G |",             # the released run's layout
+        f"attention products that SDPA computes ({2 * 256 * 256 * 1152 / g:.3f} G a dense block",
         f"costs {spr.flops(drop=0.75) / g:.1f} GFLOPs against {spr.flops() / g:.1f}",
         f"{(spr.flops() + spr.flops(skip_middle=True)) / 1e12:.3f} TFLOPs per guided step "
         f"against CFG's {2 * spr.flops() / 1e12:.3f}",
@@ -131,8 +137,9 @@ def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
         f"({sum(p.numel() for p in dinov2.parameters()) / 1e6:.0f} M)",
         # an XL checkpoint: weights, EMA and AdamW's two moments, float32
         f"is {4 * 4 * spr.num_params() / 1e9:.1f} GB",
-        # a latent dataset: two views' posterior mean and std, float16, 32 x 32 x 4
+        # a latent dataset: two views' posterior mean and std, float16, 32 x 32 x 4; at 512 px one
         f"{2 * 2 * 4 * 32 * 32 * 2 // 1024} KiB per image, {1_281_167 * 32 * 1024 / 1e9:.0f} GB",
+        f"({2 * 4 * 64 * 64 * 2 // 1024} KiB an image, {1_281_167 * 64 * 1024 / 1e9:.0f} GB)",
     ]
     toy = sparsedit.MODELS["sprint"](sprint.ModelConfig(model="sprint", size="toy", input_size=16,
                                                         in_channels=3, num_classes=10))

@@ -1,10 +1,12 @@
 """README's recipes at scale, run as printed on a tiny stand-in: every command of its chapter 4 in
-order (encoding ImageNet's latents, SPRINT's two stages, sampling the released SPRINT and DiT files
-and scoring them, SparseDiT from DiT-XL-2-256x256.pt, your own images), in this process, with paths,
-lengths and batch sizes made tiny, the XL and B sizes a 32-wide model, the released files
-random-weight ones in their released layouts (served by name as torch's downloader would), and
-stand-ins for the SD-VAE and for fid.py's networks."""
+order (encoding ImageNet's latents, SPRINT's two stages at 256 and at 512 px, sampling the released
+SPRINT and DiT files and scoring them, SparseDiT's two layouts from DiT-XL-2-256x256.pt, the DiT
+paper's model, your own images), in this process, with paths, lengths, batch sizes and sampling
+steps made tiny, the XL and B sizes a 32-wide model of depth 4 (SparseDiT's layout fitted to it),
+the released files random-weight ones in their released layouts (served by name as torch's
+downloader would), and stand-ins for the SD-VAE and for fid.py's networks."""
 import glob
+import json
 import re
 import shlex
 import types
@@ -28,7 +30,8 @@ README = (ROOT / "README.md").read_text()
 # lengths and batch sizes of the stand-in; a 0 (stage 2 alone: --steps 0) stays 0
 TINY = {"--steps": "2", "--finetune-steps": "2", "--ckpt-every": "1", "--eval-every": "1",
         "--log-every": "1", "--global-batch-size": "8", "--num-samples": "4",
-        "--per-proc-batch-size": "2"}
+        "--per-proc-batch-size": "2", "--fid-every": "2", "--fid-samples": "4",
+        "--keep-every": "2"}
 
 
 def recipes():
@@ -56,12 +59,17 @@ def stand_in(words, tmp):
         elif re.fullmatch(r"results/\d+-.*/checkpoints/\d+\.pt", word):
             run = word.split("/")[1].split("-", 1)[1]      # e.g. sprint-XL-2: its newest run's last
             argv.append(max(glob.glob(str(tmp / f"results/*-{run}/checkpoints/*.pt"))))
+        elif word == "--layout":                           # the stand-in's depth of 4
+            argv += [word, "1,1,0,0"]
+            i += 1
         elif word != "--compile":
             argv.append({"/path/to/imagenet/train": str(tmp / "images"),
                          "/path/to/folder": str(tmp / "images")}.get(word, word))
         i += 1
     if script in ("tools/encode_latents.py", "train.py"):
         argv += ["--num-workers", "0"]
+    if script == "sample.py" and "--steps" not in argv:                # the default's 250
+        argv += ["--steps", "2"]
     return script, argv
 
 
@@ -144,9 +152,10 @@ def test_readmes_recipes_at_scale_run_as_printed_on_a_tiny_stand_in(stand_ins, c
         script, argv = stand_in(words, stand_ins)
         run[script](argv)
         ran.append(script)
-    assert ran == ["tools/encode_latents.py", "train.py", "train.py", "sample.py", "fid.py",
-                   "sample.py", "fid.py", "train.py", "sample.py", "train.py", "train.py",
-                   "sample.py"]
+    assert ran == ["tools/encode_latents.py", "train.py", "train.py", "tools/encode_latents.py",
+                   "train.py", "train.py", "sample.py", "fid.py", "sample.py", "fid.py",
+                   "tools/encode_latents.py", "train.py", "train.py", "sample.py", "train.py",
+                   "train.py", "sample.py"]
     out = capsys.readouterr().out
     scores = [line.split(":")[0] for line in out.splitlines() if re.match(r"\w+: [\d.]+$", line)]
     assert scores == ["FID", "sFID", "IS", "Precision", "Recall", "FDD"] + ["FID", "sFID", "IS",
@@ -155,10 +164,22 @@ def test_readmes_recipes_at_scale_run_as_printed_on_a_tiny_stand_in(stand_ins, c
         with np.load(stand_ins / npz) as f:
             assert f["arr_0"].shape == (4, 256, 256, 3) and f["arr_0"].dtype == np.uint8
     runs = sorted(p.name for p in (stand_ins / "results").iterdir())
-    assert runs == ["000-sprint-XL-2", "001-sprint-XL-2", "002-sparsedit-XL-2", "003-dit-XL-2",
-                    "004-sprint-B-4"]
-    dit = torch.load(stand_ins / "results/003-dit-XL-2/checkpoints/0000002.pt", weights_only=True)
+    assert runs == ["000-sprint-XL-2", "001-sprint-XL-2", "002-sprint-XL-2", "003-sprint-XL-2",
+                    "004-sparsedit-XL-2", "005-sparsedit-XL-2", "006-dit-XL-2", "007-sprint-B-4"]
+    dit = torch.load(stand_ins / "results/006-dit-XL-2/checkpoints/0000002.pt", weights_only=True)
     assert {k: dit["config"][k] for k in sprint.DIT_PAPER} == sprint.DIT_PAPER   # from scratch
+    assert dit["args"]["flip"] == "step"                                        # DiT's recipe
     stage_2 = torch.load(stand_ins / "results/001-sprint-XL-2/checkpoints/0000002.pt",
                          weights_only=True)
     assert stage_2["args"]["steps"] == 0 and stage_2["config"]["input_size"] == 32
+    at_512 = torch.load(stand_ins / "results/003-sprint-XL-2/checkpoints/0000002.pt",
+                        weights_only=True)
+    assert at_512["config"]["input_size"] == 64 and at_512["args"]["activation_checkpointing"]
+    released_layout = torch.load(stand_ins / "results/005-sparsedit-XL-2/checkpoints/0000002.pt",
+                                 weights_only=True)
+    assert released_layout["config"]["extra"] == {"layout": [1, 1, 0, 0], "density": [8, 8]}
+    assert released_layout["args"]["flip"] == "none"                 # features flipped once
+    # the first run logged its FID
+    assert any("fid" in json.loads(line) for line in open(stand_ins / "results/000-sprint-XL-2/"
+                                                            "log.jsonl"))
+

@@ -12,6 +12,8 @@ assets/sparsedit_grid.png    SparseDiT's sparse grid along the sampling trajecto
 assets/pdg_cfg.png           the toy data's ten classes, then the walkthrough model's samples of the
                              same seeds with path-drop guidance and with CFG (sample.sample, SDE
                              250 steps, scale 4)
+assets/training_grid.png     the walkthrough run's last samples/STEP.png (train.py --sample-every:
+                             its EMA, Euler 50 steps), enlarged, its rows and classes named
 
 The image is a Noto emoji (experiments/miniature/emoji_google_32.npz, Apache-2.0) at 32 px: with
 patch 2 its token grid is 16 x 16, the grid of SPRINT's and SparseDiT's 256 px ImageNet models.
@@ -147,6 +149,25 @@ def samples_figure(path, ckpt, steps=250, scale=4.0):
     canvas.save(path)
 
 
+def training_grid_figure(path, ckpt):
+    """The newest samples/STEP.png of the run that `ckpt` belongs to, enlarged, rows and columns
+    named (train.py writes a row each unguided, with CFG 4 and with PDG 4)."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    grid = np.asarray(Image.open(max(glob.glob(os.path.join(run, "samples", "*.png")))))
+    cell = (grid.shape[1] - 2) // 10                      # 10 images a row, 2-pixel borders
+    rows = [grid[2 + r * cell: r * cell + cell, 2: 2 + 10 * cell] for r in range(3)]
+    size = 4 * (cell - 2)
+    canvas = Image.new("RGB", (90 + 10 * (size + 4), 20 + 3 * (size + 4)), WHITE)
+    for c, name in enumerate(SHAPES):
+        label(canvas, (90 + c * (size + 4), 4), name)
+    for r, name in enumerate(["unguided", "CFG 4", "PDG 4"]):
+        label(canvas, (8, 20 + r * (size + 4) + size // 2 - 6), name)
+        for c in range(10):
+            image = rows[r][:, c * cell: c * cell + cell - 2]
+            canvas.paste(enlarged(image, size), (90 + c * (size + 4), 20 + r * (size + 4)))
+    canvas.save(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--ckpt", help="the SPRINT run to sample (default: the newest in results/)")
@@ -160,7 +181,9 @@ def main(argv=None):
     tokens_figure(os.path.join(args.out, "sprint_tokens.png"))
     density_figure(os.path.join(args.out, "sparsedit_grid.png"))
     samples_figure(os.path.join(args.out, "pdg_cfg.png"), ckpt)
-    print(f"wrote sprint_tokens.png, sparsedit_grid.png, pdg_cfg.png ({ckpt}) to {args.out}")
+    training_grid_figure(os.path.join(args.out, "training_grid.png"), ckpt)
+    print(f"wrote sprint_tokens.png, sparsedit_grid.png, pdg_cfg.png, training_grid.png ({ckpt}) "
+          f"to {args.out}")
 
 
 if __name__ == "__main__":
