@@ -252,10 +252,26 @@ def test_the_emas_held_out_loss_is_logged_beside_the_raw_weights(tmp_path):
     assert evals[1]["eval_loss_ema"] != evals[1]["eval_loss"]
 
 
-def test_plot_draws_the_logs_losses_learning_rate_and_fid_of_several_runs(tmp_path):
-    runs = [run(tmp_path, "--steps", "3", "--finetune-steps", "2", "--eval-every", "1")
-            for _ in range(2)]
-    out = tmp_path / "curves.png"
-    tool("plot").main([*map(str, runs), "--out", str(out)])
-    image = Image.open(out)
-    assert image.size[0] > 600 and image.size[1] > 300
+def test_plot_draws_each_runs_curves_with_stage_2_marked_and_names_a_folder_without_a_log(
+        tmp_path):
+    """tools/plot.py: three runs overlaid, each in its colour, a grey line where each run's stage 1
+    ends (run 0 at step 6 of 8, run 1 at 4, run 2 a stage 2 alone); a folder without train.py's
+    log is one line."""
+    plot = tool("plot")
+    for k, stage_1 in enumerate((6, 4, 0)):                     # run 2: stage 2 alone
+        logged = [{"step": s, "stage": 1 if s <= stage_1 else 2, "loss": 1 / s, "lr": 1e-3}
+                  for s in range(1, 9)]
+        logged += [{"step": s, "eval_loss": 1 / (s + 1), "eval_loss_ema": 1.2 / (s + 1)}
+                   for s in (0, 4, 8)]
+        logged += [{"step": s, "fid": 100 / s} for s in (4, 8)] if k == 0 else []
+        (tmp_path / f"run{k}").mkdir()
+        (tmp_path / f"run{k}" / "log.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                                for r in logged))
+    out = plot.plot([str(tmp_path / f"run{k}") for k in range(3)], str(tmp_path / "c.png"))
+    pixels = np.asarray(Image.open(out))
+    assert set(plot.COLOURS[:3]) <= {tuple(p) for p in pixels.reshape(-1, 3)}
+    for stage_1 in (6, 4):                         # the first panel's column at stage 1's end
+        column = pixels[30:30 + plot.H, plot.MARGIN + int(plot.W * stage_1 / 8)]
+        assert (column == plot.GREY).all(-1).mean() > 0.5
+    with pytest.raises(SystemExit, match=r"^plot\.py: error: .*nowhere: no readable log\.jsonl"):
+        plot.main([str(tmp_path / "nowhere")])

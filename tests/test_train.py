@@ -376,9 +376,11 @@ def test_a_resumed_run_keeps_its_precision_clipping_and_loss_scale(tmp_path):
 
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    """Killed at any moment, also while older checkpoints are being deleted (--keep-last): the
+    newest whole one resumes the run, which ends as an unbroken run ends, the same files kept."""
     # a checkpoint every step; the resume crosses into stage 2
     flags = ["--data", tiny.TOY_DATA, "--image-size", "16", "--steps", "2", "--finetune-steps", "6",
-             "--ckpt-every", "1", "--eval-every", "0"]
+             "--ckpt-every", "1", "--eval-every", "0", "--keep-last", "2", "--keep-every", "4"]
     proc = subprocess.Popen([sys.executable, TRAIN, *TINY, *flags, "--results-dir", "killed"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -388,13 +390,16 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert len(list(ckpts.glob("*.pt"))) < 8                            # killed mid-run
+    assert not (ckpts / "0000008.pt").exists()                          # killed mid-run
     # the rest in process
     # the rest, in this process: --resume, the run's own flags
     resumed = train.main(["--resume", str(ckpts.parent)])
     assert resumed == str(ckpts.parent)
     whole = run(tmp_path / "whole", *flags) / "checkpoints"
     assert_same_training_state(ckpts / "0000008.pt", whole / "0000008.pt")
+    # stage 1's end, the milestone, the newest two
+    kept = ["0000002.pt", "0000004.pt", "0000007.pt", "0000008.pt"]
+    assert sorted(os.listdir(ckpts)) == sorted(os.listdir(whole)) == kept
 
 
 #################################################################################

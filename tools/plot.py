@@ -67,7 +67,8 @@ def draw_panel(canvas, x0, y0, title, series, log, runs, last_step):
         draw.text((x0 - MARGIN + 4, anchor - 6), f"{10 ** end if log else end:.3g}", fill=INK)
     for run, records in enumerate(runs):
         if any(r.get("stage") == 2 for r in records):    # stage 1 ends at its last record
-            x = x0 + W * max(r["step"] for r in records if r.get("stage") == 1) / last_step
+            stage_1 = [r["step"] for r in records if r.get("stage") == 1]
+            x = x0 + W * max(stage_1, default=0) / last_step      # 0: a run of stage 2 alone
             draw.line([x, y0, x, y0 + H], fill=GREY, width=1)
         for key, width, dotted in series:
             line = [xy(s, v) for s, v in points[key][run] if v > 0 or not log]
