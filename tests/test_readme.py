@@ -158,12 +158,17 @@ def test_the_numbers_the_code_computes_are_the_ones_readme_prints():
     assert [line for line in printed if line not in flowing] == []
 
 
-def test_the_first_command_prints_what_readme_shows(tmp_path, capsys, one_thread):
+def test_the_first_command_prints_what_readme_shows(tmp_path, capsys, one_thread, monkeypatch):
     """README's excerpt of `python train.py --model sprint --drop 0.75`: its first two lines (the
-    run and the held-out loss at step 0) as one step of the same run prints them."""
+    run and the held-out loss at step 0) as the same run prints them before its first step."""
     excerpt = re.search(r"```text\n(sprint-toy/2: .*?)\n```", README, re.S).group(1).splitlines()
-    train.main(["--model", "sprint", "--drop", "0.75", "--steps", "1", "--finetune-steps", "0",
-                "--results-dir", str(tmp_path / "results")])
+
+    def first_step(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train_step", first_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--model", "sprint", "--drop", "0.75", "--results-dir",
+                    str(tmp_path / "results")])
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].replace(str(tmp_path) + "/", "") == excerpt[0]
     assert printed[1] == excerpt[1]

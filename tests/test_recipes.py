@@ -92,9 +92,9 @@ def stand_ins(tmp_path, monkeypatch):
     for size in ("XL", "B"):
         monkeypatch.setitem(sprint.SIZES, size, (32, 2, (1, 2, 1)))
     rng = np.random.default_rng(0)
-    for c in range(4):                                  # ImageNet: 4 classes of 10 images
+    for c in range(4):                                  # ImageNet: 4 classes of 5 images
         (tmp_path / "images" / f"n{c:08d}").mkdir(parents=True)
-        for i in range(10):
+        for i in range(5):
             image = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
             Image.fromarray(image).save(tmp_path / "images" / f"n{c:08d}" / f"{i}.png")
     np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz",

@@ -186,13 +186,13 @@ def test_fid_every_logs_fid_pys_fid_of_sample_pys_samples_of_the_ema(tmp_path, r
     """--fid-every: --fid-samples unguided EMA samples, Euler 50 (the official eval_fid's), scored
     against --fid-ref: what fid.py prints for sample.py's samples of the checkpoint at that step."""
     run_dir = run(tmp_path, "--steps", "2", "--fid-every", "2", "--fid-ref", str(reference),
-                  "--fid-samples", "6")
+                  "--fid-samples", "3")
     (logged,) = [rec for rec in records(run_dir) if "fid" in rec]
-    assert logged["step"] == 2 and f"step 2: FID {logged['fid']:.3f} of 6 EMA samples" in (
+    assert logged["step"] == 2 and f"step 2: FID {logged['fid']:.3f} of 3 EMA samples" in (
         run_dir / "log.txt").read_text()
     samples = tmp_path / "samples.npz"
     sample.main(["--ckpt", str(run_dir / "checkpoints" / "0000002.pt"), "--sampler", "euler",
-                 "--steps", "50", "--cfg-scale", "1", "--num-samples", "6",
+                 "--steps", "50", "--cfg-scale", "1", "--num-samples", "3",
                  "--per-proc-batch-size", "8", "--out", str(samples)])
     capsys.readouterr()
     fid.main([str(samples), str(reference), "--fid-only", "--json", "--batch-size", "8"])
