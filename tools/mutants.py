@@ -3,7 +3,7 @@ A mutation check of the test suite: break one line of the method at a time (a fo
 a sampler, an evaluator) in a copy of the repository, run the suite, and report which breaks it
 kills. A survivor is a behaviour nothing tests.
 
-    python tools/mutants.py                   # every mutant, about 10 min on 2 cores
+    python tools/mutants.py                   # every mutant, about 25 min on 2 cores
     python tools/mutants.py --only ema path   # those whose name contains one of these words
     python tools/mutants.py --list            # the mutants, without running anything
 
