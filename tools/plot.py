@@ -73,14 +73,11 @@ def draw_panel(canvas, x0, y0, title, series, log, runs, last_step):
         for key, width, dotted in series:
             line = [xy(s, v) for s, v in points[key][run] if v > 0 or not log]
             colour = COLOURS[run % len(COLOURS)]
-            if dotted:
+            if len(line) > 1 and not dotted:
+                draw.line(line, fill=colour, width=width)
+            else:                                         # dots (also a single value)
                 for px, py in line:
                     draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            elif len(line) > 1:
-                draw.line(line, fill=colour, width=width)
-            elif line:
-                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2],
-                             fill=colour)
 
 
 def plot(folders, out):
