@@ -23,7 +23,8 @@ import train
 from test_fid import fixture_model
 import tiny
 from sprint import SPRINT
-from tiny import TINY, npz, peak_growth, randomize, records, run, tiny_model, tool
+from tiny import (TINY, npz, peak_growth, randomize, records, run, save_ckpt, tiny_model,
+                  tool)
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 M_MMAP_THRESHOLD = -3                   # glibc's mallopt parameter
@@ -134,9 +135,15 @@ def test_activation_checkpointing_trains_in_less_memory_measured_on_the_cpu():
 
 def test_sample_every_writes_the_emas_grid_as_sample_py_draws_it(tmp_path):
     """samples/STEP.png: ten classes from the same noise, a row unguided, with CFG 4 and with PDG 4,
-    Euler 50 steps (the official loop's): what sample.py draws from that step's EMA weights."""
-    run_dir = run(tmp_path, "--steps", "2", "--sample-every", "2")
+    Euler 50 steps (the official loop's): what sample.py draws from that step's EMA weights. From
+    random weights (--init), so that labels and guidance change the images."""
+    init = save_ckpt(tmp_path / "init.pt", randomize(tiny_model(input_size=16, patch_size=4,
+                                                                in_channels=3, depths=(1, 1, 1))))
+    run_dir = run(tmp_path, "--steps", "2", "--sample-every", "2", "--init", init)
     grid = np.asarray(Image.open(run_dir / "samples" / "0000002.png"))
+    cell = (grid.shape[0] - 2) // 3                                  # 3 rows, 2-pixel borders
+    unguided, cfg, pdg = (grid[2 + r * cell: r * cell + cell] for r in range(3))
+    assert not np.array_equal(unguided, cfg) and not np.array_equal(cfg, pdg)
     ckpt = run_dir / "checkpoints" / "0000002.pt"
     rows = []
     for guidance in (["--cfg-scale", "1"], ["--cfg-scale", "4"], ["--cfg-scale", "4", "--pdg"]):
