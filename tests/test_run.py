@@ -1,9 +1,10 @@
 """A multi-day run as the official SPRINT loop runs it, on the tiny model: a step in micro-batches is
-the same step (also resumed with another split); activation checkpointing gives the same gradients
-in less memory and still one compiled graph; the EMA's samples while training are sample.py's, its
-FID fid.py's (over the ranks too); checkpoints are pruned to the newest, the stages' ends and the
-milestones; the held-out loss of the EMA weights is logged beside the raw weights'; tools/plot.py
-draws the log."""
+the same step (also resumed with another split) and DDP all-reduces its gradients once; activation
+checkpointing gives the same gradients in less memory and still one compiled graph; the EMA's
+samples while training are sample.py's, its FID fid.py's (over the ranks too); checkpoints are
+pruned to the newest, the stages' ends and the milestones; the held-out loss of the EMA weights is
+logged beside the raw weights'; tools/plot.py draws the log."""
+import copy
 import ctypes
 import ctypes.util
 import json
@@ -68,6 +69,40 @@ def test_a_step_in_micro_batches_is_the_same_step_to_rounding_also_resumed(tmp_p
         assert max_rel(b["model"], a["model"]) < 1e-5 and max_rel(b["ema"], a["ema"]) < 1e-5
         for i, state in a["opt"]["state"].items():
             assert max_rel(b["opt"]["state"][i], state) < 1e-4
+
+
+def test_ddp_all_reduces_the_gradients_once_a_step_after_the_last_micro_batch(tmp_path):
+    """With --grad-accum 4, DDP (one gloo process here) all-reduces each gradient bucket as often as
+    with 1: once a step, after the last micro-batch (no_sync before it), not after each."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0,
+                                         world_size=1)
+    try:
+        raw = randomize(tiny_model())
+        model = torch.nn.parallel.DistributedDataParallel(raw)
+        reduced = []
+
+        def count(state, bucket):                      # a comm hook: the bucket, not reduced
+            reduced.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+        model.register_comm_hook(None, count)
+        ema = copy.deepcopy(raw).requires_grad_(False)
+        opt = train.make_optimizer(raw, 1e-3, torch.device("cpu"))
+        x, y = torch.randn(8, 4, 8, 8), torch.arange(8)
+        stage = train.Stage(drop=0.75, mask_type="structured", path_drop=0.1, lr=1e-3,
+                            ema_decay=0.9)
+        per_step = []
+        for accum in (1, 4):
+            reduced.clear()
+            draws = train.draw(y, x.shape[1:], 8, slice(None), stage, raw.cfg)
+            train.train_step(model, raw, ema, opt, x, draws, accum=accum, ema_decay=0.9,
+                             ddpm=None, precision="fp32", grad_clip=1.0,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False))
+            per_step.append(sorted(reduced))
+        assert per_step[0] == per_step[1] and per_step[0]
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 #################################################################################

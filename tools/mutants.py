@@ -80,6 +80,8 @@ MUTANTS = [
     ("micro-batches summed", "train.py", "ddpm).mean() / accum", "ddpm).mean()"),
     ("micro-batches one draw", "train.py", "zip(*(f.chunk(accum) for f in fields))",
      "zip(*(f.chunk(accum)[:1] * accum for f in fields))"),
+    ("micro-batches each synchronised", "train.py", "else model.no_sync():",
+     "else contextlib.nullcontext():"),
     ("checkpointing off", "sprint.py",
      "block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)", "pass"),
     ("ema eval on the raw weights", "train.py", '"eval_loss_ema": (ema, 0.0)',
