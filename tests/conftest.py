@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
+def pytest_report_header():
+    """Which fixtures come from $CONFORMANCE_FIXTURES (tiny.fixture) rather than tests/fixtures."""
+    import os
+
+    folder = os.environ.get("CONFORMANCE_FIXTURES")
+    if folder:
+        names = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".npz", ".safetensors"))
+        return f"fixtures from {folder}: {', '.join(names) or 'none (all from tests/fixtures)'}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def toy_data(tmp_path_factory):
     """The embedded data's first 400 images as an .npz (360 to train on, 40 held out), written once

@@ -3,7 +3,6 @@
 table, the forward pass, forward_with_cfg, the training loss terms, the respaced timesteps,
 p_mean_variance and a whole guided 25-step chain; then sample.py on a released-format file and
 train.py converting one into a SparseDiT and fine-tuning it with DiT's loss."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import torch
 import sample
 import sprint
 from sparsedit import DDPM, space_timesteps
-from tiny import npz, records, run, run_sample
+from tiny import fixture, npz, records, run, run_sample
 
-FIXTURE = np.load(Path(__file__).parent / "fixtures" / "dit_official.npz")
+FIXTURE = np.load(fixture("dit_official.npz"))
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
 
@@ -158,7 +157,8 @@ def test_sample_py_samples_a_released_dit_with_ddpm(released, tmp_path, capsys):
                "--out", tmp_path / "dit.npz", "--vae", "none")
     assert "ddpm-5" in capsys.readouterr().out
     saved = npz(tmp_path / "dit.latents.npz")
-    assert saved["latents"].shape == (3, 4, 8, 8) and np.isfinite(saved["latents"]).all()
+    side = int(FIXTURE["config_input_size"])
+    assert saved["latents"].shape == (3, 4, side, side) and np.isfinite(saved["latents"]).all()
     with pytest.raises(SystemExit, match="--sampler euler: this ddpm model samples with "
                                          "--sampler ddpm"):
         run_sample("--ckpt", released, "--sampler", "euler", "--out", tmp_path / "x.npz")

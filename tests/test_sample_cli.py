@@ -15,8 +15,8 @@ from PIL import Image
 
 import sample
 from test_checkpoints import official_layout
-from tiny import (ROOT, damaged_files, npz, run_sample, sampling_model, save_ckpt, tiny_model,
-                  write_safetensors)
+from tiny import (damaged_files, fixture, npz, run_sample, sampling_model, save_ckpt,
+                  tiny_model, write_safetensors)
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -155,7 +155,7 @@ def test_a_released_file_is_read_by_name_from_torchs_hub_cache(tmp_path, monkeyp
     """sample.py --ckpt sprint_XL_imagenet256.safetensors: downloaded from the official link into
     torch's hub cache once, then read from there."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    official = ROOT / "tests/fixtures/official_sprint_tiny.safetensors"
+    official = fixture("official_sprint_tiny.safetensors")
     downloads = []
 
     def download(url, dst, *args, **kwargs):                      # the fixture stands in for it
@@ -198,7 +198,7 @@ def test_a_latent_models_bare_command_decodes_a_grid_of_16_with_the_papers_vae(t
 
 
 def test_the_released_file_samples_and_with_vae_none_saves_latents(tmp_path, capsys):
-    official = ROOT / "tests/fixtures/official_sprint_tiny.safetensors"
+    official = fixture("official_sprint_tiny.safetensors")
     # its architecture from its tensors; its latents' side, 8, is --image-size / 8
     run_sample("--ckpt", official, "--image-size", 64, "--pdg", "--steps", 3, "--num-samples", 3,
                "--out", tmp_path / "s.png", "--vae", "none")

@@ -4,7 +4,6 @@ timestep-adaptive density (its shape, over flow times and DDPM timesteps), initi
 DiT, FLOPs against the paper and, in training, against what runs."""
 import dataclasses
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ import sample
 import sprint
 from sparsedit import Poolingformer, SparseDiT, density_schedule, pooled_grid
 from sprint import Block, DiT, ModelConfig, rope
+from tiny import fixture
 
-OFFICIAL = np.load(Path(__file__).parent / "fixtures" / "sparsedit_official.npz")
+OFFICIAL = np.load(fixture("sparsedit_official.npz"))
 
 
 def tiny(**extra):

@@ -2,7 +2,6 @@
 sample.py reads it), token drop, path drop, RoPE, sizes, initialisation, one compiled graph, FLOPs
 against the papers and against what a forward runs."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sample import load_model
 from sparsedit import MODELS
-from tiny import randomize, tiny_model
+from tiny import fixture, randomize, tiny_model
 from sprint import (
     ModelConfig,
     apply_rope,
@@ -22,7 +21,6 @@ from sprint import (
     unpatchify,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def inputs(B=4, C=4, H=8, seed=0):
@@ -48,9 +46,9 @@ def create_model(cfg):
 def official():
     """The official file read as a released one is (its architecture from its tensors, the latent
     side given), checked against the official code's configuration."""
-    io = np.load(FIXTURES / "official_sprint_tiny_io.npz")
+    io = np.load(fixture("official_sprint_tiny_io.npz"))
     c = json.loads(str(io["config"]))
-    model = load_model(FIXTURES / "official_sprint_tiny.safetensors", input_size=c["context_size"])
+    model = load_model(fixture("official_sprint_tiny.safetensors"), input_size=c["context_size"])
     cfg = model.cfg
     assert (cfg.model, cfg.patch_size, cfg.in_channels, cfg.hidden_size, cfg.num_heads,
             cfg.num_classes, list(cfg.depths)) == ("sprint", c["patch_size"], c["in_channels"],

@@ -11,7 +11,7 @@ import torch
 import sample
 import sprint
 from sparsedit import MODELS
-from tiny import npz, run_sample, sampling_model, save_ckpt, tool
+from tiny import ROOT, npz, run_sample, sampling_model, save_ckpt, tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
 
@@ -134,3 +134,75 @@ def test_decoding_refuses_what_it_cannot_read_before_loading_the_vae(tmp_path, m
         with pytest.raises(SystemExit, match=r"^decode_latents\.py: error: .*" + message):
             decode.main([str(latents), str(tmp_path / "out.npz"), "--device", "cpu"])
     assert not (tmp_path / "out.npz").exists()
+
+
+#################################################################################
+#                     Conformance: fixtures and their generators                #
+#################################################################################
+
+def declared(name):
+    """tools/conformance's generators -> the value of their module constant `name` (read with ast:
+    importing a generator needs the official code)."""
+    import ast
+
+    found = {}
+    for path in sorted((ROOT / "tools" / "conformance").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            targets = [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+            if targets == [name]:                           # NAME = ..., not a, b = ...
+                found[path.name] = ast.literal_eval(node.value)
+    return found
+
+
+def test_every_fixture_has_a_generator_and_every_generator_its_fixture():
+    outputs = declared("OUTPUTS")
+    made = [name for names in outputs.values() for name in names]
+    assert len(made) == len(set(made))                                  # one generator each
+    assert sorted(made) == sorted(p.name for p in (ROOT / "tests" / "fixtures").iterdir())
+    pinned = declared("PINNED")
+    assert pinned.keys() == outputs.keys()
+    # README's table and tools/conformance/README.md's clones name the pinned commits
+    readme = (ROOT / "README.md").read_text()
+    clones = (ROOT / "tools" / "conformance" / "README.md").read_text()
+    for repos in pinned.values():
+        for repo, commit in repos.items():
+            assert len(commit) == 40 and f"{repo} ({commit[:7]})" in readme, repo
+            assert f"github.com/{repo} && git -C {repo.split('/')[1]} checkout {commit}" in clones
+
+
+def test_compare_prints_the_largest_difference_and_fails_above_the_tolerance(tmp_path, capsys):
+    compare = tool("conformance/compare")
+    a = {"x": np.linspace(1, 2, 10), "n": np.arange(3), "config": np.asarray('{"depth": 2}')}
+    np.savez(tmp_path / "a.npz", **a)
+
+    def against(**b):
+        """compare.py's exit status and last lines for a.npz against a copy with `b` changed."""
+        np.savez(tmp_path / "b.npz", **{**a, **b})
+        status = compare.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+        return status, capsys.readouterr().out.splitlines()[-1]
+
+    assert against() == (0, "3 keys in common; largest relative difference 0.00e+00")
+    x = a["x"].copy()
+    x[4] *= 1 + 1e-7                                                # 1.44e-7 of max |x| = 2
+    assert against(x=x) == (0, "3 keys in common; largest relative difference 7.22e-08 (x)")
+    x[4] *= 1 + 1e-4
+    assert against(x=x) == (1, "x: relative difference 7.23e-05 > 1e-05")
+    for changed in ({"n": np.arange(3.0)}, {"n": np.arange(4)}, {"config": np.asarray("{}")}):
+        assert against(**changed)[0] == 1, changed
+
+
+def test_a_generator_refuses_official_code_at_another_commit_and_says_how_to_fix_it(tmp_path):
+    import subprocess
+
+    official = tool("conformance/official")
+    with pytest.raises(SystemExit, match="not a git clone; get one with\n  git clone https://"):
+        official.checkout(tmp_path, "owner/repo", "0" * 40)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with pytest.raises(SystemExit, match=f"is at {head}; .* pinned to owner/repo at 1{{40}}:\n"
+                                         f"  git -C {tmp_path} checkout 1{{40}}"):
+        official.checkout(tmp_path, "owner/repo", "1" * 40)
+    assert official.checkout(tmp_path, "owner/repo", head) == tmp_path.resolve()
+    assert sys.path.pop(0) == str(tmp_path.resolve())                 # first on the import path

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +23,11 @@ import sample
 import sprint
 import train
 import tiny
-from tiny import (ENV, TINY, TRAIN, assert_same_training_state, randomize, records, run, tiny_model,
-                  two_ranks, write_safetensors)
+from tiny import (ENV, TINY, TRAIN, assert_same_training_state, fixture, randomize, records, run,
+                  tiny_model, two_ranks, write_safetensors)
 
 pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
-LOSS = np.load(Path(__file__).parent / "fixtures" / "sprint_train_loss.npz")
+LOSS = np.load(fixture("sprint_train_loss.npz"))
 
 
 def rel(a, b):

@@ -32,6 +32,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # subprocesses use one thread (
 TOY_DATA = None                                  # an .npz of 400 embedded images (conftest.toy_data)
 
 
+def fixture(name):
+    """tests/fixtures/NAME, or NAME in the folder $CONFORMANCE_FIXTURES where it is there: a fixture
+    that a generator in tools/conformance made for another configuration (conftest prints which)."""
+    other = Path(os.environ.get("CONFORMANCE_FIXTURES", ROOT / "tests" / "fixtures")) / name
+    return other if other.exists() else ROOT / "tests" / "fixtures" / name
+
+
 #################################################################################
 #                              train.py runs                                    #
 #################################################################################
