@@ -6,8 +6,8 @@ arXiv 2510.21986) splits a diffusion transformer into a dense encoder f, a spars
 dense decoder h:
 
     h_f = f(x)                                  all N tokens, shallow
-    g   = g(keep(h_f))                          M = (1 - drop)·N tokens, deep: most of the FLOPs
-    out = h(fuse([pad(g, mask_token), h_f]))    all N tokens again; fuse is one Linear 2D -> D
+    h_g = g(keep(h_f))                          M = (1 - drop)·N tokens, deep: most of the FLOPs
+    out = h(fuse([pad(h_g, mask_token), h_f]))  all N tokens again; fuse is one Linear 2D -> D
 
 Training keeps one token of each 2x2 group in g and drops g for 10% of the samples (path drop),
 so that path-drop guidance's unconditional pass may skip g. The shared backbone (`--model dit`)
@@ -467,7 +467,7 @@ def sample_ids_keep(batch_size, grid, drop, mask_type="structured", device=None)
 #################################################################################
 
 class SPRINT(Backbone):
-    """Dense encoder f -> sparse middle g on the kept tokens -> fuse [g padded, f's output] ->
+    """Dense encoder f -> sparse middle g on the kept tokens -> fuse [h_g padded, h_f] ->
     dense decoder h."""
     has_sparse_path = True
 
@@ -496,8 +496,8 @@ class SPRINT(Backbone):
         cos_sin = self.rope(self.pos)
         for block in self.encoder:
             h = block(h, c, cos_sin)                                       # h_f: (B, N, D)
-        g = self.deep_path(h, c, cos_sin, ids_keep, path_drop, skip_middle)   # (B, N, D)
-        h = self.fuse(torch.cat([g, h], dim=-1))                           # (B, N, 2D) -> (B, N, D)
+        h_g = self.deep_path(h, c, cos_sin, ids_keep, path_drop, skip_middle)  # (B, N, D)
+        h = self.fuse(torch.cat([h_g, h], dim=-1))                         # (B, N, 2D) -> (B, N, D)
         for block in self.decoder:
             h = block(h, c, cos_sin)
         return self.unembed(h, c)
@@ -508,20 +508,20 @@ class SPRINT(Backbone):
         mask = self.mask_token.to(h.dtype).expand(B, N, D)
         if skip_middle:                                                    # g does no work at all
             return mask
-        g = h
+        h_g = h
         if ids_keep is not None:
             index = ids_keep.unsqueeze(-1).expand(-1, -1, D)               # (B, M, D)
-            g = h.gather(1, index)                                         # (B, M, D)
+            h_g = h.gather(1, index)                                       # (B, M, D)
             # kept tokens keep their positions
             cos_sin = self.rope(self.pos[ids_keep])
         for block in self.middle:
-            g = block(g, c, cos_sin)
+            h_g = block(h_g, c, cos_sin)
         if ids_keep is not None:
-            g = mask.scatter(1, index, g)                                  # (B, N, D)
+            h_g = mask.scatter(1, index, h_g)                              # (B, N, D)
         if path_drop is not None:
             # static shapes: the dropped samples' rows ran through g too; their result is discarded
-            g = torch.where(path_drop[:, None, None], mask, g)
-        return g
+            h_g = torch.where(path_drop[:, None, None], mask, h_g)
+        return h_g
 
     def training_flops(self, drop=0.0):
         return self.flops(drop=drop)

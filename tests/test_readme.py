@@ -2,8 +2,10 @@
 every function, class and attribute it names exists where it says, and every number the code
 computes itself (parameter counts, FLOPs, sampling costs, sizes) is the number it prints."""
 import pydoc
+import textwrap
 import re
 import shlex
+import sys
 
 import pytest
 import torch
@@ -28,13 +30,14 @@ def stop(*args, **kwargs):
 
 
 def commands():
-    """Every command in README's bash blocks (continuation lines joined, && split) -> [argv]."""
+    """Every command of a script in README's bash blocks (continuation lines joined, && split; not
+    pytest's) -> [argv]."""
     found = []
     for block in re.findall(r"```bash\n(.*?)```", README, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for command in line.split("&&"):
                 words = shlex.split(command, comments=True)
-                if any(word.endswith(".py") for word in words):
+                if any(word.endswith(".py") for word in words) and "pytest" not in words:
                     found.append(words)
     return found
 
@@ -48,6 +51,12 @@ def test_every_command_readme_prints_parses_with_todays_flags(monkeypatch):
     monkeypatch.setattr(tools["benchmark"], "benchmark_sample", stop)
     parse = {"train.py": train.parser().parse_args, "sample.py": sample.parse_args,
              "fid.py": fid.main, **{f"tools/{k}.py": module.main for k, module in tools.items()}}
+    for path in (ROOT / "tools" / "conformance").glob("*_*.py"):    # the fixtures' generators
+        generator = tool(f"conformance/{path.stem}")
+        if hasattr(generator, "OUTPUTS"):
+            monkeypatch.setattr(generator.official, "checkout", stop)  # before the official code
+            parse[f"tools/conformance/{path.name}"] = lambda argv, main=generator.main: (
+                monkeypatch.setattr(sys, "argv", ["generator", *argv]) or main())
     scripts = []
     for words in commands():
         at = next(i for i, word in enumerate(words) if word.endswith(".py"))
@@ -60,7 +69,8 @@ def test_every_command_readme_prints_parses_with_todays_flags(monkeypatch):
         except SystemExit as e:
             pytest.fail(f"{' '.join(words)}: {e}")
     # the card's two commands, the walkthrough, both papers' recipes, the evaluators, the tools
-    assert {"train.py", "sample.py", "fid.py", "tools/encode_latents.py"} <= set(scripts)
+    assert {"train.py", "sample.py", "fid.py", "tools/encode_latents.py",
+            "tools/conformance/dit_official.py"} <= set(scripts)
     assert len(scripts) >= 14
 
 
@@ -172,3 +182,42 @@ def test_the_first_command_prints_what_readme_shows(tmp_path, capsys, one_thread
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].replace(str(tmp_path) + "/", "") == excerpt[0]
     assert printed[1] == excerpt[1]
+
+
+def inside(lines, name):
+    """The line numbers of the body of function `name` (`f` or `Class.f`) in a file's lines."""
+    *owner, function = name.split(".")
+    after = next(i for i, line in enumerate(lines) if line.startswith(f"class {owner[0]}(")
+                 ) if owner else 0
+    start = next(i for i in range(after, len(lines))
+                 if re.match(rf"\s*def {function}\(", lines[i]))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip()
+                and len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
+    return range(start + 1, end)
+
+
+def test_every_code_excerpt_is_the_codes_own_lines():
+    """Each ```python block opens with `# FILE, NAME` and is lines of function NAME in FILE, in
+    order, their indentation relative to the excerpt's first line kept."""
+    excerpts = re.findall(r"```python\n# (\S+), (\S+)\n(.*?)```", README, re.S)
+    assert len(excerpts) == len(re.findall(r"```python\n", README)) >= 8
+    for path, name, code in excerpts:
+        lines = (ROOT / path).read_text().splitlines()
+        want = textwrap.dedent(code).splitlines()
+        body = inside(lines, name)
+        assert any(textwrap.dedent("\n".join(lines[i:i + len(want)])).splitlines() == want
+                   for i in body if i + len(want) <= body.stop), f"{path}, {name}: not its lines"
+
+
+def test_the_walkthrough_shows_what_tools_walkthrough_prints(capsys, one_thread):
+    """README's ```text blocks that open with `== ` are tools/walkthrough.py's output, `...`
+    skipping lines."""
+    tool("walkthrough").main()
+    printed = "\n" + capsys.readouterr().out
+    blocks = re.findall(r"```text\n(== .*?)\n```", README, re.S)
+    assert len(blocks) == 4
+    for block in blocks:
+        at = 0
+        for part in block.split("\n...\n"):
+            at = printed.index("\n" + part + "\n", at) + len(part)   # ValueError: not printed

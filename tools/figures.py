@@ -1,7 +1,7 @@
 """
 README.md's figures, drawn from the code itself with Pillow, so that they stay true when it changes:
 
-    python tools/figures.py                 # all three, the samples from the newest SPRINT run
+    python tools/figures.py                 # all five, the samples from the newest SPRINT run
     python tools/figures.py --ckpt results/000-sprint-toy-2/checkpoints/0002500.pt
 
 assets/sprint_tokens.png     the tokens SPRINT's middle blocks see under 75% drop (sprint.
@@ -14,6 +14,9 @@ assets/pdg_cfg.png           the toy data's ten classes, then the walkthrough mo
                              250 steps, scale 4)
 assets/training_grid.png     the walkthrough run's last samples/STEP.png (train.py --sample-every:
                              its EMA, Euler 50 steps), enlarged, its rows and classes named
+assets/schedules.png         the training's schedules: the density of t that train.draw draws
+                             (logit-normal), SPRINT's recipe's learning rate and EMA decay around
+                             stage 2's start (train.stage_at)
 
 The image is a Noto emoji (experiments/miniature/emoji_google_32.npz, Apache-2.0) at 32 px: with
 patch 2 its token grid is 16 x 16, the grid of SPRINT's and SparseDiT's 256 px ImageNet models.
@@ -29,6 +32,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import sample                                                                    # noqa: E402
+import plot                                                                      # noqa: E402
 import train                                                                     # noqa: E402
 from sparsedit import DENSITY, density_schedule, pooled_grid                     # noqa: E402
 from sprint import sample_ids_keep                                               # noqa: E402
@@ -168,6 +172,33 @@ def training_grid_figure(path, ckpt):
     canvas.save(path)
 
 
+def schedules_figure(path):
+    """Three panels drawn as tools/plot.py draws a log: the density of train.draw's t (a histogram
+    of 100,000 draws), and the learning rate and EMA decay of SPRINT's recipe (chapter 4) by step
+    around stage 2's start: the last 10,000 steps of stage 1, the first 20,000 of stage 2."""
+    args = train.parser().parse_args(
+        "--model sprint --drop 0.75 --lr 1e-4 --ema-decay 0.9999 --steps 10000 --finetune-steps "
+        "20000 --ft-lr 2e-4 --ft-warmup 5000 --ft-ema-decay 0.9999".split())
+    cfg = train.new_model(args, 3, 16, 10).cfg
+    torch.manual_seed(0)
+    stage = train.stage_at(args, 0, True)
+    t = train.draw(torch.zeros(100_000, dtype=torch.long), (1,), 100_000, slice(None), stage, cfg).t
+    density = torch.histc(t, bins=50, min=0, max=1) / len(t) * 50
+    steps = range(0, 30001, 50)
+    stages = [train.stage_at(args, s, True) for s in steps]
+    runs = {"p": [[{"step": i + 0.5, "p": float(d)} for i, d in enumerate(density)]],
+            **{k: [[{"step": s, k: getattr(st, k), "stage": 1 + (s >= args.steps)}
+                    for s, st in zip(steps, stages)]] for k in ("lr", "ema_decay")}}
+    panels = [("density of t = sigmoid(n), n ~ N(0, 1), over t from 0 to 1", "p", 50),
+              ("learning rate: the last 10 K steps of stage 1, 20 K of stage 2", "lr", 30000),
+              ("EMA decay, the same steps (grey: stage 2 begins)", "ema_decay", 30000)]
+    canvas = Image.new("RGB", (3 * (plot.W + plot.MARGIN + 20), plot.H + 60), WHITE)
+    for k, (title, key, last) in enumerate(panels):
+        plot.draw_panel(canvas, plot.MARGIN + k * (plot.W + plot.MARGIN + 20), 30, title,
+                        [(key, 2, False)], False, runs[key], last)
+    canvas.save(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--ckpt", help="the SPRINT run to sample (default: the newest in results/)")
@@ -182,8 +213,9 @@ def main(argv=None):
     density_figure(os.path.join(args.out, "sparsedit_grid.png"))
     samples_figure(os.path.join(args.out, "pdg_cfg.png"), ckpt)
     training_grid_figure(os.path.join(args.out, "training_grid.png"), ckpt)
-    print(f"wrote sprint_tokens.png, sparsedit_grid.png, pdg_cfg.png, training_grid.png ({ckpt}) "
-          f"to {args.out}")
+    schedules_figure(os.path.join(args.out, "schedules.png"))
+    print(f"wrote sprint_tokens.png, sparsedit_grid.png, pdg_cfg.png, training_grid.png ({ckpt}), "
+          f"schedules.png to {args.out}")
 
 
 if __name__ == "__main__":

@@ -102,9 +102,9 @@ MUTANTS = [
     ("groups by column", "sprint.py", "row = (group // g) * n + pick // n",
      "row = (group % g) * n + pick // n"),
     ("mask token zero", "sprint.py", "nn.init.normal_(self.mask_token, std=0.02)", "pass"),
-    ("fusion order", "sprint.py", "torch.cat([g, h], dim=-1)", "torch.cat([h, g], dim=-1)"),
-    ("path drop keeps g", "sprint.py", "torch.where(path_drop[:, None, None], mask, g)",
-     "torch.where(path_drop[:, None, None], g, g)"),
+    ("fusion order", "sprint.py", "torch.cat([h_g, h], dim=-1)", "torch.cat([h, h_g], dim=-1)"),
+    ("path drop keeps g", "sprint.py", "torch.where(path_drop[:, None, None], mask, h_g)",
+     "torch.where(path_drop[:, None, None], h_g, h_g)"),
     # --- SparseDiT (sparsedit.py) ---
     ("density flat until 0.70", "sparsedit.py", "SPARSEST_FROM = 0.75", "SPARSEST_FROM = 0.70"),
     ("density floors", "sparsedit.py", "torch.round(max_side - (max_side - min_side) * frac)",
