@@ -212,12 +212,12 @@ def test_every_code_excerpt_is_the_codes_own_lines():
 
 def test_the_walkthrough_shows_what_tools_walkthrough_prints(capsys, one_thread):
     """README's ```text blocks that open with `== ` are tools/walkthrough.py's output, `...`
-    skipping lines."""
+    skipping lines (at the end too)."""
     tool("walkthrough").main()
     printed = "\n" + capsys.readouterr().out
     blocks = re.findall(r"```text\n(== .*?)\n```", README, re.S)
     assert len(blocks) == 4
     for block in blocks:
         at = 0
-        for part in block.split("\n...\n"):
+        for part in block.removesuffix("\n...").split("\n...\n"):
             at = printed.index("\n" + part + "\n", at) + len(part)   # ValueError: not printed

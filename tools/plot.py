@@ -39,11 +39,12 @@ def read_run(folder):
 
 
 def scale(values, log):
-    """(low, high) of the values (positive ones on a log scale), padded a little."""
+    """(low, high) of the values (positive ones on a log scale), padded a little; a linear scale of
+    values >= 0 starts at 0 at the lowest."""
     values = [math.log10(v) if log else v for v in values if v > 0 or not log]
     low, high = min(values), max(values)
     pad = 0.05 * (high - low) or 0.5
-    return low - pad, high + pad
+    return (low - pad if log or low < 0 else max(low - pad, 0.0)), high + pad
 
 
 def draw_panel(canvas, x0, y0, title, series, log, runs, last_step):

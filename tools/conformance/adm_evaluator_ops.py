@@ -1,6 +1,6 @@
-"""Writes adm_evaluator_ops.npz: the operations of ADM's evaluator (openai/guided-diffusion,
-evaluations/evaluator.py, the papers' scorer) computed with TensorFlow (tensorflow-cpu), for
-tests/test_fid.py.
+"""Write tests/fixtures/adm_evaluator_ops.npz: the operations of ADM's evaluator
+(openai/guided-diffusion, evaluations/evaluator.py, the papers' scorer) computed with TensorFlow
+(tensorflow-cpu), for tests/test_fid.py.
 
 - Preprocessing: the evaluator feeds float images in [0, 255] to the 2015 Inception graph
   (classify_image_graph_def.pb) in place of its `ExpandDims` node; the graph then resizes them to

@@ -1,5 +1,5 @@
-"""Writes dinov2_fdd.npz: FDD as dgm-eval computes it (`--model dinov2`), on a small DINOv2 with
-random weights, for tests/test_fid.py and test_fid_cli.py.
+"""Write tests/fixtures/dinov2_fdd.npz: FDD as dgm-eval computes it (`--model dinov2`), on a
+small DINOv2 with random weights, for tests/test_fid.py and test_fid_cli.py.
 
 Official code: facebookresearch/dinov2's own DinoVisionTransformer with the settings its torch hub
 uses for `dinov2_vitl14` (img_size 518, patch 14, LayerScale 1.0, MLP ratio 4, no registers,

@@ -1,6 +1,6 @@
-"""Writes fid_inception_io.npz: pytorch-fid's own FID Inception-v3 (mseitzer/pytorch-fid,
-src/pytorch_fid/inception.py) run on deterministic weights, for tests/test_fid.py and
-test_fid_cli.py.
+"""Write tests/fixtures/fid_inception_io.npz: pytorch-fid's own FID Inception-v3
+(mseitzer/pytorch-fid, src/pytorch_fid/inception.py) run on deterministic weights, for
+tests/test_fid.py and test_fid_cli.py.
 
 pytorch-fid downloads pt_inception-2015-12-05; here its download is patched to return weights drawn
 by a rule (the one tests/test_fid.py's fixture_weights redraws): for the k-th key of sorted(keys), a
