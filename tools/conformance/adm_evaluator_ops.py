@@ -80,8 +80,7 @@ def main():
     p.add_argument("--n-sample", type=int, default=500, help="sample features (default: 500)")
     p.add_argument("--dim", type=int, default=64, help="feature dimension (default: 64)")
     args = p.parse_args()
-    clone = official.checkout(args.guided_diffusion, "openai/guided-diffusion",
-                              PINNED["openai/guided-diffusion"])
+    (clone,) = official.checkouts(args, PINNED)
     ev = official.module("adm_evaluator", clone / "evaluations" / "evaluator.py")
     images, pr_ref, pr_sample = draw(args.seed, args.sides, args.n_ref, args.n_sample, args.dim)
     out = official_ops(ev, images, pr_ref, pr_sample)

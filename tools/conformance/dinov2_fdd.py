@@ -114,9 +114,7 @@ def main():
     p.add_argument("--odd", type=int, nargs=2, default=(200, 300), metavar=("H", "W"),
                    help="size of the odd image (default: 200 300)")
     args = p.parse_args()
-    official.checkout(args.dinov2, "facebookresearch/dinov2", PINNED["facebookresearch/dinov2"])
-    dgm_clone = official.checkout(args.dgm_eval, "layer6ai-labs/dgm-eval",
-                                  PINNED["layer6ai-labs/dgm-eval"])
+    _, dgm_clone = official.checkouts(args, PINNED)
     vits = importlib.import_module("dinov2.models.vision_transformer")
     dgm = import_dgm_eval(dgm_clone)
     config = dict(img_size=HUB["img_size"], patch_size=HUB["patch_size"], embed_dim=args.embed_dim,

@@ -93,7 +93,7 @@ def main():
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-classes", type=int, default=10)
     args = p.parse_args()
-    clone = official.checkout(args.dit, *next(iter(PINNED.items())))
+    (clone,) = official.checkouts(args, PINNED)
     models = official.module("dit_models", clone / "models.py")
     config = dict(input_size=args.input_size, patch_size=args.patch_size,
                   in_channels=args.in_channels, hidden_size=args.hidden_size, depth=args.depth,

@@ -78,8 +78,7 @@ def main():
     p.add_argument("--side", type=int, default=64, help="side of the small images (default: 64)")
     p.set_defaults(seed=123)                                 # the committed fixture's draws
     args = p.parse_args()
-    clone = official.checkout(args.pytorch_fid, "mseitzer/pytorch-fid",
-                              PINNED["mseitzer/pytorch-fid"])
+    (clone,) = official.checkouts(args, PINNED)
     inception = official.module("pytorch_fid_inception", clone / "src/pytorch_fid/inception.py")
     # the weight file's keys and shapes: those of pytorch-fid's own (torchvision) skeleton
     skeleton = inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)

@@ -25,8 +25,7 @@ def parser(doc, pinned):
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for repo, commit in pinned.items():
-        name = repo.split("/")[1].lower()
-        p.add_argument(f"--{name}", type=Path, required=True, metavar="CLONE",
+        p.add_argument(f"--{repo.split('/')[1].lower()}", type=Path, required=True, metavar="CLONE",
                        help=f"a clone of github.com/{repo} at commit {commit}")
     p.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures",
                    help="folder to write the fixture to (default: tests/fixtures)")
@@ -51,6 +50,12 @@ def checkout(clone, repo, commit):
     print(f"official code: {repo} at {commit} ({clone})")
     sys.path.insert(0, str(clone))
     return clone
+
+
+def checkouts(args, pinned):
+    """checkout() of each pinned repository's clone on the command line -> the clones, in order."""
+    return [checkout(getattr(args, repo.split("/")[1].lower().replace("-", "_")), repo, commit)
+            for repo, commit in pinned.items()]
 
 
 def module(name, path):

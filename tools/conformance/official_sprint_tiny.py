@@ -107,7 +107,7 @@ def model_config(args):
 
 def main():
     args = parser(__doc__, hidden_size=96, batch=4).parse_args()
-    official.checkout(args.sprint, *next(iter(PINNED.items())))
+    official.checkouts(args, PINNED)
     from src.utils.utils import prepare_mask_and_input
     config = model_config(args)
 

@@ -95,9 +95,7 @@ def main():
     p.add_argument("--num-normal-block", type=int, default=1)
     p.add_argument("--sides", type=int, nargs="+", default=[3, 4, 6])
     args = p.parse_args()
-    (dit_repo, dit_commit), (sparse_repo, sparse_commit) = PINNED.items()
-    dit_clone = official.checkout(args.dit, dit_repo, dit_commit)
-    sparse_clone = official.checkout(args.sparsedit, sparse_repo, sparse_commit)
+    dit_clone, sparse_clone = official.checkouts(args, PINNED)
     dit_models = official.module("dit_models", dit_clone / "models.py")
     sparse_models = official.module("sparsedit_models", sparse_clone / "models.py")
     load_model = official.module("sparsedit_load_model", sparse_clone / "load_model.py").load_model

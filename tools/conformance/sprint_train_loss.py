@@ -88,7 +88,7 @@ def main():
     args = p.parse_args()
     if args.patch_size != 2:
         p.error("--patch-size: the official compute_loss draws its drop assuming patch 2")
-    official.checkout(args.sprint, *next(iter(PINNED.items())))
+    official.checkouts(args, PINNED)
     config = dict(model_config(args), seed=args.seed)
 
     torch.manual_seed(args.seed)
