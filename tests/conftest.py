@@ -27,12 +27,15 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_report_header():
-    """Which fixtures come from $CONFORMANCE_FIXTURES (tiny.fixture) rather than tests/fixtures."""
+    """Which fixtures tiny.fixture takes from $CONFORMANCE_FIXTURES rather than tests/fixtures."""
     import os
+
+    import tiny
 
     folder = os.environ.get("CONFORMANCE_FIXTURES")
     if folder:
-        names = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".npz", ".safetensors"))
+        ours = sorted((Path(__file__).parent / "fixtures").iterdir())
+        names = [p.name for p in ours if tiny.fixture(p.name) != p]
         return f"fixtures from {folder}: {', '.join(names) or 'none (all from tests/fixtures)'}"
 
 

@@ -32,9 +32,11 @@ def difference(a, b):
         return 0.0 if np.array_equal(a, b) else float("inf")
     a = a.astype(np.float64)
     b = b.astype(np.float64)
-    scale = np.abs(b).max() if b.size else 0.0
     error = np.abs(a - b).max() if b.size else 0.0
-    return float(error / scale) if scale > 0 else float(error > 0) * float("inf")
+    if error == 0:                                          # equal (also all zeros, or empty)
+        return 0.0
+    scale = np.abs(b).max()
+    return float(error / scale) if scale > 0 else float("inf")
 
 
 def main(argv=None):
