@@ -206,3 +206,14 @@ def test_a_generator_refuses_official_code_at_another_commit_and_says_how_to_fix
         official.checkout(tmp_path, "owner/repo", "1" * 40)
     assert official.checkout(tmp_path, "owner/repo", head) == tmp_path.resolve()
     assert sys.path.pop(0) == str(tmp_path.resolve())                 # first on the import path
+
+
+def test_conformance_fixtures_points_the_tests_at_another_folders_fixtures(tmp_path, monkeypatch):
+    import conftest
+    import tiny
+
+    (tmp_path / "dit_official.npz").write_bytes(b"")
+    monkeypatch.setenv("CONFORMANCE_FIXTURES", str(tmp_path))
+    assert tiny.fixture("dit_official.npz") == tmp_path / "dit_official.npz"
+    assert tiny.fixture("dinov2_fdd.npz") == ROOT / "tests" / "fixtures" / "dinov2_fdd.npz"
+    assert conftest.pytest_report_header() == f"fixtures from {tmp_path}: dit_official.npz"
