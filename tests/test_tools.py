@@ -1,6 +1,7 @@
 """tools/: the benchmarks print rows whose figures agree with each other and with the models' FLOP
 counts; decode_latents.py turns sample.py's saved latents into the images --vae would have made.
 (tools/encode_latents.py: test_data.py.)"""
+import importlib.util
 import sys
 import types
 
@@ -209,9 +210,12 @@ def test_a_generator_refuses_official_code_at_another_commit_and_says_how_to_fix
 
 
 def test_conformance_fixtures_points_the_tests_at_another_folders_fixtures(tmp_path, monkeypatch):
-    import conftest
     import tiny
 
+    # tests/conftest.py by its path: in the whole suite `import conftest` finds experiments' own
+    spec = importlib.util.spec_from_file_location("tests_conftest", ROOT / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
     (tmp_path / "dit_official.npz").write_bytes(b"")
     monkeypatch.setenv("CONFORMANCE_FIXTURES", str(tmp_path))
     assert tiny.fixture("dit_official.npz") == tmp_path / "dit_official.npz"
